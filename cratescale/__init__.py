@@ -1,0 +1,1 @@
+"""cratescale: CRATE-MAE pretraining at scale."""

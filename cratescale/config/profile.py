@@ -1,0 +1,39 @@
+"""Cluster profiles: what differs per cluster, kept out of the job file."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from cratescale.config.schema import Strict
+
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "cluster" / "profiles"
+
+
+class ProfileConfig(Strict):
+    name: str
+    scheduler: Literal["slurm", "local"]
+    partition: str | None = None
+    preempt_partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int = Field(1, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    max_nodes: int = Field(1, ge=1)
+    signal_lead_s: int = Field(120, ge=1)
+    time_min: int = Field(60, gt=0)
+    env: dict[str, str] = Field(default_factory=dict)
+    peak_flops_per_gpu: float = Field(..., gt=0)
+    interconnect_gbps: float = Field(100.0, gt=0)
+    ray_interface: str = "lo"
+
+
+def profile_path(name: str) -> Path:
+    """A profile by name (cluster/profiles/<name>.yaml) or by path."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    return PROFILE_DIR / f"{name}.yaml"

@@ -1,0 +1,29 @@
+"""The DeepSpeed config, generated from the job (never written by hand)."""
+from __future__ import annotations
+
+from typing import Any
+
+from cratescale.config import JobConfig
+
+
+def deepspeed_config(job: JobConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    sched = job.schedule
+    accum, rest = divmod(sched.global_batch, sched.micro_batch * world_size)
+    if rest or accum < 1:
+        raise ValueError(f"schedule.global_batch {sched.global_batch} != micro_batch {sched.micro_batch} x "
+                         f"grad_accum x world_size {world_size}")
+    config: dict[str, Any] = {
+        "train_batch_size": sched.global_batch,
+        "train_micro_batch_size_per_gpu": sched.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": {"stage": job.parallel.zero_stage},
+        "bf16": {"enabled": job.parallel.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if job.parallel.zero_stage == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    if job.optim.grad_clip is not None:
+        config["gradient_clipping"] = job.optim.grad_clip
+    return config

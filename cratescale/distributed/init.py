@@ -1,0 +1,39 @@
+"""Process-group start: gloo on CPU, nccl on GPU, through DeepSpeed's comm layer."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+
+import torch
+
+from cratescale.distributed.world import WorldInfo
+
+
+def pick_backend(requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(world: WorldInfo, backend: str = "auto", timeout_s: int = 600) -> str:
+    """Export the rendezvous env and start the default process group; returns the backend used."""
+    backend = pick_backend(backend)
+    os.environ.update(RANK=str(world.rank), WORLD_SIZE=str(world.world_size), LOCAL_RANK=str(world.local_rank),
+                      MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
+    if backend == "gloo":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed JIT-compiles a shared-memory op (~30 s) at its first init; gloo does not need it.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    elif torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return backend
+
+
+def shutdown_distributed() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

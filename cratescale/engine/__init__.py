@@ -1,0 +1,1 @@
+"""The training engine: loop, optimizer and schedule, metrics, collective checkpoint state."""

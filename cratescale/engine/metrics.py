@@ -1,0 +1,78 @@
+"""Training metrics: JSONL + TensorBoard on rank 0, images/s, data-wait fraction and MFU."""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MetricsWriter:
+    """Appends one JSON object per line (readable while training runs) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                self._tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {"time": time.time(), **record}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
+                    self._tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill; the next ones are whole
+            continue
+    return rows
+
+
+class StepTimer:
+    """Wall time split into waiting for data and the rest, over a logging window."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.images = 0
+
+    def window(self) -> tuple[float, float, int]:
+        return time.perf_counter() - self.start, self.data_wait, self.images
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def mfu(images_per_s: float, flops_per_image: float, peak_flops_per_device: float, devices: int) -> float:
+    return images_per_s * flops_per_image / (peak_flops_per_device * devices)

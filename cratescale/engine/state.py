@@ -1,0 +1,108 @@
+"""Collective save and resume of the whole training state (DeepSpeed + loader + RNG + counters)."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cratescale.checkpoint import CheckpointStore, CheckpointWriteError, Commit
+from cratescale.checkpoint.universal import ensure_universal
+
+DS_TAG = "ds"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that this job must not continue from (other model, other global batch)."""
+
+
+@dataclass
+class ResumePlan:
+    commit: Commit | None
+    elastic: bool
+
+
+def plan_resume(store: CheckpointStore, config_hash: str, global_batch: int, world_size: int,
+                allow_config_change: bool = False) -> ResumePlan:
+    commit = store.latest()
+    if commit is None:
+        return ResumePlan(None, False)
+    meta = commit.meta
+    if meta.get("global_batch") != global_batch:
+        raise ResumeError(f"{commit.path}: saved with global batch {meta.get('global_batch')}, the job asks for "
+                          f"{global_batch}; the data order would change. Start fresh from its weights instead "
+                          f"(checkpoint.start_fresh_from_weights=PATH, new run_dir)")
+    if meta.get("config_hash") != config_hash and not allow_config_change:
+        raise ResumeError(f"{commit.path}: saved by a job with config hash {meta.get('config_hash')}, this job's is "
+                          f"{config_hash} (model, data, optim or schedule changed). Use "
+                          f"checkpoint.allow_config_change=true to continue anyway, or start a new run_dir")
+    return ResumePlan(commit, meta.get("world_size") != world_size)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(path: Path) -> None:
+    if not path.exists():
+        return
+    state = torch.load(path, weights_only=False)  # our own file: numpy/python RNG tuples are not tensors
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def load_state(engine: Any, plan: ResumePlan, rank: int) -> dict[str, Any]:
+    """Loads the planned commit into the DeepSpeed engine; returns its metadata (step, loader state, ...)."""
+    commit = plan.commit
+    assert commit is not None
+    if plan.elastic:
+        universal = ensure_universal(commit)
+        engine.load_checkpoint(str(universal.parent), tag=universal.name, load_lr_scheduler_states=False)
+    else:
+        engine.load_checkpoint(str(commit.path), tag=DS_TAG, load_lr_scheduler_states=False)
+        # RNG streams are per rank: only meaningful on the same world size.
+        _set_rng_state(commit.path / f"rank{rank}_rng.pt")
+    return commit.meta
+
+
+def _any_rank(flag: bool) -> bool:
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def save_state(engine: Any, store: CheckpointStore, step: int, meta: dict[str, Any], rank: int) -> Commit:
+    """Every rank writes its part into step_N.tmp; rank 0 commits once all have succeeded."""
+    path = store.tmp_path(step)
+    if rank == 0:
+        store.begin(step)
+    if dist.is_initialized():
+        dist.barrier()
+    error: BaseException | None = None
+    try:
+        engine.save_checkpoint(str(path), tag=DS_TAG)
+        torch.save(_rng_state(), path / f"rank{rank}_rng.pt")
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement below
+        error = exc
+    if _any_rank(error is not None):
+        if rank == 0:
+            store.abort(step)
+        raise CheckpointWriteError(f"checkpoint step {step} at {path}: "
+                                   f"{error or 'another rank failed to write its part'}")
+    commit_error: BaseException | None = None
+    commit = None
+    if rank == 0:
+        try:
+            commit = store.commit(step, meta)
+        except Exception as exc:  # noqa: BLE001
+            commit_error = exc
+    if _any_rank(commit_error is not None):
+        raise CheckpointWriteError(str(commit_error or f"checkpoint step {step}: commit failed on rank 0"))
+    return commit if commit is not None else Commit(step=step, path=store.committed_path(step), meta=meta)

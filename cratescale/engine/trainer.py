@@ -1,0 +1,158 @@
+"""The training loop: DeepSpeed ZeRO over the sampler-driven loader, collective checkpoints, clean stops."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from cratescale.checkpoint import CheckpointStore
+from cratescale.config import JobConfig, config_hash
+from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
+from cratescale.engine import optim
+from cratescale.engine.metrics import MetricsWriter, StepTimer, memory_gb, mfu
+from cratescale.engine.state import load_state, plan_resume, save_state
+from cratescale.models import create_model, train_flops_per_image
+from data_pipeline.loader import make_train_loader
+from data_pipeline.sampler import LoaderState
+
+
+@dataclass
+class TrainOutcome:
+    status: str  # "completed" | "preempted"
+    step: int
+    total_steps: int
+
+
+def count_train_samples(manifest: Path) -> int:
+    splits = pq.read_table(manifest, columns=["split"]).column("split").to_pylist()
+    return sum(1 for s in splits if s == "train")
+
+
+def build_model(job: JobConfig) -> torch.nn.Module:
+    torch.manual_seed(job.seed)  # identical init on every rank
+    overrides = dict(job.model.overrides)
+    overrides.setdefault("img_size", job.data.image_size)
+    return create_model(job.model.name, **overrides)
+
+
+def _mean_over_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _stop_agreed(local: bool) -> bool:
+    t = torch.tensor([1.0 if local else 0.0])
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_flops: float,
+          should_stop: Callable[[], bool] = lambda: False) -> TrainOutcome:
+    import deepspeed
+
+    run_dir = Path(run_dir)
+    init_distributed(world, job.parallel.backend)
+    sched = job.schedule
+    steps_per_epoch = count_train_samples(manifest) // sched.global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"{manifest}: fewer training samples than one global batch ({sched.global_batch})")
+    total = optim.total_steps(job, steps_per_epoch)
+    warmup = optim.warmup_steps(job, steps_per_epoch)
+    peak = optim.peak_lr(job)
+
+    store = CheckpointStore(run_dir / "checkpoints", job.checkpoint.keep_last, job.checkpoint.keep_every)
+    chash = config_hash(job)
+    plan = plan_resume(store, chash, sched.global_batch, world.world_size, job.checkpoint.allow_config_change)
+    model = build_model(job)
+    if plan.commit is None and job.checkpoint.start_fresh_from_weights:
+        from cratescale.checkpoint.export import load_export
+
+        state_dict, _, _ = load_export(Path(job.checkpoint.start_fresh_from_weights))
+        model.load_state_dict(state_dict)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim.make_optimizer(model, job),
+                                           config=deepspeed_config(job, world.world_size, plan.elastic))
+    step = 0
+    writer = MetricsWriter(run_dir, job.logging.tensorboard) if world.is_main else None
+    if plan.commit is not None:
+        step = int(load_state(engine, plan, world.rank)["step"])
+    if writer:
+        writer.write({"kind": "start", "step": step, "world_size": world.world_size, "elastic": plan.elastic,
+                      "resumed": plan.commit is not None, "total_steps": total, "job_id": world.job_id})
+
+    loader = make_train_loader(
+        manifest, state=LoaderState.from_step(step, steps_per_epoch, sched.global_batch, job.seed),
+        rank=world.rank, world_size=world.world_size, global_batch=sched.global_batch,
+        micro_batch=sched.micro_batch, image_size=job.data.image_size, num_patches=model.num_patches,
+        kind=job.data.loader, num_threads=job.data.num_threads)
+    batches = iter(loader)
+    accum = job.grad_accum
+    dtype = torch.bfloat16 if job.parallel.precision == "bf16" else torch.float32
+    flops_per_image = train_flops_per_image(model)
+
+    last_commit = step if plan.commit is not None else -1
+
+    def commit(at_step: int) -> None:
+        nonlocal last_commit
+        if at_step == last_commit:
+            return
+        meta = {"step": at_step, "samples_seen": at_step * sched.global_batch, "world_size": world.world_size,
+                "global_batch": sched.global_batch, "config_hash": chash, "job_name": job.name,
+                "loader_state": LoaderState.from_step(at_step, steps_per_epoch, sched.global_batch,
+                                                      job.seed).to_dict()}
+        t0 = time.perf_counter()
+        save_state(engine, store, at_step, meta, world.rank)
+        last_commit = at_step
+        if writer:
+            writer.write({"kind": "commit", "step": at_step, "seconds": time.perf_counter() - t0})
+            print(f"[cratescale] committed step {at_step} in {time.perf_counter() - t0:.2f}s", flush=True)
+
+    timer, window_loss, window_steps = StepTimer(), 0.0, 0
+    status = "completed"
+    while step < total:
+        if _stop_agreed(should_stop()):
+            status = "preempted"
+            break
+        lr = optim.lr_at(step, peak, warmup, total)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            timer.data_wait += time.perf_counter() - t0
+            loss, _, _ = engine(batch["images"].to(dtype), batch["mask_noise"])
+            engine.backward(loss)
+            engine.step()
+            window_loss += float(loss.detach().float()) / accum
+            timer.images += batch["images"].shape[0] * world.world_size
+        step += 1
+        window_steps += 1
+        if step % job.logging.every_steps == 0 or step == total:
+            elapsed, wait, images = timer.window()
+            loss_mean, wait_frac = _mean_over_ranks([window_loss / window_steps, wait / elapsed])
+            rate = images / elapsed
+            if writer:
+                record = {"kind": "train", "step": step, "loss": loss_mean, "lr": lr, "images_per_s": rate,
+                          "data_wait": wait_frac, "mfu": mfu(rate, flops_per_image, peak_flops, world.world_size),
+                          "memory_gb": memory_gb(), "epoch": step / steps_per_epoch,
+                          "bad_samples": int(getattr(loader, "bad_samples", 0))}
+                writer.write(record)
+                print(f"[cratescale] step {step}/{total} loss {loss_mean:.4f} lr {lr:.2e} {rate:.0f} img/s "
+                      f"wait {wait_frac:.0%}", flush=True)
+            timer.reset()
+            window_loss, window_steps = 0.0, 0
+        if step % job.checkpoint.every_steps == 0 and step < total:
+            commit(step)
+    commit(step)
+    if writer:
+        writer.write({"kind": "end", "step": step, "status": status})
+        writer.close()
+    return TrainOutcome(status, step, total)

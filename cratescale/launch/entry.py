@@ -1,0 +1,36 @@
+"""What every rank runs (pickled by submitit): the same entry for the local and the SLURM executor."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from cratescale.config import load_job
+from cratescale.distributed import shutdown_distributed, world_from_env
+from cratescale.engine.trainer import train
+from cratescale.launch.preemption import PreemptionFlag, requeue_slurm_job
+
+PREEMPTED_EXIT = 3
+
+
+class TrainTask:
+    """Trains the job saved at `config_path`; on a stop request saves, requeues (SLURM) and exits."""
+
+    def __init__(self, config_path: str, manifest: str, peak_flops: float) -> None:
+        self.config_path = config_path
+        self.manifest = manifest
+        self.peak_flops = peak_flops
+
+    def __call__(self) -> dict:
+        flag = PreemptionFlag()
+        job = load_job(self.config_path)
+        world = world_from_env()
+        outcome = train(job, Path(job.run_dir), Path(self.manifest), world, self.peak_flops, should_stop=flag)
+        shutdown_distributed()
+        if outcome.status == "preempted":
+            if world.is_main and os.environ.get("SLURM_JOB_ID"):
+                requeue_slurm_job()
+            # No result file: submitit (and our supervisor) must not take this for a finished job.
+            sys.stdout.flush()
+            os._exit(PREEMPTED_EXIT)
+        return {"status": outcome.status, "step": outcome.step, "rank": world.rank}

@@ -1,0 +1,50 @@
+"""submitit executors: local processes here, SLURM on a cluster; the same TrainTask either way."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from cratescale.config import ConfigError, JobConfig, ProfileConfig
+
+
+def slurm_parameters(job: JobConfig, profile: ProfileConfig) -> dict[str, Any]:
+    """sbatch parameters (submitit.SlurmExecutor names) for the job on this profile."""
+    params: dict[str, Any] = {
+        "job_name": job.name,
+        "nodes": job.cluster.nodes,
+        "ntasks_per_node": job.cluster.tasks_per_node,
+        "cpus_per_task": profile.cpus_per_task,
+        "time": job.cluster.time_min or profile.time_min,
+        "partition": job.cluster.partition or profile.partition,
+        "signal_delay_s": profile.signal_lead_s,
+        "setup": [f"export {key}={shlex.quote(value)}" for key, value in sorted(profile.env.items())],
+    }
+    optional = {"gpus_per_node": profile.gpus_per_node or None, "account": profile.account, "qos": profile.qos,
+                "constraint": profile.constraint, "mem": f"{int(profile.mem_gb)}GB" if profile.mem_gb else None}
+    params.update({key: value for key, value in optional.items() if value is not None})
+    return params
+
+
+def make_executor(job: JobConfig, profile: ProfileConfig, folder: Path) -> submitit.Executor:
+    if job.cluster.executor == "local":
+        executor = submitit.LocalExecutor(folder=str(folder))
+        executor.update_parameters(tasks_per_node=job.world_size, timeout_min=job.cluster.time_min or 60 * 24,
+                                   name=job.name)
+        return executor
+    if profile.scheduler != "slurm":
+        raise ConfigError(f"cluster.profile: {profile.name!r} is not a SLURM profile (scheduler: {profile.scheduler})")
+    # max_num_timeout bounds how many USR2 stops submitit tolerates; our own requeue path counts separately.
+    executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=job.cluster.max_requeues)
+    executor.update_parameters(**slurm_parameters(job, profile))
+    return executor
+
+
+def sbatch_script(job: JobConfig, profile: ProfileConfig, folder: Path) -> str:
+    """The sbatch file submitit would write for this job (shown by --dry-run; nothing is submitted)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = "python -u -m submitit.core._submit " + shlex.quote(str(folder))
+    return _make_sbatch_string(command=command, folder=str(folder), **slurm_parameters(job, profile))

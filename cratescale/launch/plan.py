@@ -1,0 +1,81 @@
+"""--dry-run: validate a job at its target scale and print what would run, without a cluster."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cratescale.config import JobConfig, ProfileConfig
+from cratescale.distributed import deepspeed_config
+from cratescale.engine import optim
+from cratescale.engine.trainer import build_model, count_train_samples
+from cratescale.launch.executors import sbatch_script
+from cratescale.launch.paths import RunPaths
+from cratescale.models import train_flops_per_image
+
+
+@dataclass
+class Plan:
+    model_name: str
+    params_total: int
+    params_trainable: int
+    world_size: int
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    train_samples: int | None
+    steps_per_epoch: int | None
+    total_steps: int | None
+    peak_lr: float
+    model_states_gb_per_gpu: float
+    flops_per_image: float
+
+
+def model_state_bytes(params: int, trainable: int, zero_stage: int, world: int, bf16: bool) -> float:
+    """Bytes per GPU of weights + grads + fp32 master and Adam moments, as ZeRO partitions them."""
+    low = 2 if bf16 else 4
+    weights = params * low / (world if zero_stage >= 3 else 1)
+    grads = trainable * low / (world if zero_stage >= 2 else 1)
+    optimizer = trainable * (12 if bf16 else 8) / (world if zero_stage >= 1 else 1)
+    return weights + grads + optimizer
+
+
+def make_plan(job: JobConfig, paths: RunPaths) -> Plan:
+    with torch.device("meta"):
+        model = build_model(job)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    samples = count_train_samples(paths.manifest) if paths.manifest.exists() else job.data.expected_samples
+    steps_per_epoch = samples // job.schedule.global_batch if samples else None
+    total_steps = optim.total_steps(job, steps_per_epoch) if steps_per_epoch else job.schedule.steps
+    state_bytes = model_state_bytes(total, trainable, job.parallel.zero_stage, job.world_size,
+                                    job.parallel.precision == "bf16")
+    return Plan(job.model.name, total, trainable, job.world_size, job.schedule.global_batch, job.schedule.micro_batch,
+                job.grad_accum, samples, steps_per_epoch, total_steps, optim.peak_lr(job), state_bytes / 2**30,
+                train_flops_per_image(model))
+
+
+def render_plan(job: JobConfig, profile: ProfileConfig, paths: RunPaths) -> str:
+    plan = make_plan(job, paths)
+    lines = [
+        f"job            {job.name}  ({job.cluster.executor} executor, profile {profile.name})",
+        f"run dir        {paths.run_dir}",
+        f"stages         {' -> '.join(job.stages)}",
+        f"model          {plan.model_name}: {plan.params_total:,} parameters ({plan.params_trainable:,} trainable), "
+        f"{plan.flops_per_image / 1e9:.2f} GFLOP per image per step",
+        f"ranks          {job.cluster.nodes} nodes x {job.cluster.tasks_per_node} = {plan.world_size}",
+        f"batch          global {plan.global_batch} = micro {plan.micro_batch} x accum {plan.grad_accum} x "
+        f"{plan.world_size} ranks; peak lr {plan.peak_lr:.3g}",
+        f"data           {job.data.source} -> {paths.manifest}"
+        + ("" if paths.manifest.exists() else " (ingest will create it)"),
+        f"epoch          {plan.train_samples or 'unknown'} samples, {plan.steps_per_epoch or '?'} steps per epoch, "
+        f"{plan.total_steps or '?'} steps in all",
+        f"memory/GPU     {plan.model_states_gb_per_gpu:.2f} GiB model states under ZeRO-{job.parallel.zero_stage} "
+        f"({job.parallel.precision}), activations extra",
+        "deepspeed      " + json.dumps(deepspeed_config(job, plan.world_size)),
+    ]
+    if job.cluster.executor == "slurm":
+        lines += ["sbatch script (what would be submitted):", sbatch_script(job, profile, paths.submitit_dir)]
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""The launcher: validate everything first, then start (or join) Ray and run the job's stages in order."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cratescale.config import ConfigError, JobConfig, ProfileConfig, dump_job, load_job, load_profile
+from cratescale.launch.paths import RunPaths
+from cratescale.launch.stages import STAGES, StageError, console
+
+
+def resolve(job: JobConfig) -> tuple[JobConfig, RunPaths]:
+    """Absolute paths everywhere: ranks and Ray workers may start in another directory."""
+    paths = RunPaths.of(job)
+    job.run_dir = str(paths.run_dir)
+    job.data.root = str(paths.data_root)
+    if "://" not in job.data.source:
+        job.data.source = str(Path(job.data.source).expanduser().resolve())
+    return job, paths
+
+
+def check_profile_fit(job: JobConfig, profile: ProfileConfig) -> None:
+    if job.cluster.nodes > profile.max_nodes:
+        raise ConfigError(f"cluster.nodes: {job.cluster.nodes} nodes asked, profile {profile.name!r} allows "
+                          f"{profile.max_nodes}")
+    if job.cluster.executor == "slurm" and profile.scheduler != "slurm":
+        raise ConfigError(f"cluster.profile: {profile.name!r} is not a SLURM profile (scheduler: {profile.scheduler})")
+
+
+def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: list[str]) -> None:
+    """Everything that can be checked before anything is started or queued."""
+    check_profile_fit(job, profile)
+    if "ingest" in stages and not paths.manifest.exists() and "://" not in job.data.source \
+            and not Path(job.data.source).exists():
+        raise ConfigError(f"data.source: {job.data.source} does not exist")
+    if "ingest" not in stages and "pretrain" in stages and not paths.manifest.exists():
+        raise ConfigError(f"data.root: no manifest at {paths.manifest} and the ingest stage is not in the job")
+    existing = next((p for p in [paths.run_dir, *paths.run_dir.parents] if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK):
+        raise ConfigError(f"run_dir: {paths.run_dir} cannot be created ({existing} is not writable)")
+    if job.cluster.executor == "slurm" and "pretrain" in stages:
+        from cratescale.launch.slurm_tools import validate_request
+
+        try:
+            validate_request(job.cluster.partition or profile.partition, job.cluster.nodes,
+                             job.cluster.tasks_per_node, profile.cpus_per_task, profile.gpus_per_node)
+        except ValueError as err:
+            raise ConfigError(f"cluster: {err}") from None
+
+
+def start_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        # Local Ray binds to loopback only; its token authentication stays on.
+        ray.init(num_cpus=os.cpu_count() or 2, object_store_memory=256 * 2**20, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+
+
+def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: str | None = None) -> int:
+    job, paths = resolve(load_job(job_path, overrides))
+    profile = load_profile(job.cluster.profile)
+    chosen = [s for s in job.stages if stages is None or s in stages.split(",")]
+    if stages and (unknown := set(stages.split(",")) - set(STAGES)):
+        raise ConfigError(f"--stages: unknown stage(s) {sorted(unknown)}; known: {list(STAGES)}")
+    if dry_run:  # at target scale, away from the cluster: its paths and partitions are not checked here
+        check_profile_fit(job, profile)
+        from cratescale.launch.plan import render_plan
+
+        print(render_plan(job, profile, paths))
+        return 0
+    preflight(job, profile, paths, chosen)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    dump_job(job, paths.config)
+    start_ray(job.cluster.ray_address)
+    for stage in chosen:
+        console.rule(f"[bold]{stage}")
+        try:
+            STAGES[stage](job, paths, profile)
+        except StageError as err:
+            console.print(f"[red]error: {err}")
+            return 1
+    console.rule(f"done: {paths.run_dir}")
+    return 0
+
+
+def show_status(run_dir: str) -> int:
+    """Reattach: what the run did so far, from its own files (the job may be running anywhere)."""
+    from cratescale.launch.supervisor import run_summary
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").exists():
+        raise ConfigError(f"status: {run} is not a run directory (no config.yaml)")
+    summary = run_summary(run)
+    state_file = run / "launch.json"
+    launch_state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    last = summary.pop("last") or {}
+    print(json.dumps({**launch_state, **summary, "loss": last.get("loss")}, indent=1))
+    return 0

@@ -1,0 +1,107 @@
+"""The stages of a job, in order: ingest -> pretrain -> export -> extract -> evaluate."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from rich.console import Console
+
+from cratescale.checkpoint import CheckpointStore
+from cratescale.checkpoint.export import consolidate_fp32, export_weights
+from cratescale.config import JobConfig, ProfileConfig, config_hash
+from cratescale.launch.display import TrainingDisplay
+from cratescale.launch.paths import RunPaths
+from cratescale.launch.supervisor import Supervisor, follow
+
+console = Console()
+
+
+class StageError(RuntimeError):
+    """A stage that did not produce what the next one needs."""
+
+
+def ingest_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:
+    if paths.manifest.exists():
+        console.log(f"ingest: {paths.manifest} exists, skipping")
+        return
+    from data_pipeline.ingest import ingest
+
+    ingest(job.data.source, paths.data_root, reshard=job.data.reshard, shard_size=job.data.shard_size,
+           val_per_class=job.data.val_per_class)
+
+
+def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, detach: bool = False) -> dict[str, Any]:
+    supervisor = Supervisor.remote(str(paths.config), str(paths.manifest))
+    job_id = ray.get(supervisor.submit.remote())
+    console.log(f"pretrain: submitted job {job_id} ({job.cluster.executor} executor, {job.world_size} ranks); "
+                f"logs in {paths.submitit_dir}")
+    try:
+        with TrainingDisplay(console) as display:
+            status = follow(supervisor, display.update)
+    except KeyboardInterrupt:
+        if _ask_cancel():
+            ray.get(supervisor.cancel.remote())
+            raise StageError(f"pretrain: job {job_id} cancelled") from None
+        console.log(f"detached from job {job_id}; reattach with: python -m cratescale.launch status {paths.run_dir}")
+        raise SystemExit(0) from None
+    if status["state"] != "COMPLETED" or not status["finished"]:
+        error = ray.get(supervisor.error.remote())
+        raise StageError(f"pretrain: job {status['job_id']} ended {status['state']}: {error} "
+                         f"(logs: {paths.submitit_dir})")
+    console.log(f"pretrain: done at step {status['step']}, {status['restarts']} restarts, "
+                f"{status['lost_steps']} steps lost, {status['commits']} commits")
+    return status
+
+
+def _ask_cancel() -> bool:
+    import sys
+
+    if not sys.stdin.isatty():
+        return False  # a batch terminal detaches by default
+    answer = input("\ncancel the training job? [y/N] (N detaches) ").strip().lower()
+    return answer in ("y", "yes")
+
+
+def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Path:
+    from cratescale.engine.trainer import build_model
+
+    commit = CheckpointStore(paths.checkpoints).latest()
+    if commit is None:
+        raise StageError(f"export: no committed checkpoint in {paths.checkpoints}")
+    state_dict = consolidate_fp32(commit)
+    model = build_model(job)
+    model.load_state_dict(state_dict)
+    provenance = {"run": job.name, "step": commit.step, "config_hash": config_hash(job), "time": time.time(),
+                  "checkpoint": str(commit.path)}
+    export_weights(model.state_dict(), model.config, provenance, paths.export)
+    _save_reconstructions(job, paths, model)
+    console.log(f"export: step {commit.step} -> {paths.export}")
+    return paths.export
+
+
+def _save_reconstructions(job: JobConfig, paths: RunPaths, model: Any) -> None:
+    import numpy as np
+    from cratescale.evaluation.plots import plot_reconstructions
+    from data_pipeline.loader import make_eval_loader
+
+    batch = next(iter(make_eval_loader(paths.manifest, np.arange(8), batch_size=8, image_size=job.data.image_size,
+                                       kind=job.data.loader)))
+    plot_reconstructions(model, batch["images"], paths.export / "reconstructions.png", seed=job.seed)
+
+
+def extract_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:
+    from cratescale.launch.followups import run_extract
+
+    run_extract(job, paths)
+
+
+def evaluate_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:
+    from cratescale.launch.followups import run_evaluate
+
+    run_evaluate(job, paths)
+
+
+STAGES: dict[str, Callable[..., Any]] = {"ingest": ingest_stage, "pretrain": pretrain_stage, "export": export_stage,
+                                         "extract": extract_stage, "evaluate": evaluate_stage}

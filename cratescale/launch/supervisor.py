@@ -1,0 +1,128 @@
+"""The Ray supervisor actor: submits the training through submitit and follows it to the end.
+
+Training ranks never depend on Ray: the actor only submits, polls and resubmits. On SLURM the job requeues
+itself under the same id; with the local executor the supervisor resubmits after a preemption or a crash.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from cratescale.config import load_job, load_profile
+from cratescale.engine.metrics import read_metrics
+from cratescale.launch.entry import TrainTask
+from cratescale.launch.executors import make_executor
+from cratescale.launch.paths import RunPaths
+
+_DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "DEADLINE", "BOOT_FAIL"}
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """Progress, restarts and lost work, from the metrics the ranks wrote (works without the job)."""
+    rows = read_metrics(run_dir)
+    starts = [r for r in rows if r.get("kind") == "start"]
+    train = [r for r in rows if r.get("kind") == "train"]
+    lost, last_step = 0, 0
+    for row in rows:
+        if row.get("kind") == "start" and row.get("resumed"):
+            lost += max(0, last_step - row["step"])
+        if "step" in row:
+            last_step = row["step"] if row.get("kind") != "start" else row["step"]
+    ends = [r for r in rows if r.get("kind") == "end"]
+    return {"restarts": max(0, len(starts) - 1), "lost_steps": lost, "step": last_step,
+            "total_steps": starts[-1]["total_steps"] if starts else None,
+            "last": train[-1] if train else None, "finished": bool(ends) and ends[-1].get("status") == "completed",
+            "preempted": sum(1 for e in ends if e.get("status") == "preempted"),
+            "commits": sum(1 for r in rows if r.get("kind") == "commit")}
+
+
+@ray.remote(num_cpus=0)
+class Supervisor:
+    def __init__(self, config_path: str, manifest: str) -> None:
+        self.job = load_job(config_path)
+        self.paths = RunPaths.of(self.job)
+        self.profile = load_profile(self.job.cluster.profile)
+        self.task = TrainTask(config_path, manifest, self.profile.peak_flops_per_gpu)
+        self.submitit_job = None
+        self.submissions: list[str] = []
+        self.resubmits = 0
+        self.stalled = 0
+        self.progress_at_resubmit = -1
+
+    def submit(self) -> str:
+        executor = make_executor(self.job, self.profile, self.paths.submitit_dir / "%j")
+        self.submitit_job = executor.submit(self.task)
+        self.submissions.append(str(self.submitit_job.job_id))
+        self._save_state()
+        return str(self.submitit_job.job_id)
+
+    def _save_state(self) -> None:
+        state = {"executor": self.job.cluster.executor, "job_ids": self.submissions, "resubmits": self.resubmits,
+                 "submitit_dir": str(self.paths.submitit_dir)}
+        tmp = self.paths.launch_state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.paths.launch_state)
+
+    def _state(self) -> str:
+        job = self.submitit_job
+        if job is None:
+            return "UNSUBMITTED"
+        if self.job.cluster.executor == "local":
+            return "COMPLETED" if job.done() and self._result_ok() else ("FAILED" if job.done() else "RUNNING")
+        try:
+            return str(job.get_info(mode="force").get("State", "UNKNOWN")).split()[0]
+        except Exception:  # noqa: BLE001 - sacct hiccups: report, poll again
+            return "UNKNOWN"
+
+    def _result_ok(self) -> bool:
+        try:
+            self.submitit_job.results()
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    def poll(self) -> dict[str, Any]:
+        state = self._state()
+        summary = run_summary(self.paths.run_dir)
+        if state == "FAILED" and self.job.cluster.executor == "local" and self._may_resubmit(summary):
+            self.resubmits += 1
+            self.submit()
+            state = "REQUEUED"
+        return {"state": state, "job_id": self.submissions[-1] if self.submissions else None,
+                "done": state in _DONE, "requeues": self.resubmits, **summary}
+
+    def _may_resubmit(self, summary: dict[str, Any]) -> bool:
+        # Resubmit after a preemption or crash, as SLURM's requeue would, while work keeps moving forward:
+        # a job that fails twice without a new step is broken, not unlucky.
+        if summary["finished"] or self.resubmits >= self.job.cluster.max_requeues:
+            return False
+        self.stalled = self.stalled + 1 if summary["step"] <= self.progress_at_resubmit else 0
+        self.progress_at_resubmit = summary["step"]
+        return self.stalled < 2
+
+    def error(self) -> str | None:
+        if self.submitit_job is None:
+            return None
+        try:
+            self.submitit_job.results()
+            return None
+        except Exception as exc:  # noqa: BLE001
+            return str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else type(exc).__name__
+
+    def cancel(self) -> None:
+        if self.submitit_job is not None:
+            self.submitit_job.cancel(check=False)
+
+
+def follow(supervisor: Any, on_update: Any, interval_s: float = 1.0) -> dict[str, Any]:
+    """Polls until the job is done; on_update(status) draws progress."""
+    while True:
+        status = ray.get(supervisor.poll.remote())
+        on_update(status)
+        if status["done"]:
+            return status
+        time.sleep(interval_s)

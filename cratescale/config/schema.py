@@ -89,6 +89,8 @@ class ClusterConfig(Strict):
 
 class LoggingConfig(Strict):
     every_steps: int = Field(10, gt=0)
+    # Record every consumed sample id per rank and step (samples/rank<r>.jsonl): audits the data order.
+    sample_log: bool = False
     tensorboard: bool = True
     progress: bool = True
 

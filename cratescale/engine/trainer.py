@@ -1,6 +1,7 @@
 """The training loop: DeepSpeed ZeRO over the sampler-driven loader, collective checkpoints, clean stops."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,11 @@ def build_model(job: JobConfig) -> torch.nn.Module:
     overrides = dict(job.model.overrides)
     overrides.setdefault("img_size", job.data.image_size)
     return create_model(job.model.name, **overrides)
+
+
+def _open_sample_log(run_dir: Path, rank: int):
+    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    return (run_dir / "samples" / f"rank{rank}.jsonl").open("a", buffering=1)
 
 
 def _mean_over_ranks(values: list[float]) -> list[float]:
@@ -115,6 +121,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
             writer.write({"kind": "commit", "step": at_step, "seconds": time.perf_counter() - t0})
             print(f"[cratescale] committed step {at_step} in {time.perf_counter() - t0:.2f}s", flush=True)
 
+    sample_log = _open_sample_log(run_dir, world.rank) if job.logging.sample_log else None
     timer, window_loss, window_steps = StepTimer(), 0.0, 0
     status = "completed"
     while step < total:
@@ -132,6 +139,8 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
             engine.backward(loss)
             engine.step()
             window_loss += float(loss.detach().float()) / accum
+            if sample_log:
+                sample_log.write(json.dumps({"step": step, "ids": batch["sample_ids"].tolist()}) + "\n")
             timer.images += batch["images"].shape[0] * world.world_size
         step += 1
         window_steps += 1

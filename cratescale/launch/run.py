@@ -37,8 +37,8 @@ def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: l
     if "ingest" not in stages and "pretrain" in stages and not paths.manifest.exists():
         raise ConfigError(f"data.root: no manifest at {paths.manifest} and the ingest stage is not in the job")
     existing = next((p for p in [paths.run_dir, *paths.run_dir.parents] if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK):
-        raise ConfigError(f"run_dir: {paths.run_dir} cannot be created ({existing} is not writable)")
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"run_dir: {paths.run_dir} cannot be created ({existing} is not a writable directory)")
     if job.cluster.executor == "slurm" and "pretrain" in stages:
         from cratescale.launch.slurm_tools import validate_request
 

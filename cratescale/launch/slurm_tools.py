@@ -115,8 +115,12 @@ def _check(*cmd: str) -> str:
 
 
 def cluster_available(timeout: float = 10) -> bool:
-    """True if the SLURM controller answers (sinfo lists at least one partition)."""
+    """True if the SLURM controller answers (`scontrol ping`) and sinfo lists at least one partition."""
     try:
+        # ping first: it fails at once when slurmctld is down, while sinfo retries for ~9 s
+        ping = _run("scontrol", "ping", timeout=timeout)
+        if ping.returncode != 0 or " is UP" not in ping.stdout:
+            return False
         res = _run("sinfo", "-h", "-o", "%R", timeout=timeout)
     except SlurmError:
         return False

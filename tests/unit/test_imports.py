@@ -1,5 +1,6 @@
 """DESIGN.md section 2: imports flow one way. Parsed from the source, so lazy imports count too."""
 import ast
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -16,8 +17,9 @@ ALLOWED = {
     "launch": {"models", "distributed", "checkpoint", "config", "engine", "embeddings", "evaluation"},
 }
 MAY_USE_DATA_PIPELINE = {"engine", "embeddings", "evaluation", "launch"}
-MODEL_THIRD_PARTY = {"torch", "math", "typing", "dataclasses", "__future__", "functools", "collections", "sys",
-                     "itertools", "numbers"}
+# Models: torch and the standard library only; no distributed, launcher or I/O libraries.
+MODEL_ALLOWED_ROOTS = {"torch", *sys.stdlib_module_names} - {"os", "subprocess", "socket", "pickle", "shutil"}
+MODEL_FORBIDDEN = ("torch.distributed",)
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -40,7 +42,8 @@ def test_import_direction():
                     problems.append(f"{path.relative_to(REPO)} imports {name}")
                 if parts[0] == "data_pipeline" and package not in MAY_USE_DATA_PIPELINE:
                     problems.append(f"{path.relative_to(REPO)} imports {name}")
-                if package == "models" and parts[0] not in MODEL_THIRD_PARTY and parts[0] != "cratescale":
+                if package == "models" and (parts[0] not in MODEL_ALLOWED_ROOTS | {"cratescale"}
+                                            or name.startswith(MODEL_FORBIDDEN)):
                     problems.append(f"{path.relative_to(REPO)} (models are torch-only) imports {name}")
     for path in sorted((REPO / "data_pipeline").rglob("*.py")):
         for name in imported_modules(path):

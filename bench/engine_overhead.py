@@ -1,0 +1,171 @@
+"""Per-step overhead of the engine's DeepSpeed ZeRO-2 against a plain torch DDP loop: 2 ranks, gloo, CPU,
+the same model, optimizer and synthetic tensors, timed in the same run (round-robin blocks of steps).
+
+    .venv/bin/python bench/engine_overhead.py [--steps 10] [--rounds 3] [--models demo,d192]
+
+Three loops per model, one process group:
+  ddp        DistributedDataParallel: zero_grad, forward, backward (bucketed all-reduce), AdamW step
+  ds         the engine's DeepSpeed: deepspeed.initialize with cratescale's generated config (jobs/demo.yaml:
+             ZeRO-2, fp32) and optimizer; engine(x) / engine.backward / engine.step
+  ds+loop    ds plus what trainer.py adds per step: the stop-flag all-reduce, float(loss), the lr write
+Target: ds / ddp <= 1.15. Times are the min over rounds of each block's mean step time (the machine is shared;
+the min is the uncontended time), the slowest rank's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 1.15
+# model variants: overrides on top of jobs/demo.yaml (crate_mae_debug, 32 px, patch 8, micro-batch 32)
+MODELS = {
+    "demo": [],
+    "d192": ["model.overrides.embed_dim=192", "model.overrides.decoder_embed_dim=192", "model.overrides.depth=4",
+             "model.overrides.decoder_depth=4", "model.overrides.num_heads=4", "model.overrides.decoder_num_heads=4"],
+}
+
+
+def _block(step: Callable[[], None], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def measure_model(variant: str, steps: int, rounds: int) -> dict[str, dict[str, float]]:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cratescale.config import load_job
+    from cratescale.distributed import deepspeed_config
+    from cratescale.engine import optim
+    from cratescale.engine.trainer import _stop_agreed, build_model
+
+    job = load_job(REPO / "jobs" / "demo.yaml", MODELS[variant])
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ddp_model = build_model(job)  # seeds from job.seed: both copies start identical
+    ds_model = build_model(job)
+    ddp = DistributedDataParallel(ddp_model)
+    ddp_opt = optim.make_optimizer(ddp_model, job)
+    engine, *_ = deepspeed.initialize(model=ds_model, optimizer=optim.make_optimizer(ds_model, job),
+                                      config=deepspeed_config(job, world))
+    g = torch.Generator().manual_seed(1234 + rank)
+    micro, size = job.schedule.micro_batch, job.data.image_size
+    images = torch.randn(micro, 3, size, size, generator=g)
+    noise = torch.rand(micro, ds_model.num_patches, generator=g)
+
+    def ddp_step() -> None:
+        ddp_opt.zero_grad(set_to_none=True)
+        loss, _, _ = ddp(images, noise)
+        loss.backward()
+        ddp_opt.step()
+
+    def ds_step() -> None:
+        loss, _, _ = engine(images, noise)
+        engine.backward(loss)
+        engine.step()
+
+    def ds_loop_step() -> None:  # trainer.py's per-step extras around the same engine calls
+        _stop_agreed(False)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = 1e-4
+        loss, _, _ = engine(images, noise)
+        engine.backward(loss)
+        engine.step()
+        float(loss.detach().float())
+
+    loops = {"ddp": ddp_step, "ds": ds_step, "ds+loop": ds_loop_step}
+    for fn in loops.values():
+        _block(fn, 3)  # warm-up: allocations, DDP bucket rebuild, DeepSpeed's first-step set-up
+    times: dict[str, list[float]] = {k: [] for k in loops}
+    for _ in range(rounds):
+        for name, fn in loops.items():
+            dist.barrier()
+            times[name].append(_block(fn, steps))
+    params = sum(p.numel() for p in ds_model.parameters() if p.requires_grad)
+    return {k: {"min": min(v), "median": statistics.median(v), "params": params, "micro": micro}
+            for k, v in times.items()}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(REPO))
+    from cratescale.distributed import init_distributed, world_from_env
+
+    init_distributed(world_from_env(), "gloo")  # the engine's own init (skips DeepSpeed's shm op build)
+    out = {v: measure_model(v, args.steps, args.rounds) for v in args.models.split(",")}
+    print(json.dumps(out), flush=True)
+
+
+def launch(args: argparse.Namespace, world: int = 2, timeout: float = 300) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        cmd = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--rounds", str(args.rounds),
+               "--models", args.models]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"engine_overhead worker exited {proc.returncode}:\n{out[-3000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    # the slowest rank sets the pace
+    return {v: {loop: {k: max(r[v][loop][k] for r in results) for k in results[0][v][loop]}
+                for loop in results[0][v]} for v in results[0]}
+
+
+def report(res: dict) -> list[tuple[str, float, float, float]]:
+    print(f"machine: {os.cpu_count()}-core CPU, no GPU, load average {os.getloadavg()[0]:.1f}; 2 ranks x 1 thread, "
+          f"gloo; ms per step (min over rounds of block means; median in brackets)")
+    print(f"{'model':<8} {'params':>9} {'micro':>5}  {'what':<22} {'baseline ddp':>14} {'measured':>16} {'ratio':>6} "
+          f"{'target':>7}")
+    rows = []
+    for variant, loops in res.items():
+        base = loops["ddp"]
+        for name in ("ds", "ds+loop"):
+            m = loops[name]
+            ratio = m["min"] / base["min"]
+            ok = "ok" if ratio <= TARGET else "MISS"
+            print(f"{variant:<8} {int(base['params']):>9,} {int(base['micro']):>5}  {name + ' / ddp':<22} "
+                  f"{base['min'] * 1e3:>6.1f} [{base['median'] * 1e3:>5.1f}] {m['min'] * 1e3:>8.1f} "
+                  f"[{m['median'] * 1e3:>5.1f}] {ratio:>6.2f} {'<=' + str(TARGET):>7} {ok}")
+            rows.append((f"{variant} {name}", base["min"], m["min"], ratio))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds of (ddp, ds, ds+loop) blocks")
+    p.add_argument("--models", default="demo,d192", help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        raise SystemExit(f"engine_overhead: --models has unknown {sorted(unknown)}; known: {', '.join(MODELS)}")
+    if args.worker:
+        worker(args)
+    else:
+        report(launch(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Extraction throughput (decode + encode + store) vs bare `model.encode` on already-decoded tensors.
+
+    .venv/bin/python bench/extract.py [--model crate_mae_tiny] [--images 192] [--image-size 224]
+                                      [--source-size 128] [--batch-size 32] [--shard-rows 48] [--loader auto]
+
+Same run, same cores (2 here): the baseline decodes every image first (untimed) and times encode alone
+with 2 torch threads; the extraction runs in-process (actors=0, 2 threads), with 1 Ray actor (2 threads)
+and with 2 Ray actors (1 thread each). "wall" includes actor start-up and model loading; "steady" is rows
+/ the busiest actor's summed per-shard time (decode + encode + write), which is what a long run converges
+to. Target: steady >= 0.85 x baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cratescale.checkpoint.export import export_weights  # noqa: E402
+from cratescale.embeddings.extract import init_ray, load_model, run_extraction  # noqa: E402
+from cratescale.models import create_model  # noqa: E402
+
+THREADS = 2
+
+
+def bare_encode(export: Path, manifest: Path, n: int, image_size: int, batch: int, kind: str) -> float:
+    from data_pipeline.loader import make_eval_loader
+
+    torch.set_num_threads(THREADS)
+    model, _ = load_model(export)
+    batches = [b["images"] for b in make_eval_loader(manifest, np.arange(n), batch, image_size, kind=kind)]
+    with torch.no_grad():
+        model.encode(batches[0])                       # warm-up
+        t = time.perf_counter()
+        for x in batches:
+            model.encode(x)
+        return n / (time.perf_counter() - t)
+
+
+def extraction(export: Path, manifest: Path, store: Path, *, actors: int, threads: int, opts: dict) -> tuple:
+    t = time.perf_counter()
+    _, records = run_extraction(export, manifest, store, actors=actors, threads_per_actor=threads, **opts)
+    wall = time.perf_counter() - t
+    busy = collections.Counter()
+    for r in records:
+        busy[int(r["pid"])] += float(r["seconds"])
+    rows = sum(int(r["rows"]) for r in records)
+    return rows / wall, rows / max(busy.values()), len(busy)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="crate_mae_tiny")
+    ap.add_argument("--images", type=int, default=192)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--source-size", type=int, default=128, help="side of the synthetic JPEGs")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--shard-rows", type=int, default=48)
+    ap.add_argument("--loader", default="auto")
+    args = ap.parse_args()
+    from data_pipeline.ingest import ingest
+
+    root = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    try:
+        manifest = ingest(f"synthetic://shapes?n={args.images}&classes=10&size={args.source_size}&seed=0",
+                          root / "data", workers=0, progress=False)
+        torch.manual_seed(0)
+        model = create_model(args.model, img_size=args.image_size)
+        export_weights(model.state_dict(), model.config, {"bench": True}, root / "export")
+        del model
+        opts = dict(features=("cls", "mean"), layers=(), dtype="float16", batch_size=args.batch_size,
+                    image_size=args.image_size, loader_kind=args.loader, ray_address=None,
+                    shard_rows=args.shard_rows, chunk_rows=args.shard_rows, split=None, num_cpus_per_actor=0.5,
+                    num_gpus_per_actor=0.0, amp=None)
+        init_ray()                                            # Ray start-up is not part of any number
+        base = bare_encode(root / "export", manifest, args.images, args.image_size, args.batch_size, args.loader)
+        rows = [("bare encode (decoded tensors)", base, base, 1)]
+        for label, actors, threads in (("extract in-process", 0, THREADS), ("extract Ray, 1 actor", 1, THREADS),
+                                       ("extract Ray, 2 actors", 2, 1)):
+            wall, steady, used = extraction(root / "export", manifest, root / f"store_{actors}", actors=actors,
+                                            threads=threads, opts=opts)
+            rows.append((label, wall, steady, max(used, 1)))
+        base_again = bare_encode(root / "export", manifest, args.images, args.image_size, args.batch_size,
+                                 args.loader)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"{args.model} @ {args.image_size}px, {args.images} images, batch {args.batch_size}, "
+          f"shards of {args.shard_rows}, loader {args.loader}, {THREADS} CPU threads in total; "
+          f"baseline re-measured at the end: {base_again:.1f} img/s")
+    print(f"{'config':<32}{'img/s wall':>11}{'img/s steady':>13}{'steady/base':>12}{'target':>8}{'actors':>7}")
+    for label, wall, steady, used in rows:
+        print(f"{label:<32}{wall:>11.1f}{steady:>13.1f}{steady / base:>12.2f}{'>=0.85':>8}{used:>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Train-loader throughput: decode + random-resized-crop 224 + flip + normalize, DALI CPU vs PIL.
+
+    .venv/bin/python bench/loader.py [--epochs 2] [--threads 2] [--batch 32] [--skip-reshard]
+
+Data: the 1,000 full-size ImageNet sample photos, read in place from imagenet-sample.tar (byte
+offsets), then the same photos after `ingest --reshard 256`. Baseline: the PIL + torch DataLoader
+backend (same sampler, same windows) with `threads` worker processes; DALI gets `threads` decode
+threads and one external-source worker. Same machine, same run, same cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data_pipeline.ingest import run_ingest  # noqa: E402
+from data_pipeline.loader import make_train_loader  # noqa: E402
+from data_pipeline.sampler import LoaderState  # noqa: E402
+
+SOURCE = "/work/shared/data/imagenet-sample.tar"
+
+
+def measure(manifest: Path, kind: str, epochs: int, threads: int, batch: int) -> dict:
+    """img/s over `epochs` epochs: total (start-up included) and steady (after the first batch)."""
+    t0 = time.perf_counter()
+    loader = make_train_loader(manifest, state=LoaderState(0, 0, 0), rank=0, world_size=1, global_batch=batch,
+                               micro_batch=batch, image_size=224, num_patches=196, kind=kind,
+                               num_threads=threads)
+    steps = loader.steps_per_epoch * epochs
+    next(loader)
+    t1 = time.perf_counter()
+    for _ in range(steps - 1):
+        b = next(loader)
+    t2 = time.perf_counter()
+    assert b["images"].shape == (batch, 3, 224, 224)
+    loader.close()
+    return {"total": steps * batch / (t2 - t0), "steady": (steps - 1) * batch / (t2 - t1), "startup": t1 - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--skip-reshard", action="store_true")
+    a = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        datasets = [("full-size JPEGs in the tar", run_ingest(SOURCE, Path(d) / "raw", workers=0, progress=False))]
+        if not a.skip_reshard:
+            datasets.append(("after --reshard 256", run_ingest(SOURCE, Path(d) / "r256", workers=0, reshard=256,
+                                                              progress=False)))
+        for name, res in datasets:
+            pil = measure(res.manifest, "pil", a.epochs, a.threads, a.batch)
+            dali = measure(res.manifest, "dali", a.epochs, a.threads, a.batch)
+            results.append((name, pil, dali))
+    print(f"\nbench/loader.py  RRC 224 + flip + normalize, {a.threads} threads/workers, batch {a.batch}, "
+          f"{a.epochs} epochs of 1000 photos  (machine: {os.cpu_count()}-core CPU, no GPU)")
+    print(f"{'data':<28} {'measure':<8} {'PIL baseline':>13} {'DALI cpu':>10} {'ratio':>7} {'target':>7}")
+    for name, pil, dali in results:
+        for m in ("steady", "total"):
+            print(f"{name:<28} {m:<8} {pil[m]:>9.0f} i/s {dali[m]:>6.0f} i/s {dali[m] / pil[m]:>6.2f}x "
+                  f"{'>=1.5x':>7}")
+        print(f"{'':<28} {'startup':<8} {pil['startup']:>11.1f} s {dali['startup']:>8.1f} s")
+    if len(results) == 2:
+        for i, kind in ((1, "PIL"), (2, "DALI")):
+            print(f"reshard 256 speed-up for {kind}: {results[1][i]['steady'] / results[0][i]['steady']:.2f}x (steady)")
+
+
+if __name__ == "__main__":
+    main()

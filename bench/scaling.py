@@ -1,0 +1,366 @@
+"""Scaling model of CRATE-MAE pretraining under DeepSpeed ZeRO: step time, images/s and the time of one
+ImageNet-21k epoch for 8 to 512 GPUs at a fixed global batch, from a measured per-GPU step time.
+
+    .venv/bin/python bench/scaling.py                              # assumed H100 compute (see ASSUMED below)
+    .venv/bin/python bench/scaling.py --gpu-results gpu_results.json [--layout all]   # bench/gpu.sh output
+    .venv/bin/python bench/scaling.py --step-ms 120 --micro-batch 256 [--fixed-ms 8]
+    .venv/bin/python bench/scaling.py --check-cpu                  # check against a 2-rank gloo DeepSpeed run
+
+The model (stated simplifications):
+- Compute per micro-step t(b) = fixed + b / R (R: per-GPU images/s at large batch; fixed: launch overhead and
+  the optimizer step, kept whole although ZeRO shards the optimizer step). A fit of the batch-search probes
+  of bench/gpu.sh gives both; without them R comes from FLOPs x an assumed MFU.
+- Per-GPU batch = global / W; above the largest micro-batch that fits, gradient accumulation splits it.
+- Traffic per GPU of one reduce-scatter or all-gather of P values: P x bytes x (W-1)/W (one "unit").
+  Textbook ZeRO-1: one reduce-scatter of the gradients and one all-gather of the updated parameters per step
+  (2 units); ZeRO-2: the reduce-scatter on every micro-step (only partitioned gradients are kept) + one
+  all-gather; ZeRO-3: per micro-step an all-gather in forward, one in backward and a reduce-scatter (3 units).
+  DeepSpeed 0.19.8's ZeRO-1/2 all-reduce each gradient bucket (use_multi_rank_bucket_allreduce, default on),
+  i.e. 2 units for the gradients: 3 units per step (--textbook-zero for the 2-unit form).
+- Hierarchical links: inside a node (g GPUs) NVLink, across N nodes each GPU's own NIC carries its 1/g share:
+  t = P b (g-1)/g / (eff x NVLink) + P b (N-1)/(N g) / (eff x NIC) + latency x ((g-1) + (N-1)).
+  This is what NCCL's rail-aligned rings reach in bandwidth terms; no congestion, no stragglers.
+- Overlap: a fraction `overlap` of the gradient reduce-scatters (and of ZeRO-3's gathers) hides behind
+  compute, never more than the compute time itself; ZeRO-1/2's parameter all-gather after the optimizer step
+  is exposed. DeepSpeed's default for ZeRO-1/2 (overlap_comm false, which the generated config keeps) is 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IN21K_IMAGES = 14_197_122
+GPU_COUNTS = (8, 16, 32, 64, 128, 256, 512)
+# ASSUMED when no GPU results are given: H100 SXM dense bf16 datasheet, an MFU, eager launch overhead.
+ASSUMED = dict(peak_tflops=989.0, mfu=0.30, fixed_ms=10.0, max_micro=256)
+
+
+@dataclass(frozen=True)
+class Links:
+    gpus_per_node: int = 8
+    nvlink_gbs: float = 450.0  # per GPU, one direction (H100 NVLink 4: 900 GB/s bidirectional)
+    nic_gbs: float = 50.0  # per GPU: 8 x 400 Gb/s InfiniBand per 8-GPU node
+    efficiency: float = 0.8  # achieved / nominal bandwidth (NCCL bus bandwidth)
+    latency_us: float = 10.0  # per ring hop
+
+
+@dataclass(frozen=True)
+class Compute:
+    rate: float  # per-GPU images/s at large batch (1/slope)
+    fixed_s: float  # per micro-step overhead
+    max_micro: int  # largest micro-batch that fits
+    source: str
+
+    def micro_step_s(self, batch: float) -> float:
+        return self.fixed_s + batch / self.rate
+
+
+def collective_s(params: int, nbytes: int, world: int, links: Links) -> float:
+    """One reduce-scatter (or all-gather) of `params` values over `world` GPUs, hierarchical."""
+    if world <= 1:
+        return 0.0
+    g = min(world, links.gpus_per_node)
+    nodes = math.ceil(world / links.gpus_per_node)
+    size = params * nbytes
+    intra = size * (g - 1) / g / (links.nvlink_gbs * 1e9 * links.efficiency)
+    inter = size * (nodes - 1) / (nodes * g) / (links.nic_gbs * 1e9 * links.efficiency)
+    return intra + inter + links.latency_us * 1e-6 * ((g - 1) + (nodes - 1))
+
+
+def collectives(stage: int, accum: int, ds_allreduce: bool = True) -> dict[str, int]:
+    """Full-size (P) reduce-scatter/all-gather equivalents per optimizer step: overlappable and exposed.
+
+    ds_allreduce: DeepSpeed 0.19.8's ZeRO-1/2 default (use_multi_rank_bucket_allreduce=true) reduces each
+    gradient bucket with a full all-reduce (= reduce-scatter + all-gather: 2 units) and keeps its own slice,
+    so ZeRO-1/2 move 3 units per step, not the textbook 2. ZeRO-3 uses a true reduce-scatter.
+    """
+    grad = 2 if ds_allreduce else 1
+    if stage == 0:  # DDP: one all-reduce, overlapped with backward
+        return {"overlappable": 2, "exposed": 0}
+    if stage == 1:  # gradients reduced once, at the accumulation boundary; params gathered after the step
+        return {"overlappable": grad, "exposed": 1}
+    if stage == 2:  # partitioned gradients: reduced on every micro-step
+        return {"overlappable": grad * accum, "exposed": 1}
+    if stage == 3:  # gather in forward, gather in backward, reduce-scatter, every micro-step
+        return {"overlappable": 3 * accum, "exposed": 0}
+    raise ValueError(f"ZeRO stage must be 0..3, got {stage}")
+
+
+def split_batch(per_gpu: float, max_micro: int) -> tuple[float, int]:
+    accum = max(1, math.ceil(per_gpu / max_micro))
+    return per_gpu / accum, accum
+
+
+def predict(world: int, global_batch: int, params: int, compute: Compute, links: Links, stage: int = 2,
+            nbytes: int = 2, overlap: float = 0.0, ds_allreduce: bool = True) -> dict[str, float]:
+    """Step time and its parts for one world size."""
+    micro, accum = split_batch(global_batch / world, compute.max_micro)
+    compute_s = accum * compute.micro_step_s(micro)
+    counts = collectives(stage, accum, ds_allreduce)
+    one = collective_s(params, nbytes, world, links)
+    over_s, exposed_s = counts["overlappable"] * one, counts["exposed"] * one
+    hidden = min(overlap * over_s, accum * micro / compute.rate)  # never more than the math itself
+    step = compute_s + over_s + exposed_s - hidden
+    rate = global_batch / step
+    return {"world": world, "nodes": math.ceil(world / links.gpus_per_node), "per_gpu": global_batch / world,
+            "micro": micro, "accum": accum, "compute_s": compute_s, "comm_s": over_s + exposed_s,
+            "step_s": step, "images_per_s": rate, "epoch_h": IN21K_IMAGES / rate / 3600,
+            "efficiency": rate / (world * compute.rate),
+            "compute_efficiency": (accum * micro / compute.rate) / compute_s}
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares y = a + c x; returns (a, c)."""
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    if sxx == 0:
+        raise ValueError("fit_line needs at least two different x values")
+    c = sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
+    return my - c * mx, c
+
+
+def compute_from_results(path: Path, model: str, layout: str) -> Compute:
+    """Per-GPU compute from bench/gpu.sh's JSON: the eager row (its probes) of `model`/`layout`."""
+    rows = json.loads(Path(path).read_text()).get("rows", [])
+    for row in rows:
+        extra = row.get("extra") or {}
+        if extra.get("model") == model and extra.get("layout") == layout and not extra.get("compile"):
+            probes = [tuple(p) for p in extra.get("probes", [])]
+            if len({p[0] for p in probes}) >= 2:
+                fixed, slope = fit_line(probes[-3:])  # the large-batch end of the curve
+                fixed = max(fixed, 0.0)
+            else:
+                fixed, slope = 0.0, extra["step_s"] / extra["batch"]
+            return Compute(1.0 / slope, fixed, int(extra["batch"]), f"measured ({path}, {model} {layout} eager)")
+    raise ValueError(f"{path}: no eager training row for model {model!r} layout {layout!r}")
+
+
+def assumed_compute(model: str, layout: str) -> Compute:
+    sys.path.insert(0, str(REPO))
+    from cratescale.models import create_model, train_flops_per_image
+
+    flops = train_flops_per_image(create_model(model, encoder_tokens=layout))
+    rate = ASSUMED["peak_tflops"] * 1e12 * ASSUMED["mfu"] / flops
+    return Compute(rate, ASSUMED["fixed_ms"] / 1e3, ASSUMED["max_micro"],
+                   f"ASSUMED: {ASSUMED['peak_tflops']:.0f} TFLOP/s x MFU {ASSUMED['mfu']} / {flops / 1e9:.1f} GFLOP "
+                   f"per image, fixed {ASSUMED['fixed_ms']} ms/micro-step, max micro-batch {ASSUMED['max_micro']}")
+
+
+def trainable_params(model: str) -> int:
+    sys.path.insert(0, str(REPO))
+    from cratescale.models import create_model, param_counts
+
+    return param_counts(create_model(model))["trainable"]
+
+
+def table(params: int, compute: Compute, links: Links, args: argparse.Namespace) -> list[dict[str, float]]:
+    print(f"model {args.model} ({params:,} trainable params), layout {args.layout}, global batch {args.global_batch}, "
+          f"ZeRO-{args.zero} ({'textbook reduce-scatter' if args.textbook_zero else 'DeepSpeed all-reduce'} "
+          f"gradients), {args.comm_bytes}-byte comm, overlap {args.overlap}")
+    print(f"compute: {compute.rate:,.0f} img/s/GPU at large batch, fixed {compute.fixed_s * 1e3:.1f} ms per "
+          f"micro-step, max micro-batch {compute.max_micro}; {compute.source}")
+    print(f"links: NVLink {links.nvlink_gbs} GB/s, NIC {links.nic_gbs} GB/s per GPU, efficiency {links.efficiency}, "
+          f"{links.gpus_per_node} GPUs/node, {links.latency_us} us/hop")
+    print(f"{'GPUs':>5} {'nodes':>5} {'b/GPU':>6} {'micro x acc':>11} {'compute ms':>10} {'comm ms Z1/Z2/Z3':>18} "
+          f"{'step ms':>8} {'img/s':>9} {'epoch min':>9} {'eff':>5}  note")
+    out = []
+    for world in args.gpus:
+        ds = not args.textbook_zero
+        p = predict(world, args.global_batch, params, compute, links, args.zero, args.comm_bytes, args.overlap, ds)
+        comms = [predict(world, args.global_batch, params, compute, links, z, args.comm_bytes, args.overlap,
+                         ds)["comm_s"] for z in (1, 2, 3)]
+        note = []
+        if p["compute_efficiency"] < 0.8:
+            note.append(f"per-GPU batch too small: fixed overhead is {1 - p['compute_efficiency']:.0%} of compute")
+        if p["comm_s"] > 0.25 * p["step_s"]:
+            note.append("comm-bound")
+        print(f"{world:>5} {p['nodes']:>5} {p['per_gpu']:>6.0f} {p['micro']:>6.0f} x {p['accum']:<2} "
+              f"{p['compute_s'] * 1e3:>10.1f} {'/'.join(f'{c * 1e3:.1f}' for c in comms):>18} {p['step_s'] * 1e3:>8.1f} "
+              f"{p['images_per_s']:>9,.0f} {p['epoch_h'] * 60:>9.1f} {p['efficiency']:>5.2f}  {'; '.join(note)}")
+        out.append(p)
+    return out
+
+
+# ---- the 2-rank CPU check -------------------------------------------------------------------------------
+CHECK_MODEL = dict(embed_dim=384, decoder_embed_dim=384, num_heads=6, decoder_num_heads=6, depth=4, decoder_depth=4)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: gloo all-reduce of a P-sized fp32 buffer, then ZeRO-2 fp32 steps split into fwd/bwd/step."""
+    import importlib
+
+    import torch
+
+    torch.set_num_threads(1)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # ~30 s op build, unused on gloo
+    import deepspeed
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(REPO))
+    from cratescale.models import create_model
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    model = create_model("crate_mae_debug", **CHECK_MODEL)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ar, ag = [], []
+    if world > 1:
+        buf = torch.randn(params - params % world)
+        chunks = list(buf.chunk(world))
+        for i in range(args.steps + 2):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(buf)
+            t1 = time.perf_counter()
+            dist.all_gather(chunks, chunks[dist.get_rank()].clone())
+            if i >= 2:
+                ar.append(t1 - t0)
+                ag.append(time.perf_counter() - t1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    config = {"train_batch_size": args.micro * world, "train_micro_batch_size_per_gpu": args.micro,
+              "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    images = torch.randn(args.micro, 3, model.img_size, model.img_size, generator=g)
+    noise = torch.rand(args.micro, model.num_patches, generator=g)
+    parts: dict[str, list[float]] = {"fwd": [], "bwd": [], "step": [], "total": []}
+    for i in range(args.steps + 2):
+        dist.barrier()  # ranks start each step together, as they do in training after the first collective
+        t0 = time.perf_counter()
+        loss, _, _ = engine(images, noise)
+        t1 = time.perf_counter()
+        engine.backward(loss)
+        t2 = time.perf_counter()
+        engine.step()
+        t3 = time.perf_counter()
+        if i >= 2:
+            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                parts[k].append(v)
+    # min over steps: the machine is shared with other jobs, and the minimum is the uncontended time.
+    out = {k: min(v) for k, v in parts.items()}
+    out.update({f"{k}_median": statistics.median(v) for k, v in parts.items()})
+    out.update(params=params, allreduce_s=min(ar) if ar else 0.0, allgather_s=min(ag) if ag else 0.0,
+               world=world, micro=args.micro)
+    print(json.dumps(out), flush=True)
+
+
+def run_ranks(world: int, micro: int, steps: int, timeout: float = 240) -> dict:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--micro", str(micro),
+                                       "--steps", str(steps)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"scaling worker exited {proc.returncode}:\n{out[-3000:]}")
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return {k: max(o[k] for o in outs) if isinstance(outs[0][k], float) else outs[0][k] for k in outs[0]}
+
+
+def check_cpu(steps: int, global_batch: int = 16) -> dict[str, float]:
+    """Measure 1-rank steps (micro G and G/2), gloo collectives and the 2-rank step; compare with the model."""
+    one_full = run_ranks(1, global_batch, steps)
+    one_half = run_ranks(1, global_batch // 2, steps)
+    two = run_ranks(2, global_batch // 2, steps)
+    params, nbytes = int(two["params"]), 4  # fp32 on CPU
+    busbw = 2 * params * nbytes * (2 - 1) / 2 / two["allreduce_s"]  # ring all-reduce bus bandwidth
+    links = Links(gpus_per_node=2, nvlink_gbs=busbw / 1e9, efficiency=1.0, latency_us=0.0)
+    fixed, slope = fit_line([(global_batch // 2, one_half["fwd"] + one_half["bwd"]),
+                             (global_batch, one_full["fwd"] + one_full["bwd"])])
+    slope = max(slope, 1e-9)  # noise can tilt a two-point fit; the fit then says "all fixed cost"
+    # The optimizer step is paid per step, not per image; ZeRO-2 shards it over the 2 ranks.
+    compute = Compute(1.0 / slope, fixed + one_full["step"] / 2, global_batch, "1-rank measurements")
+    pred = predict(2, global_batch, params, compute, links, stage=2, nbytes=nbytes)
+    # The model treats ranks as independent devices; here two ranks share two (busy) cores. Forward has no
+    # communication under ZeRO-2, so its slow-down measures that sharing.
+    contention = two["fwd"] / one_half["fwd"]
+    pred_shared = pred["step_s"] + (contention - 1) * (compute.micro_step_s(global_batch // 2))
+    print(f"\n2-rank CPU check: crate_mae_debug {CHECK_MODEL}, {params:,} params ({params * 4 / 1e6:.1f} MB fp32), "
+          f"global batch {global_batch}, ZeRO-2 fp32, 1 thread per rank, gloo; machine: {os.cpu_count()}-core CPU, "
+          f"no GPU, load average {os.getloadavg()[0]:.1f}; times are the min over {steps} steps")
+    for name, r in (("1-rank micro 16", one_full), ("1-rank micro 8", one_half), ("2-rank micro 8", two)):
+        print(f"  {name:<16} fwd {r['fwd'] * 1e3:6.1f}  bwd {r['bwd'] * 1e3:6.1f}  step {r['step'] * 1e3:6.1f}  "
+              f"total {r['total'] * 1e3:6.1f} ms   (median total {r['total_median'] * 1e3:6.1f} ms)")
+    print(f"  gloo all-reduce of P fp32: {two['allreduce_s'] * 1e3:.1f} ms = {busbw / 1e9:.2f} GB/s bus bandwidth; "
+          f"all-gather: {two['allgather_s'] * 1e3:.1f} ms (model: {two['allreduce_s'] / 2 * 1e3:.1f} ms)")
+    print(f"  predicted comm (all-reduce + all-gather, no overlap) {pred['comm_s'] * 1e3:.1f} ms; "
+          f"compute sharing factor (2-rank fwd / 1-rank fwd) {contention:.2f}")
+    rows = [("2-rank step vs model", pred["step_s"], two["total"]),
+            ("2-rank step vs model with core sharing", pred_shared, two["total"]),
+            ("speed-up 1 -> 2 ranks (1-rank step / 2-rank step)", 1.0, one_full["total"] / two["total"]),
+            ("  predicted speed-up", 1.0, one_full["total"] / pred["step_s"])]
+    print(f"  {'what':<50} {'baseline':>10} {'measured':>10} {'ratio':>6}")
+    for label, base, meas in rows:
+        unit = 1e3 if base != 1.0 else 1.0
+        print(f"  {label:<50} {base * unit:>10.2f} {meas * unit:>10.2f} {meas / base:>6.2f}")
+    return {"predicted_s": pred["step_s"], "predicted_shared_s": pred_shared, "measured_s": two["total"],
+            "ratio": two["total"] / pred["step_s"], "busbw_gbs": busbw / 1e9, "one_rank_s": one_full["total"],
+            "allreduce_s": two["allreduce_s"], "contention": contention, "params": params}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="crate_mae_base")
+    p.add_argument("--layout", default="all", choices=("all", "visible"))
+    p.add_argument("--gpu-results", type=Path, help="gpu_results.json from bench/gpu.sh")
+    p.add_argument("--step-ms", type=float, help="measured per-GPU step time at --micro-batch (instead of a file)")
+    p.add_argument("--micro-batch", type=int, default=256)
+    p.add_argument("--fixed-ms", type=float, default=None, help="per-micro-step overhead (default: fit or assumed)")
+    p.add_argument("--global-batch", type=int, default=4096)
+    p.add_argument("--gpus", type=int, nargs="+", default=list(GPU_COUNTS))
+    p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
+    p.add_argument("--comm-bytes", type=int, default=2, help="bytes per value on the wire (bf16: 2)")
+    p.add_argument("--overlap", type=float, default=0.0, help="fraction of overlappable comm hidden by compute")
+    p.add_argument("--nic-gbs", type=float, default=50.0)
+    p.add_argument("--nvlink-gbs", type=float, default=450.0)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--link-efficiency", type=float, default=0.8)
+    p.add_argument("--textbook-zero", action="store_true", help="reduce-scatter gradients (2 units), not all-reduce")
+    p.add_argument("--check-cpu", action="store_true", help="run the 2-rank gloo check (about 1-2 min)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per worker in --check-cpu")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--micro", type=int, default=8, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    if args.check_cpu:
+        check_cpu(args.steps)
+        return
+    if args.gpu_results:
+        compute = compute_from_results(args.gpu_results, args.model, args.layout)
+    elif args.step_ms:
+        fixed = (args.fixed_ms or 0.0) / 1e3
+        rate = args.micro_batch / (args.step_ms / 1e3 - fixed)
+        compute = Compute(rate, fixed, args.micro_batch, f"given: {args.step_ms} ms at micro-batch {args.micro_batch}")
+    else:
+        compute = assumed_compute(args.model, args.layout)
+    if args.fixed_ms is not None and not args.step_ms:
+        compute = Compute(compute.rate, args.fixed_ms / 1e3, compute.max_micro, compute.source + ", fixed given")
+    links = Links(args.gpus_per_node, args.nvlink_gbs, args.nic_gbs, args.link_efficiency)
+    table(trainable_params(args.model), compute, links, args)
+
+
+if __name__ == "__main__":
+    main()

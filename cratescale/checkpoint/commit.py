@@ -1,0 +1,339 @@
+"""Two-phase checkpoint commit: write `step_N.tmp/`, fsync, `COMMITTED` marker last, rename, `latest`.
+
+Readers trust only directories named `step_<N:09d>` that hold a valid `COMMITTED` marker; the `latest`
+pointer is a hint for people and tools, never the source of truth (a crash between the rename and the
+pointer update leaves it stale, and the scan still finds the newest commit).
+
+Collective save (the engine drives it, every rank in the same order):
+    path = store.tmp_path(step)                   # every rank
+    if rank == 0: store.begin(step)               # fresh, empty tmp dir
+    barrier()
+    engine.save_checkpoint(str(path), tag="ds")   # every rank (DeepSpeed barriers inside)
+    torch.save(rng_state, path / f"rank{rank}_rng.pt")
+    barrier()  # better: all-reduce an ok flag so rank 0 aborts when any rank failed
+    if rank == 0: store.commit(step, meta)        # or store.abort(step, exc) when a rank failed
+Single process: `store.save(step, write_fn, meta)` does the three phases and the clean-up.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import re
+import shutil
+import socket
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cratescale.checkpoint import catalog as _catalog
+from cratescale.checkpoint.retention import apply_retention
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMMITTED"
+META = "meta.json"
+LATEST = "latest"
+MARKER_VERSION = 1
+BLOCK = 8 << 20  # 8 MiB read blocks for the checksum pass
+STEP_DIR = re.compile(r"^step_(\d{9})$")
+# Test-only hook points (a test subprocess sets one to SIGKILL itself at that exact place).
+TEST_HOOKS: dict[str, Callable[[], None]] = {}
+
+
+class CheckpointError(RuntimeError):
+    """Base class of checkpoint errors."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed; the tmp dir is gone and the previous commit is still the newest."""
+
+
+class CheckpointCorruptError(CheckpointError, ValueError):
+    """A committed checkpoint does not match its COMMITTED marker (size or checksum)."""
+
+
+@dataclass(frozen=True)
+class Commit:
+    step: int
+    path: Path
+    meta: dict[str, Any]
+    files: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)  # rel path -> {size, crc32}
+
+    @property
+    def bytes(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+
+def step_dir_name(step: int) -> str:
+    if not isinstance(step, int) or step < 0 or step >= 10**9:
+        raise ValueError(f"checkpoint step must be an int in [0, 1e9), got {step!r}")
+    return f"step_{step:09d}"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checksum_file(path: Path, fsync: bool = False, use_mmap: bool = False) -> tuple[int, int]:
+    """(size, crc32) in 8 MiB steps; crc32 releases the GIL, so files are summed on parallel threads.
+    use_mmap skips the copy out of the page cache (only for files nobody else can truncate meanwhile:
+    a mapped file that shrinks raises SIGBUS). fsyncs the same fd when asked (one open per file)."""
+    crc, size = 0, 0
+    with open(path, "rb", buffering=0) as f:
+        if use_mmap and os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
+                size = len(view)
+                for off in range(0, size, BLOCK):
+                    crc = zlib.crc32(view[off:off + BLOCK], crc)
+        else:
+            buf = bytearray(BLOCK)
+            with memoryview(buf) as view:
+                while n := f.readinto(buf):
+                    crc = zlib.crc32(view[:n], crc)
+                    size += n
+        if fsync:
+            os.fsync(f.fileno())
+    return size, crc
+
+
+def write_file_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replace_file_atomic(path: Path, data: bytes) -> None:
+    """Write `path` through a tmp sibling + os.replace, so readers see the old or the new content."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write_file_durable(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def _list_files(root: Path) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+def _fsync_dirs(root: Path) -> None:
+    for dirpath, _, _ in os.walk(root, topdown=False):
+        fsync_dir(Path(dirpath))
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """The parsed COMMITTED marker of a step dir, or None when it is missing or not a valid marker."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    m = STEP_DIR.match(path.name)
+    if not isinstance(marker, dict) or m is None or marker.get("step") != int(m.group(1)):
+        return None
+    if marker.get("version") != MARKER_VERSION or not isinstance(marker.get("files"), dict):
+        return None
+    return marker
+
+
+class CheckpointStore:
+    """Committed checkpoints under `root/step_<N:09d>/`, newest found by a scan, Parquet catalog."""
+
+    def __init__(self, root: Path | str, keep_last: int = 3, keep_every: int = 0, checksum_threads: int = 4):
+        if keep_last < 1:
+            raise ValueError(f"CheckpointStore keep_last must be >= 1 (the newest commit is always kept), "
+                             f"got {keep_last}")
+        if keep_every < 0:
+            raise ValueError(f"CheckpointStore keep_every must be >= 0, got {keep_every}")
+        self.root = Path(root)
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.checksum_threads = max(1, checksum_threads)
+
+    # ---- paths -------------------------------------------------------------------------------
+    def step_path(self, step: int) -> Path:
+        return self.root / step_dir_name(step)
+
+    committed_path = step_path
+
+    def tmp_path(self, step: int) -> Path:
+        return self.root / f"{step_dir_name(step)}.tmp"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / _catalog.CATALOG
+
+    # ---- write side --------------------------------------------------------------------------
+    def begin(self, step: int) -> Path:
+        """Rank 0, before the barrier: an empty tmp dir for `step` (a leftover from a crash is removed)."""
+        tmp = self.tmp_path(step)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as exc:
+            raise self.abort(step, exc) from exc
+        return tmp
+
+    def abort(self, step: int, cause: BaseException | str | None = None) -> CheckpointWriteError:
+        """Remove the tmp dir of `step`; returns the error to raise (`raise store.abort(step, exc) from exc`)."""
+        tmp = self.tmp_path(step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cause is None:
+            cause = "aborted (a rank failed to write its part)"
+        reason = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
+        return CheckpointWriteError(f"checkpoint step {step} at {tmp}: {reason}")
+
+    def commit(self, step: int, meta: dict[str, Any] | None = None) -> Commit:
+        """Rank 0, after every rank wrote into tmp_path(step): seal, rename, point `latest`, catalog, retain."""
+        tmp, final = self.tmp_path(step), self.step_path(step)
+        t0 = time.perf_counter()
+        try:
+            if not tmp.is_dir():
+                raise FileNotFoundError(f"no tmp dir {tmp} (was begin({step}) called?)")
+            meta = {**(meta or {}), "step": step}
+            write_file_durable(tmp / META, json.dumps(meta, sort_keys=True, default=str).encode())
+            files = self._seal_files(tmp)
+            _fsync_dirs(tmp)
+            marker = {"version": MARKER_VERSION, "step": step, "time": time.time(), "host": socket.gethostname(),
+                      "files": files}
+            write_file_durable(tmp / MARKER, json.dumps(marker, sort_keys=True).encode())
+            fsync_dir(tmp)
+            TEST_HOOKS.get("before_rename", lambda: None)()
+            self._rename_into_place(tmp, final)
+        except Exception as exc:
+            raise self.abort(step, exc) from exc
+        # From here the checkpoint is durable and found by the scan: a failure below must not undo it.
+        commit = Commit(step, final, meta, files)
+        TEST_HOOKS.get("after_rename", lambda: None)()
+        seconds = time.perf_counter() - t0
+        self._after_commit(commit, seconds)
+        log.info("checkpoint step %d committed at %s (%.2f GB, %.2f s)", step, final, commit.bytes / 1e9, seconds)
+        return commit
+
+    def save(self, step: int, write_fn: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Commit:
+        """Single-process save: begin, `write_fn(tmp_dir)`, commit; any failure cleans up and raises."""
+        tmp = self.begin(step)
+        try:
+            write_fn(tmp)
+        except Exception as exc:
+            raise self.abort(step, exc) from exc
+        return self.commit(step, meta)
+
+    def _seal_files(self, tmp: Path) -> dict[str, dict[str, int]]:
+        rels = [r for r in _list_files(tmp) if r != MARKER]
+        with ThreadPoolExecutor(min(self.checksum_threads, max(1, len(rels)))) as pool:
+            # Our own tmp dir after every rank finished writing: safe to map.
+            sums = list(pool.map(lambda r: checksum_file(tmp / r, fsync=True, use_mmap=True), rels))
+        return {r: {"size": s, "crc32": c} for r, (s, c) in zip(rels, sums)}
+
+    def _rename_into_place(self, tmp: Path, final: Path) -> None:
+        if final.exists():
+            # The same step saved again (e.g. a stop right after a resume): swap the old one out first.
+            old = final.with_name(f"{final.name}.replaced.tmp")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            fsync_dir(self.root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+            fsync_dir(self.root)
+
+    def _after_commit(self, commit: Commit, seconds: float) -> None:
+        steps: list[int] = []
+        newest = lambda: step_dir_name(max(self._steps(), default=commit.step))  # noqa: E731
+        for what, fn in (("latest pointer", lambda: replace_file_atomic(self.root / LATEST, newest().encode())),
+                         ("retention", lambda: steps.extend(self._retain(commit.step))),
+                         ("catalog", lambda: _catalog.append(self.catalog_path, commit, seconds, self._steps(),
+                                                     self.commits))):
+            try:
+                fn()
+            except Exception as exc:  # the commit itself is durable; readers fall back to the scan
+                log.warning("checkpoint step %d committed, but updating the %s failed: %s", commit.step, what, exc)
+
+    def _retain(self, newest: int) -> list[int]:
+        return apply_retention(self.root, self._steps(), newest, self.keep_last, self.keep_every, MARKER)
+
+    # ---- read side ---------------------------------------------------------------------------
+    def _steps(self) -> list[int]:
+        """Steps with a valid COMMITTED marker, ascending (the scan; *.tmp and marker-less dirs ignored)."""
+        if not self.root.is_dir():
+            return []
+        steps = []
+        for entry in os.scandir(self.root):
+            m = STEP_DIR.match(entry.name)
+            if m and entry.is_dir() and read_marker(Path(entry.path)) is not None:
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def load(self, step: int) -> Commit:
+        path = self.step_path(step)
+        marker = read_marker(path)
+        if marker is None:
+            raise FileNotFoundError(f"checkpoint step {step}: {path} has no valid {MARKER} marker")
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointCorruptError(f"checkpoint step {step}: {path / META} unreadable: {exc}") from exc
+        return Commit(step, path, meta, marker["files"])
+
+    def commits(self) -> list[Commit]:
+        return [self.load(s) for s in self._steps()]
+
+    def latest(self, verify: bool = False) -> Commit | None:
+        """Newest committed step by scan; with verify=True, the newest one whose files all check out."""
+        for step in reversed(self._steps()):
+            try:
+                commit = self.load(step)
+                if verify:
+                    self.verify(commit)
+                return commit
+            except CheckpointCorruptError as exc:
+                if not verify:
+                    raise
+                log.warning("skipping corrupt checkpoint: %s", exc)
+        return None
+
+    def latest_pointer(self) -> str | None:
+        """The raw `latest` hint (may be stale); use latest() to resume."""
+        try:
+            return (self.root / LATEST).read_text().strip() or None
+        except OSError:
+            return None
+
+    def verify(self, commit: Commit) -> None:
+        """Re-read every file of the commit; raises CheckpointCorruptError naming the first bad file."""
+        on_disk = set(_list_files(commit.path)) - {MARKER}
+        missing = sorted(set(commit.files) - on_disk)
+        if missing:
+            raise CheckpointCorruptError(f"checkpoint step {commit.step}: {commit.path / missing[0]} is missing")
+        rels = sorted(commit.files)
+        with ThreadPoolExecutor(min(self.checksum_threads, max(1, len(rels)))) as pool:
+            sums = list(pool.map(lambda r: checksum_file(commit.path / r), rels))
+        for rel, (size, crc) in zip(rels, sums):
+            want = commit.files[rel]
+            if size != want["size"]:
+                raise CheckpointCorruptError(f"checkpoint step {commit.step}: {commit.path / rel} has {size} bytes, "
+                                             f"COMMITTED says {want['size']}")
+            if crc != want["crc32"]:
+                raise CheckpointCorruptError(f"checkpoint step {commit.step}: {commit.path / rel} crc32 {crc:08x} != "
+                                             f"{want['crc32']:08x} in COMMITTED")
+
+    def catalog(self):
+        """The Parquet catalog as a pyarrow Table (rebuilt from the scan when missing or unreadable)."""
+        return _catalog.read(self.catalog_path, self.commits)

@@ -1,0 +1,153 @@
+"""Consolidated fp32 weights as a zarr v3 group + export.json; loading executes no pickle.
+
+Layout:  out_dir/weights.zarr/<state-dict key>   one array per tensor (floating tensors as float32)
+         out_dir/export.json                     format, model_config, provenance, tensors [name, shape,
+                                                 dtype, crc32 of the C-order little-endian bytes]
+The export is built in `out_dir.tmp` and renamed, so a visible `out_dir` is always complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import zarr
+
+from cratescale.checkpoint.commit import Commit, CheckpointError
+from cratescale.checkpoint.universal import DS_TAG
+
+FORMAT = "cratescale-weights"
+VERSION = 1
+WEIGHTS = "weights.zarr"
+INDEX = "export.json"
+
+
+class ExportError(CheckpointError, ValueError):
+    """An export is missing, malformed, or does not match its export.json (shape, dtype, checksum)."""
+
+
+def _crc(array: np.ndarray) -> int:
+    return zlib.crc32(np.require(array, requirements="C").reshape(-1).view(np.uint8))
+
+
+def _to_numpy(name: str, tensor: torch.Tensor) -> np.ndarray:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"export: state_dict[{name!r}] is a {type(tensor).__name__}, not a tensor")
+    t = tensor.detach().to("cpu")
+    if t.is_floating_point():
+        t = t.float()  # fp32 export (bf16/fp16 widen exactly)
+    return t.contiguous().numpy()
+
+
+def _check_name(name: str) -> None:
+    # zarr uses '/' as the hierarchy separator; names starting with '__' are reserved.
+    if not name or "/" in name or name.startswith("__") or name in (".", ".."):
+        raise ValueError(f"export: state-dict key {name!r} cannot be a zarr array name")
+
+
+def export_weights(state_dict: Mapping[str, torch.Tensor], model_config: dict[str, Any],
+                   provenance: dict[str, Any], out_dir: Path | str, overwrite: bool = False) -> Path:
+    """Write `state_dict` (fp32) + metadata to `out_dir`; returns out_dir. Provenance should carry step,
+    run_name and config_hash; `time` (unix seconds) is added when absent."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"export: {out} already exists (pass overwrite=True to replace it)")
+    provenance = {**provenance, "time": provenance.get("time", time.time())}
+    header = {"format": FORMAT, "version": VERSION, "model_config": model_config, "provenance": provenance}
+    json.dumps(header)  # fail before writing anything when the metadata is not JSON-able
+    tmp = out.with_name(f"{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        group = zarr.open_group(store=str(tmp / WEIGHTS), mode="w", zarr_format=3)
+        tensors = []
+        for name, tensor in state_dict.items():
+            _check_name(name)
+            data = _to_numpy(name, tensor)
+            arr = group.create_array(name=name, shape=data.shape, dtype=data.dtype,
+                                     chunks=data.shape if data.ndim else (), compressors=None)
+            arr[...] = data
+            tensors.append({"name": name, "shape": list(data.shape), "dtype": str(data.dtype), "crc32": _crc(data)})
+        header["tensors"] = tensors
+        with open(tmp / INDEX, "w") as f:
+            json.dump(header, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_export(out_dir: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(state_dict, model_config, provenance) from an export; JSON + zarr only (no pickle), every tensor
+    checked against export.json (shape, dtype, crc32). Raises ExportError naming the bad tensor."""
+    out = Path(out_dir)
+    try:
+        header = json.loads((out / INDEX).read_text())
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"export: {out / INDEX} not found (not an export dir?)") from exc
+    except ValueError as exc:
+        raise ExportError(f"export: {out / INDEX} is not valid JSON: {exc}") from exc
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ExportError(f"export: {out / INDEX} has format {header.get('format')!r} v{header.get('version')}, "
+                          f"expected {FORMAT!r} v{VERSION}")
+    group = zarr.open_group(store=str(out / WEIGHTS), mode="r", zarr_format=3)
+    state: dict[str, torch.Tensor] = {}
+    for entry in header["tensors"]:
+        name = entry["name"]
+        try:
+            data = np.asarray(group[name][...])
+        except KeyError as exc:
+            raise ExportError(f"export: tensor {name!r} listed in {out / INDEX} is missing from {WEIGHTS}") from exc
+        if list(data.shape) != entry["shape"] or str(data.dtype) != entry["dtype"]:
+            raise ExportError(f"export: tensor {name!r} in {out / WEIGHTS} is {data.dtype}{list(data.shape)}, "
+                              f"export.json says {entry['dtype']}{entry['shape']}")
+        crc = _crc(data)
+        if crc != entry["crc32"]:
+            raise ExportError(f"export: tensor {name!r} in {out / WEIGHTS} fails its checksum "
+                              f"(crc32 {crc:08x} != {entry['crc32']:08x}): the data was modified or damaged")
+        state[name] = torch.from_numpy(np.require(data, requirements=["C", "W"]))  # keeps 0-d shape
+    return state, header["model_config"], header["provenance"]
+
+
+def _stage0_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"consolidate: no DeepSpeed model states in {tag_dir}")
+    # Our own checkpoint, written by this run's DeepSpeed engine (DeepSpeed's format needs full unpickling).
+    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+
+def consolidate_fp32(commit: Commit) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a committed DeepSpeed checkpoint (ZeRO 1-3 via zero_to_fp32; ZeRO-0 from
+    the model states, which then hold the full weights)."""
+    tag_dir = commit.path / DS_TAG
+    if not tag_dir.is_dir():
+        raise FileNotFoundError(f"consolidate: checkpoint step {commit.step} has no {tag_dir}")
+    if not any(tag_dir.glob("zero_pp_rank_*optim_states.pt")):
+        return _stage0_state_dict(tag_dir)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(commit.path), tag=DS_TAG)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def export_commit(commit: Commit, out_dir: Path | str, model_config: dict[str, Any] | None = None,
+                  overwrite: bool = False) -> Path:
+    """consolidate_fp32 + export_weights with provenance from the commit's meta."""
+    meta = commit.meta
+    config = model_config if model_config is not None else meta.get("model_config", {})
+    provenance = {"step": commit.step, "run_name": meta.get("run_name"), "config_hash": meta.get("config_hash"),
+                  "checkpoint": str(commit.path), "samples_seen": meta.get("samples_seen")}
+    return export_weights(consolidate_fp32(commit), config, provenance, out_dir, overwrite=overwrite)

@@ -1,0 +1,163 @@
+"""DeepSpeed universal checkpoints: load a committed ZeRO checkpoint at a different world size.
+
+`ensure_universal(commit)` converts `step_N/ds` (the DeepSpeed tag dir) once into the cached sibling
+`step_N.universal/ds` (built in `step_N.universal.tmp-<host>-<pid>/`, renamed when complete) and returns that
+tag dir. Load it on every rank with the universal flag in the DeepSpeed config:
+
+    ds_config["checkpoint"] = {"load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=AdamW(...), config=ds_config)
+    tag_dir = ensure_universal(commit)            # safe on every rank at once (lock + atomic rename)
+    engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
+    # i.e. load_dir = <root>/step_<N>.universal, tag = "ds"
+
+Same world size (no conversion, `load_universal` false):
+    engine.load_checkpoint(str(commit.path), tag="ds", load_module_strict=True)
+`load_into_engine(engine, commit)` makes whichever of the two calls the engine's config asks for. Stages 1
+to 3 convert; ZeRO-0 has no partitioned optimizer state to reshard (ds_to_universal does not accept it).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from cratescale.checkpoint.commit import Commit, CheckpointError, fsync_dir
+
+DS_TAG = "ds"             # the DeepSpeed tag every rank saves under: step_N/ds/
+UNIVERSAL_TAG = DS_TAG    # the converted tag inside step_N.universal/
+
+
+class UniversalConversionError(CheckpointError):
+    """ds_to_universal failed on a committed checkpoint."""
+
+
+def universal_dir(commit: Commit) -> Path:
+    return commit.path.with_name(f"{commit.path.name}.universal")
+
+
+def _is_complete(out: Path) -> bool:
+    # Only a finished conversion is ever renamed to this name; latest_universal is written last by DeepSpeed.
+    return (out / "latest_universal").is_file() and (out / UNIVERSAL_TAG / "zero").is_dir()
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, names in os.walk(root, topdown=False):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(dirpath))
+
+
+def convert(src_tag_dir: Path, out_tag_dir: Path, workers: int = 1, timeout_s: float = 3600) -> None:
+    """Run `python -m deepspeed.checkpoint.ds_to_universal` on the CPU in a subprocess (keeps the
+    trainer's memory and accelerator untouched). --inject_missing_state: ZeRO-1/2 saves lack the
+    universal-info block that the converter asserts on."""
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src_tag_dir),
+           "--output_folder", str(out_tag_dir), "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(workers), "--inject_missing_state"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise UniversalConversionError(f"ds_to_universal on {src_tag_dir}: no result after {timeout_s} s") from exc
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise UniversalConversionError(f"ds_to_universal on {src_tag_dir} exited {proc.returncode}: {tail}")
+
+
+def ensure_universal(commit: Commit, workers: int = 1) -> Path:
+    """The universal tag dir of `commit`, `<root>/step_<N>.universal/ds` (converted on first use, reused after).
+
+    Load with `engine.load_checkpoint(str(p.parent), tag=p.name)` under `"checkpoint": {"load_universal": true}`.
+    Concurrent callers (every rank of a job) are serialised by a lock file; where the file system ignores the
+    lock, each converts into its own tmp dir and only the first rename wins, so the cache is never mixed.
+    """
+    src = commit.path / DS_TAG
+    if not any(src.glob("*model_states.pt")):
+        raise FileNotFoundError(f"checkpoint step {commit.step}: no DeepSpeed checkpoint in {src}")
+    out = universal_dir(commit)
+    with _lock(out.with_name(f"{out.name}.lock")):
+        if not _is_complete(out):
+            _convert_into(src, out, workers)
+    return out / UNIVERSAL_TAG
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _convert_into(src: Path, out: Path, workers: int) -> None:
+    tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        convert(src, tmp / UNIVERSAL_TAG, workers=workers)
+        if not _is_complete(tmp):
+            raise UniversalConversionError(f"ds_to_universal on {src} left no zero/ folder or latest_universal")
+        _fsync_tree(tmp)
+        if out.exists() and not _is_complete(out):
+            shutil.rmtree(out)  # an incomplete leftover (not produced by this code, which renames whole dirs)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not _is_complete(out):  # lost the race to an identical conversion: keep the winner's
+                raise
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _mmap_loads(engine: Any) -> Iterator[None]:
+    """Let DeepSpeed's torch checkpoint engine map files instead of reading them into fresh buffers: the
+    engine copies every tensor into its own (flat) storage anyway, so this saves a full allocate + copy pass
+    and DeepSpeed's second read of the model-states file. Loaded tensors are MAP_PRIVATE (copy-on-write)."""
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if type(ckpt_engine).__name__ != "TorchCheckpointEngine":
+        yield
+        return
+
+    def load(path: str, map_location: Any = None) -> Any:
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+
+    ckpt_engine.load = load
+    try:
+        yield
+    finally:
+        del ckpt_engine.load  # back to the class method
+
+
+def load_into_engine(engine: Any, commit: Commit, strict: bool = True, mmap: bool = True,
+                     **load_kwargs: Any) -> dict[str, Any]:
+    """Load `commit` into a DeepSpeed engine (call on every rank); returns DeepSpeed's client state.
+
+    Same world size (config `checkpoint.load_universal` false):
+        engine.load_checkpoint(str(commit.path), tag="ds", load_module_strict=strict, **load_kwargs)
+    Universal (config `checkpoint.load_universal` true; converts on first use, see ensure_universal):
+        engine.load_checkpoint(str(commit.path.parent / f"{commit.path.name}.universal"), tag="ds", ...)
+    """
+    if engine.load_universal_checkpoint():
+        tag_dir = ensure_universal(commit)
+        load_dir, tag = tag_dir.parent, tag_dir.name
+    else:
+        load_dir, tag = commit.path, DS_TAG
+    with _mmap_loads(engine) if mmap else nullcontext():
+        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=strict,
+                                                    **load_kwargs)
+    if path is None:
+        raise CheckpointError(f"checkpoint step {commit.step}: DeepSpeed loaded nothing from {load_dir}/{tag}")
+    return client_state or {}

@@ -1,0 +1,69 @@
+"""`python -m cratescale.embeddings info STORE` | `... extract EXPORT MANIFEST STORE [options]`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cratescale.embeddings.store import EmbeddingStore, StoreError, format_ranges
+
+
+def _info(args: argparse.Namespace) -> int:
+    s = EmbeddingStore(args.store).summary()
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    dims = ", ".join(f"{k}={v}" for k, v in s["dims"].items())
+    pct = 100.0 * s["committed_shards"] / s["total_shards"]
+    print(f"store     {s['root']}")
+    print(f"rows      {s['rows']}")
+    print(f"dims      {dims} ({s['dtype']})")
+    print(f"shards    {s['total_shards']} x {s['shard_rows']} rows")
+    print(f"coverage  {s['committed_shards']}/{s['total_shards']} shards committed ({pct:.1f}%)")
+    print(f"missing   {format_ranges(s['missing_shards']) or 'none'}")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from cratescale.embeddings.extract import extract
+    out = extract(args.export, args.manifest, args.store, features=tuple(args.features.split(",")),
+                  layers=tuple(int(x) for x in args.layers.split(",") if x), dtype=args.dtype,
+                  batch_size=args.batch_size, actors=args.actors, image_size=args.image_size,
+                  loader_kind=args.loader, shard_rows=args.shard_rows, chunk_rows=args.chunk_rows,
+                  split=args.split, ray_address=args.ray_address, shards_per_task=args.shards_per_task)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cratescale.embeddings")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("info", help="rows, dims, coverage and missing shards of a store")
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true")
+    e = sub.add_parser("extract", help="run the encoder of an export over a manifest into a store")
+    e.add_argument("export")
+    e.add_argument("manifest")
+    e.add_argument("store")
+    e.add_argument("--features", default="cls,mean")
+    e.add_argument("--layers", default="")
+    e.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--actors", type=int, default=2, help="0: in-process, no Ray")
+    e.add_argument("--image-size", type=int, default=None)
+    e.add_argument("--loader", default="auto")
+    e.add_argument("--shard-rows", type=int, default=4096)
+    e.add_argument("--chunk-rows", type=int, default=1024)
+    e.add_argument("--split", default=None)
+    e.add_argument("--shards-per-task", type=int, default=0, help="0: about two tasks per actor, at most 8")
+    e.add_argument("--ray-address", default=None)
+    args = p.parse_args(argv)
+    try:
+        return _info(args) if args.cmd == "info" else _extract(args)
+    except (StoreError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""PNG plots (matplotlib, Agg backend: no display needed): per-layer curves, cls attention grids, PCA images,
+reconstructions, probe/kNN bars. Every function writes one PNG and returns its path."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+TITLES = {"coding_rate_subspace": "compression term $R^c(Z^\\ell; U^\\ell)$",
+          "coding_rate": "coding rate $R(Z^\\ell)$", "zero_fraction": "ISTA output: fraction of zeros",
+          "l0": "ISTA output: nonzeros per token", "l1": "ISTA output: $\\ell_1$ per token",
+          "l0_over_l1": "ISTA output: $\\ell_0/\\ell_1$ per token"}
+
+
+def _save(fig, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_layer_curves(curves: Mapping[str, Sequence[float]], path: Path | str,
+                      stds: Mapping[str, Sequence[float]] | None = None, title: str = "") -> Path:
+    """One panel per metric, x = encoder layer (1-based), error bars = std over images."""
+    names = list(curves)
+    if not names:
+        raise ValueError("plot_layer_curves: no curves given")
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        y = np.asarray(curves[name], dtype=float)
+        x = np.arange(1, len(y) + 1)
+        err = np.asarray(stds[name], dtype=float) if stds and name in stds else None
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3)
+        ax.set_title(TITLES.get(name, name), fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_attention_grid(images: np.ndarray, maps: np.ndarray, path: Path | str) -> Path:
+    """Rows = images; columns = the image, then the cls attention of every head (last layer)."""
+    b, heads = maps.shape[:2]
+    fig, axes = plt.subplots(b, heads + 1, figsize=(1.6 * (heads + 1), 1.6 * b), squeeze=False)
+    for i in range(b):
+        axes[i, 0].imshow(images[i])
+        for h in range(heads):
+            axes[i, h + 1].imshow(maps[i, h], cmap="inferno")
+            if i == 0:
+                axes[i, h + 1].set_title(f"head {h}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_pca(images: np.ndarray, rgb: np.ndarray, path: Path | str) -> Path:
+    """Pairs of (image, top-3 PCA components of its patch features as RGB)."""
+    b = len(images)
+    fig, axes = plt.subplots(2, b, figsize=(1.8 * b, 3.6), squeeze=False)
+    for i in range(b):
+        axes[0, i].imshow(images[i])
+        axes[1, i].imshow(rgb[i], interpolation="nearest")
+    for ax in axes.flat:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_reconstructions(model, images, path: Path | str, *, seed: int = 0) -> Path:
+    """Run the masked autoencoder on `images` (normalized (B, 3, H, W)) with masks drawn from `seed` and plot
+    original | masked | output."""
+    from cratescale.evaluation.diagnostics import reconstructions
+
+    r = reconstructions(model, images, seed=seed)
+    return plot_reconstruction_grid(r["original"], r["masked"], r["reconstruction"], path)
+
+
+def plot_reconstruction_grid(original: np.ndarray, masked: np.ndarray, recon: np.ndarray,
+                             path: Path | str) -> Path:
+    """Rows = images; columns = original | masked | reconstruction ((B, H, W, 3) arrays in [0, 1])."""
+    b = len(original)
+    fig, axes = plt.subplots(b, 3, figsize=(5.4, 1.8 * b), squeeze=False)
+    for i in range(b):
+        for j, (img, name) in enumerate(((original, "original"), (masked, "masked"), (recon, "output"))):
+            axes[i, j].imshow(img[i])
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_results(results: Mapping[str, Mapping[str, float]], path: Path | str) -> Path:
+    """Bar chart of top-1 per evaluation (e.g. 'cls / knn', 'cls / linear_probe')."""
+    names = list(results)
+    if not names:
+        raise ValueError("plot_results: no results given")
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names)), 3.2))
+    top1 = [100.0 * results[n]["top1"] for n in names]
+    ax.bar(range(len(names)), top1, color="C0")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_ylim(0, 100)
+    for i, v in enumerate(top1):
+        ax.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,189 @@
+"""Ingest a source into OUT/manifest.parquet (+ OUT/rejected.parquet, + OUT/shards/ when re-packed).
+
+    python -m data_pipeline.ingest SOURCE OUT [--reshard SHORT_SIDE] [--shard-size N]
+        [--val-per-class K] [--ray-address A] [--workers N] [--max-pixels P] [--no-progress]
+
+SOURCE: an ImageFolder directory, a tar (.tar/.tar.gz/.tgz) of one, an ImageNet-21k tar-of-tars,
+a directory of per-class tars, webdataset shards (a directory or glob of .tar), or
+synthetic://shapes?n=..&classes=..&size=..&seed=... Work fans out over Ray tasks (a local Ray
+capped at 2 CPUs and 256 MB of object store unless --ray-address names a cluster, or one already
+runs in this process); --workers 0 runs the same task code inline without Ray.
+A rerun into the same OUT writes identical bytes (sorted rows, stable shard names, atomic renames).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .manifest import build_table, write_manifest, write_rejected
+from .sources import LISTING_CHUNK, Plan, SourceError, Unit, plan_source
+from .validate import DEFAULT_MAX_PIXELS
+from .work import SHARD_DIR, IngestOptions, process_unit
+
+
+class IngestError(RuntimeError):
+    """Ingest produced no usable samples."""
+
+
+@dataclass
+class IngestResult:
+    manifest: Path
+    rejected: Path
+    source_kind: str
+    samples: int
+    classes: int
+    rejected_count: int
+    reasons: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = (self.samples + self.rejected_count) / max(self.seconds, 1e-9)
+        lines = [f"ingested {self.samples} samples in {self.classes} classes from a {self.source_kind} source "
+                 f"in {self.seconds:.1f} s ({rate:.0f} files/s)",
+                 f"manifest: {self.manifest}", f"rejected: {self.rejected_count} -> {self.rejected}"]
+        lines += [f"  {n:6d}  {reason}" for reason, n in self.reasons.most_common(10)]
+        return "\n".join(lines)
+
+
+def _start_ray(ray_address: str | None, workers: int):
+    import ray
+    if ray.is_initialized():
+        return ray, False
+    if ray_address:
+        ray.init(address=ray_address, log_to_driver=False)
+    else:
+        # Workers must import data_pipeline even when it is not installed (run from a checkout).
+        root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        # address="local": never attach to some other Ray found on this machine by accident.
+        ray.init(address="local", num_cpus=max(2, workers), object_store_memory=256 * 2**20, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    return ray, True
+
+
+def _run_units(units: Iterable[Unit], opts: IngestOptions, workers: int, ray_address: str | None,
+               on_result: Callable[[Unit, dict], None]) -> None:
+    """Run process_unit over `units`, at most `workers` in flight (inline when workers == 0)."""
+    if workers <= 0:
+        for u in units:
+            on_result(u, process_unit(u, opts))
+        return
+    ray, started = _start_ray(ray_address, workers)
+    try:
+        task = ray.remote(num_cpus=1)(process_unit)
+        inflight: dict = {}
+
+        def drain(limit: int) -> None:
+            while len(inflight) > limit:
+                done, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in done:
+                    on_result(inflight.pop(ref), ray.get(ref))
+
+        for u in units:
+            drain(workers - 1)
+            inflight[task.remote(u, opts)] = u
+        drain(0)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]:>7.0f} files/s"), TextColumn("{task.fields[bad]} rejected"),
+                    TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)
+
+
+def _remove_stale_shards(out: Path, keep: set[str]) -> None:
+    """Shards of an earlier run with other options would otherwise linger unreferenced."""
+    shard_dir = out / SHARD_DIR
+    if not shard_dir.is_dir():
+        return
+    for p in shard_dir.iterdir():
+        if (p.suffix == ".tar" and str(p) not in keep) or ".tmp-" in p.name:
+            p.unlink()
+
+
+def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shard_size: int = 512,
+               val_per_class: int = 0, ray_address: str | None = None, workers: int = 2,
+               max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 90, progress: bool = True) -> IngestResult:
+    """Ingest `source` into `out`; see the module docstring."""
+    t0 = time.perf_counter()
+    if shard_size <= 0 or val_per_class < 0 or (reshard is not None and reshard < 8):
+        raise ValueError(f"ingest: bad options shard_size={shard_size} val_per_class={val_per_class} reshard={reshard}")
+    out = Path(os.path.abspath(out))
+    out.mkdir(parents=True, exist_ok=True)
+    opts = IngestOptions(str(out), reshard, shard_size, max_pixels, quality)
+    plan: Plan = plan_source(source, shard_size if reshard else LISTING_CHUNK, shard_size)
+    parts: list = []  # one pa.Table of rows per finished unit
+    rejects: list[dict] = []  # from tasks; plan.rejects (driver-side) may grow while streaming
+    known = None if plan.stream is not None or any(u.count is None for u in plan.units) \
+        else sum(u.count for u in plan.units) + len(plan.rejects)
+    with _progress(progress) as bar:
+        tid = bar.add_task(f"ingest {plan.kind}", total=known, rate=0.0, bad=len(plan.rejects),
+                           completed=len(plan.rejects))
+
+        def on_result(unit: Unit, res: dict) -> None:
+            parts.append(res["rows"])
+            rejects.extend(res["rejects"])
+            done = bar.tasks[0].completed + res["seen"]
+            bar.update(tid, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9),
+                       bad=len(plan.rejects) + len(rejects))
+
+        _run_units(plan.stream if plan.stream is not None else plan.units, opts, workers, ray_address, on_result)
+    rejects = plan.rejects + rejects
+    rejected_path = write_rejected(rejects, out)
+    table = build_table(parts, val_per_class)
+    if table.num_rows == 0:
+        raise IngestError(f"ingest {source}: no decodable images ({len(rejects)} rejected, see {rejected_path})")
+    manifest = write_manifest(table, out)
+    if not str(Path(source).absolute()).startswith(str(out / SHARD_DIR)):
+        _remove_stale_shards(out, set(table["path"].unique().to_pylist()))
+    return IngestResult(manifest, rejected_path, plan.kind, table.num_rows, len(table["class_name"].unique()),
+                        len(rejects), Counter(_reason_kind(r["reason"]) for r in rejects), time.perf_counter() - t0)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0]
+
+
+def ingest(source: str, out: str | Path, **kwargs) -> Path:
+    """Ingest `source` into `out` and return the manifest path (kwargs as in run_ingest)."""
+    return run_ingest(source, out, **kwargs).manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.ingest", description=__doc__.split("\n")[0])
+    ap.add_argument("source")
+    ap.add_argument("out")
+    ap.add_argument("--reshard", type=int, default=None, metavar="SHORT_SIDE",
+                    help="re-encode good images to RGB JPEG with this short side, into tar shards")
+    ap.add_argument("--shard-size", type=int, default=512, help="samples per written tar shard")
+    ap.add_argument("--val-per-class", type=int, default=0, help="mark K samples per class as split 'val'")
+    ap.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local one")
+    ap.add_argument("--workers", type=int, default=2, help="tasks in flight (0: inline, no Ray)")
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
+    ap.add_argument("--quality", type=int, default=90, help="JPEG quality for --reshard")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        res = run_ingest(a.source, a.out, reshard=a.reshard, shard_size=a.shard_size, val_per_class=a.val_per_class,
+                         ray_address=a.ray_address, workers=a.workers, max_pixels=a.max_pixels, quality=a.quality,
+                         progress=not a.no_progress)
+    except (SourceError, IngestError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(res.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

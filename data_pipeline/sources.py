@@ -1,0 +1,218 @@
+"""Source detection and driver-side enumeration into work units for ingest tasks.
+
+Kinds of unit (processed by data_pipeline.work.process_unit, one Ray task each):
+  files       ImageFolder files listed by the driver (a chunk of them)
+  tar_members members of an uncompressed ImageFolder tar, scanned by the driver (headers only)
+  inner_tar   one per-class tar: an inner tar of an uncompressed tar-of-tars (a byte window of
+              the outer file) or a standalone class tar; the task scans it
+  wds_shard   one webdataset shard (key.jpg + key.cls); the task scans it
+  bytes       members streamed by the driver out of a compressed tar (must be re-packed)
+  synthetic   a range of procedurally rendered samples
+Unit indices follow a sorted, worker-independent enumeration so shard names are stable.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from .tario import is_compressed_tar, iter_members, unsafe_member_reason
+
+LISTING_CHUNK = 256
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
+
+
+class SourceError(ValueError):
+    """The ingest source is missing or of an unsupported kind."""
+
+
+@dataclass
+class Unit:
+    index: int
+    kind: str
+    params: dict
+    count: int | None = None  # items, when known before the task runs
+
+
+@dataclass
+class Plan:
+    kind: str
+    units: list[Unit] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    stream: Iterator[Unit] | None = None  # compressed tar: units produced while streaming
+
+
+def reject(path: str, member: str, reason: str) -> dict:
+    return {"path": str(path), "member": member, "reason": reason}
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def plan_source(source: str, chunk: int = LISTING_CHUNK, shard_size: int = 512) -> Plan:
+    """Look at `source` and list its work units (a compressed tar gets a lazy stream instead).
+
+    Listed files are processed `chunk` per task; synthetic and compressed sources, which are
+    always re-packed, take `shard_size` per task so each task writes one full shard.
+    """
+    if source.startswith("synthetic://"):
+        from .synthetic import plan_synthetic
+        return plan_synthetic(source, shard_size)
+    if any(c in source for c in "*?["):
+        shards = sorted(glob.glob(source))
+        if not shards:
+            raise SourceError(f"ingest source: glob {source!r} matched no files")
+        return _plan_tar_list([os.path.abspath(s) for s in shards])
+    path = Path(source)
+    if not path.exists():
+        raise SourceError(f"ingest source not found: {source}")
+    if path.is_dir():
+        tars = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(".tar"))
+        has_dirs = any(p.is_dir() for p in path.iterdir())
+        if tars and not has_dirs:
+            return _plan_tar_list([os.path.abspath(p) for p in tars])
+        return _plan_folder(Path(os.path.abspath(path)), chunk)
+    if is_compressed_tar(path):
+        plan = Plan("compressed_tar")
+        plan.stream = stream_compressed_tar(os.path.abspath(path), shard_size, plan.rejects)
+        return plan
+    if not tarfile.is_tarfile(path):
+        raise SourceError(f"ingest source {source}: not a directory, tar archive or synthetic:// spec")
+    return _plan_tar(os.path.abspath(path), chunk)
+
+
+def _peek_names(path: str, limit: int = 64) -> list[str]:
+    names = []
+    with open(path, "rb") as f:
+        for info, _ in iter_members(f):
+            if info.isfile():
+                names.append(info.name)
+            if len(names) >= limit:
+                break
+    return names
+
+
+def _plan_tar_list(tars: list[str]) -> Plan:
+    """Webdataset shards (they hold .cls members) or per-class tars (IN-21k's nXXXX.tar files)."""
+    names = _peek_names(tars[0])
+    if any(n.endswith(".cls") for n in names):
+        return Plan("webdataset", [Unit(i, "wds_shard", {"path": t}) for i, t in enumerate(tars)])
+    units = [Unit(i, "inner_tar", {"path": t, "start": 0, "length": os.path.getsize(t),
+                                   "class_name": Path(t).name[:-4], "member": ""})
+             for i, t in enumerate(tars)]
+    return Plan("class_tars", units)
+
+
+def _plan_tar(path: str, chunk: int) -> Plan:
+    names = _peek_names(path)
+    if any(n.endswith(".cls") for n in names):
+        return Plan("webdataset", [Unit(0, "wds_shard", {"path": path})])
+    if names and sum(n.endswith(".tar") for n in names) * 2 >= len(names):
+        return _plan_tar_of_tars(path)
+    plan = Plan("tar")
+    members = []
+    with open(path, "rb") as f:
+        for info, off in iter_members(f):
+            if info.isdir():
+                continue
+            why = unsafe_member_reason(info)
+            if why is None and len(PurePosixPath(info.name).parts) < 2:
+                why = "no class folder: member at the archive root"
+            if why:
+                plan.rejects.append(reject(path, info.name, why))
+            else:
+                members.append((info.name, off, info.size))
+    members.sort()
+    plan.units = [Unit(i, "tar_members", {"path": path, "members": c}, len(c))
+                  for i, c in enumerate(_chunks(members, chunk))]
+    return plan
+
+
+def _plan_tar_of_tars(path: str) -> Plan:
+    """Outer tar of per-class tars: inner data offsets are absolute offsets in the outer file."""
+    plan = Plan("tar_of_tars")
+    inner = []
+    with open(path, "rb") as f:
+        for info, off in iter_members(f):
+            if info.isdir():
+                continue
+            why = unsafe_member_reason(info)
+            if why is None and not info.name.endswith(".tar"):
+                why = "not an inner .tar in a tar-of-tars"
+            if why:
+                plan.rejects.append(reject(path, info.name, why))
+            else:
+                inner.append((info.name, off, info.size))
+    inner.sort()
+    plan.units = [Unit(i, "inner_tar", {"path": path, "start": off, "length": size, "member": name,
+                                        "class_name": PurePosixPath(name).name[:-4]})
+                  for i, (name, off, size) in enumerate(inner)]
+    return plan
+
+
+def _plan_folder(root: Path, chunk: int) -> Plan:
+    """ImageFolder: class = parent directory of each file. Symlinks leaving the tree are refused."""
+    plan = Plan("folder")
+    real_root = os.path.realpath(root)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for d in list(dirnames):
+            full = os.path.join(dirpath, d)
+            if os.path.islink(full):
+                plan.rejects.append(reject(full, "", "symlinked directory not followed"))
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            why = None
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if not (target + os.sep).startswith(real_root + os.sep) or target == real_root:
+                    why = f"symlink points outside the tree ({os.readlink(full)})"
+                elif not os.path.isfile(target):
+                    why = "broken symlink"
+            elif not os.path.isfile(full):
+                why = "not a regular file"
+            if why is None and "/" not in rel:
+                why = "no class folder: file at the root"
+            if why:
+                plan.rejects.append(reject(full, "", why))
+            else:
+                files.append(rel)
+    files.sort()
+    plan.units = [Unit(i, "files", {"root": str(root), "files": c}, len(c))
+                  for i, c in enumerate(_chunks(files, chunk))]
+    return plan
+
+
+def stream_compressed_tar(path: str, chunk: int, rejects: list[dict]) -> Iterator[Unit]:
+    """Stream a .tar.gz/.tgz once, yielding units of `chunk` members with their bytes.
+
+    Offsets into a compressed stream are meaningless, so the task re-packs good members into
+    uncompressed shards. Unsafe members are listed in `rejects` and never read.
+    """
+    index, batch = 0, []
+    with tarfile.open(path, mode="r|*") as tf:
+        for info in tf:
+            if info.isdir():
+                continue
+            why = unsafe_member_reason(info)
+            if why is None and len(PurePosixPath(info.name).parts) < 2:
+                why = "no class folder: member at the archive root"
+            if why is None and info.name.endswith(".tar"):
+                why = "tar-of-tars inside a compressed archive is not supported"
+            if why:
+                rejects.append(reject(path, info.name, why))
+                continue
+            data = tf.extractfile(info).read()
+            batch.append((info.name, data))
+            if len(batch) >= chunk:
+                yield Unit(index, "bytes", {"path": path, "members": batch}, len(batch))
+                index, batch = index + 1, []
+    if batch:
+        yield Unit(index, "bytes", {"path": path, "members": batch}, len(batch))

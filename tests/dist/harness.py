@@ -1,0 +1,93 @@
+"""Start N training ranks as real processes (gloo) and wait for them."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from cratescale.checkpoint import CheckpointStore
+from cratescale.checkpoint.export import consolidate_fp32
+from cratescale.config import dump_job, load_job
+
+WORKER = Path(__file__).with_name("train_worker.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(base: Path, run_dir: Path, overrides: list[str]) -> Path:
+    job = load_job(base, [f"run_dir={run_dir}", *overrides])
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    dump_job(job, path)
+    return path
+
+
+def start_ranks(config: Path, manifest: Path, world: int, stop_after: int | None = None) -> list[subprocess.Popen]:
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(REPO))
+        args = [sys.executable, str(WORKER), str(config), str(manifest)]
+        if stop_after is not None:
+            args.append(str(stop_after))
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def run_ranks(config: Path, manifest: Path, world: int, stop_after: int | None = None,
+              timeout: float = 300) -> list[dict]:
+    procs = start_ranks(config, manifest, world, stop_after)
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"rank exited {proc.returncode}:\n{out[-4000:]}"
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def final_weights(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    commit = CheckpointStore(run_dir / "checkpoints").latest()
+    assert commit is not None, f"no commit in {run_dir}"
+    return commit.step, consolidate_fp32(commit)
+
+
+def optimizer_files(run_dir: Path) -> dict[str, object]:
+    commit = CheckpointStore(run_dir / "checkpoints").latest()
+    return {p.name: torch.load(p, weights_only=False, map_location="cpu")
+            for p in sorted((commit.path / "ds").rglob("*optim_states.pt"))}
+
+
+def assert_same_tree(a: object, b: object, path: str = "") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path}: tensors differ (max |d| {(a.float() - b.float()).abs().max()})"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys differ"
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{path}[{i}]")
+
+
+def consumed_samples(run_dir: Path) -> dict[int, list[int]]:
+    """step -> every sample id consumed in that global step, over all ranks and restarts, sorted."""
+    by_step: dict[int, list[int]] = {}
+    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            by_step.setdefault(row["step"], []).extend(row["ids"])
+    return {step: sorted(ids) for step, ids in by_step.items()}

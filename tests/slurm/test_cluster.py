@@ -1,0 +1,157 @@
+"""The local dev SLURM cluster does what the launcher relies on: multi-task jobs with gloo, USR2 -> checkpoint ->
+requeue under the same job id, real partition preemption, and request validation."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from cratescale.config import load_profile
+from cratescale.launch import slurm_tools
+
+PROFILE = load_profile("local")
+
+
+class Counter(submitit.helpers.Checkpointable):
+    """Counts to `total`, one step per 0.5 s; submitit's default checkpoint() pickles self, so the step survives."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.starts: list[tuple[int, int]] = []
+
+    def __call__(self, progress: str, total: int) -> dict:
+        self.starts.append((int(os.environ.get("SLURM_RESTART_COUNT", "0")), self.step))
+        while self.step < total:
+            time.sleep(0.5)
+            self.step += 1
+            if submitit.JobEnvironment().global_rank == 0:
+                with open(progress, "a") as f:
+                    f.write(f"step={self.step}\n")
+        return {"step": self.step, "starts": self.starts, "job_id": os.environ["SLURM_JOB_ID"]}
+
+
+def _allreduce() -> dict:
+    import torch
+    import torch.distributed as dist
+
+    env = submitit.helpers.TorchDistributedEnvironment().export()   # RANK, WORLD_SIZE, MASTER_ADDR/PORT
+    dist.init_process_group("gloo")
+    t = torch.tensor([float(env.rank + 1)])
+    dist.all_reduce(t)
+    world = dist.get_world_size()
+    dist.destroy_process_group()
+    return {"rank": env.rank, "world": world, "sum": t.item(), "procid": int(os.environ["SLURM_PROCID"])}
+
+
+@pytest.fixture
+def executor(tmp_path: Path) -> submitit.AutoExecutor:
+    ex = submitit.AutoExecutor(folder=tmp_path / "%j")
+    assert ex.cluster == "slurm"
+    ex.update_parameters(slurm_partition=PROFILE.partition, timeout_min=5, nodes=1, tasks_per_node=1,
+                         cpus_per_task=1, slurm_signal_delay_s=PROFILE.signal_lead_s)
+    return ex
+
+
+def _config() -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in out.splitlines()) if v}
+
+
+def test_cluster_up_idle_and_configured(slurm_cluster):
+    for name in (PROFILE.partition, PROFILE.preempt_partition):
+        assert slurm_cluster[name]["state"] == "UP" and slurm_cluster[name]["cpus_per_node"] >= 2
+    # idle: no leftover jobs from an earlier run hold the node
+    t0 = time.monotonic()
+    while any(n["state"] != "IDLE" for n in slurm_tools.node_info().values()):
+        assert time.monotonic() - t0 < 30, f"node not idle: {slurm_tools.node_info()}"
+        time.sleep(0.5)
+    conf = _config()
+    assert "preempt_send_user_signal" in conf["SlurmctldParameters"]   # else preemption never sends USR2
+    assert conf["PreemptType"] == "preempt/partition_prio"
+    assert conf["AccountingStorageType"] == "accounting_storage/slurmdbd"   # sacct, hence submitit states
+    assert "cred_expire=10" in conf["AuthInfo"]
+    parts = {r["PartitionName"]: r for r in slurm_tools.parse_records(
+        subprocess.run(["scontrol", "show", "-o", "partition"], capture_output=True, text=True).stdout)}
+    low, high = parts[PROFILE.partition], parts[PROFILE.preempt_partition]
+    assert low["PreemptMode"] == "REQUEUE" and int(low["GraceTime"]) > 0
+    assert int(high["PriorityTier"]) > int(low["PriorityTier"])
+    assert PROFILE.signal_lead_s < int(low["GraceTime"])
+    assert subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes"], capture_output=True).returncode == 0
+
+
+def test_two_task_gloo_allreduce(executor, slurm):
+    executor.update_parameters(tasks_per_node=2)
+    job = executor.submit(_allreduce)
+    res = sorted(job.results(), key=lambda r: r["rank"])
+    assert [r["rank"] for r in res] == [0, 1] and [r["procid"] for r in res] == [0, 1]
+    assert all(r["world"] == 2 and r["sum"] == 3.0 for r in res)
+    slurm.wait_sacct(job.job_id, "COMPLETED")
+
+
+def test_usr2_checkpoint_requeue_keeps_job_id(executor, slurm, tmp_path):
+    prog = tmp_path / "progress.txt"
+    job = executor.submit(Counter(), str(prog), 10)
+    slurm.wait_for(lambda: len(slurm.progress_steps(prog)) >= 3, 60, "step 3")
+    # USR2 alone, not job._interrupt(): its extra SIGTERM can kill the handler's `scontrol requeue` child
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    slurm.wait_done_kicking(job)
+    res = job.result()
+    assert res["step"] == 10 and res["job_id"] == job.job_id
+    assert res["starts"][0] == (0, 0) and res["starts"][1][0] == 1 and res["starts"][1][1] >= 3
+    steps = slurm.progress_steps(prog)
+    assert steps == sorted(set(steps)) and steps[-1] == 10, f"steps repeated after resume: {steps}"
+    assert slurm.wait_sacct(job.job_id, "COMPLETED") == ["REQUEUED", "COMPLETED"]   # one id, two runs
+    assert slurm.scontrol_job(job.job_id)["Restarts"] == "1"
+
+
+def test_preemption_by_high_partition_requeues_and_resumes(executor, slurm, tmp_path):
+    prog = tmp_path / "progress.txt"
+    executor.update_parameters(cpus_per_task=2)   # the whole node: the high job can start only by preempting
+    job = executor.submit(Counter(), str(prog), 10)
+    slurm.wait_for(lambda: len(slurm.progress_steps(prog)) >= 3, 60, "step 3")
+    hi = subprocess.check_output(["sbatch", "--parsable", "-p", PROFILE.preempt_partition, "-c", "2",
+                                  "-o", "/dev/null", "--wrap", "sleep 2"], text=True).strip()
+    slurm.wait_done_kicking(job)
+    res = job.result()
+    assert res["step"] == 10 and res["job_id"] == job.job_id
+    assert len(res["starts"]) == 2 and res["starts"][1][1] >= 3, res["starts"]
+    assert slurm.wait_sacct(hi, "COMPLETED") == ["COMPLETED"]
+    low_states = slurm.wait_sacct(job.job_id, "COMPLETED")
+    assert low_states[0] in ("REQUEUED", "PREEMPTED") and len(low_states) == 2, low_states
+    # the high job ran before the preempted one finished
+    assert slurm.scontrol_job(hi)["StartTime"] <= slurm.scontrol_job(job.job_id)["StartTime"]
+
+
+def test_validate_request(slurm_cluster):
+    slurm_tools.validate_request(PROFILE.partition, nodes=1, tasks_per_node=2, cpus_per_task=1, gpus_per_node=0)
+    with pytest.raises(ValueError, match=r"unknown partition 'nosuch'.*'debug'"):
+        slurm_tools.validate_request("nosuch", nodes=1, tasks_per_node=1, cpus_per_task=1, gpus_per_node=0)
+    with pytest.raises(ValueError, match=r"3 tasks x 1 cpus = 3 CPUs per node asked.*has 2"):
+        slurm_tools.validate_request(PROFILE.partition, nodes=1, tasks_per_node=3, cpus_per_task=1,
+                                     gpus_per_node=0)
+    with pytest.raises(ValueError, match=r"2 nodes asked"):
+        slurm_tools.validate_request(PROFILE.partition, nodes=2, tasks_per_node=1, cpus_per_task=1,
+                                     gpus_per_node=0)
+    with pytest.raises(ValueError, match=r"1 GPUs per node asked"):
+        slurm_tools.validate_request(PROFILE.partition, nodes=1, tasks_per_node=1, cpus_per_task=1,
+                                     gpus_per_node=1)
+    with pytest.raises(ValueError) as err:
+        slurm_tools.validate_request(PROFILE.partition, nodes=1, tasks_per_node=4, cpus_per_task=1,
+                                     gpus_per_node=0)
+    assert "\n" not in str(err.value)
+
+
+def test_job_info_and_release_on_plain_jobs(tmp_path):
+    assert slurm_tools.job_info(987654321) == {}
+    jid = subprocess.check_output(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], text=True).strip()
+    t0 = time.monotonic()
+    while slurm_tools.job_info(jid).get("JobState") != "COMPLETED":
+        assert time.monotonic() - t0 < 30, slurm_tools.job_info(jid)
+        time.sleep(0.2)
+    info = slurm_tools.job_info(jid)
+    assert info["JobId"] == jid and info["Partition"] == PROFILE.partition and info["Restarts"] == "0"
+    assert slurm_tools.release_if_held(jid) is False   # not held: nothing to release

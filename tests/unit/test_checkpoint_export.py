@@ -1,0 +1,91 @@
+"""Weights export: zarr v3 group + export.json round trip (bitwise), tamper detection, no pickle on load."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cratescale.checkpoint.export import ExportError, export_weights, load_export
+
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "encoder.layers.0.attn.qkv.weight": torch.randn(48, 16, generator=g),
+        "encoder.layers.0.attn.qkv.bias": torch.randn(48, generator=g),
+        "decoder.pos_embed": torch.randn(1, 17, 16, generator=g).to(torch.bfloat16),  # widened to fp32
+        "encoder.lambd": torch.tensor(0.1),                                            # 0-d
+        "num_batches_tracked": torch.tensor(7, dtype=torch.int64),                     # integer buffer
+    }
+
+
+PROV = {"step": 300, "run_name": "demo", "config_hash": "deadbeef"}
+CONFIG = {"name": "crate_mae_debug", "img_size": 32, "patch_size": 8}
+
+
+def test_round_trip_bitwise(tmp_path: Path, monkeypatch) -> None:
+    state = _state()
+    out = export_weights(state, CONFIG, PROV, tmp_path / "exp")
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "weights.zarr"]
+    assert not (tmp_path / "exp.tmp").exists()
+    group = zarr.open_group(str(out / "weights.zarr"), mode="r")
+    assert group.metadata.zarr_format == 3 and sorted(group.array_keys()) == sorted(state)
+
+    def no_pickle(*a, **k):
+        raise AssertionError("load_export unpickled something")
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    back, config, prov = load_export(out)
+    assert config == CONFIG and {k: prov[k] for k in PROV} == PROV and prov["time"] > 0
+    assert list(back) == list(state)
+    for k, v in state.items():
+        want = v.float() if v.is_floating_point() else v
+        assert back[k].dtype == want.dtype and torch.equal(back[k], want), k
+    index = json.loads((out / "export.json").read_text())
+    assert index["tensors"][0] == {"name": "encoder.layers.0.attn.qkv.weight", "shape": [48, 16],
+                                   "dtype": "float32", "crc32": index["tensors"][0]["crc32"]}
+
+
+def test_tampered_array_is_refused(tmp_path: Path) -> None:
+    out = export_weights(_state(), CONFIG, PROV, tmp_path / "exp")
+    arr = zarr.open_array(str(out / "weights.zarr" / "encoder.layers.0.attn.qkv.bias"), mode="r+")
+    data = arr[...]
+    data[3] += 1e-3
+    arr[...] = data
+    with pytest.raises(ExportError, match=r"tensor 'encoder.layers.0.attn.qkv.bias' .* fails its checksum"):
+        load_export(out)
+
+
+def test_reshaped_or_missing_array_is_refused(tmp_path: Path) -> None:
+    out = export_weights(_state(), CONFIG, PROV, tmp_path / "exp")
+    group = zarr.open_group(str(out / "weights.zarr"), mode="r+")
+    name = "encoder.layers.0.attn.qkv.weight"
+    del group[name]
+    group.create_array(name=name, shape=(16, 48), dtype="float32")
+    with pytest.raises(ExportError, match=r"qkv.weight' .* is float32\[16, 48\], export.json says float32\[48, 16\]"):
+        load_export(out)
+    del group[name]
+    with pytest.raises(ExportError, match="qkv.weight' listed in .* is missing"):
+        load_export(out)
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'a/b' cannot be a zarr array name"):
+        export_weights({"a/b": torch.zeros(2)}, CONFIG, PROV, tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.tmp").exists()
+    export_weights({"a": torch.zeros(2)}, CONFIG, PROV, tmp_path / "y")
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_weights({"a": torch.ones(2)}, CONFIG, PROV, tmp_path / "y")
+    export_weights({"a": torch.ones(2)}, CONFIG, PROV, tmp_path / "y", overwrite=True)
+    assert torch.equal(load_export(tmp_path / "y")[0]["a"], torch.ones(2))
+    with pytest.raises(FileNotFoundError, match="export.json not found"):
+        load_export(tmp_path)
+    with pytest.raises(TypeError):
+        export_weights({"a": torch.zeros(2)}, {"obj": object()}, PROV, tmp_path / "z")
+    assert np.array_equal(load_export(tmp_path / "y")[0]["a"].numpy(), np.ones(2, np.float32))

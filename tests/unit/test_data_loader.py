@@ -1,0 +1,153 @@
+"""DALI (CPU) and PIL loaders on real ImageNet photos: agreement, determinism, resume, bad files."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data_pipeline import loader as loader_mod
+from data_pipeline.ingest import ingest
+from data_pipeline.loader import make_eval_loader, make_train_loader
+from data_pipeline.sampler import LoaderState, SamplerError
+from tests.unit.data_fixtures import GREYSCALE, imagenet_folder
+
+needs_dali = pytest.mark.skipif(not loader_mod.dali_available(), reason="nvidia.dali not installed")
+SIZE, PATCHES = 32, 16
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = imagenet_folder(tmp_path_factory.mktemp("img") / "tree", n=30)  # 32 photos, 2 greyscale
+    return ingest(str(root), tmp_path_factory.mktemp("out"), workers=0, progress=False)
+
+
+def _train(manifest, kind, state=LoaderState(0, 0, 0), rank=0, world_size=1, global_batch=8, micro_batch=4,
+           **kw):
+    return make_train_loader(manifest, state=state, rank=rank, world_size=world_size, global_batch=global_batch,
+                             micro_batch=micro_batch, image_size=SIZE, num_patches=PATCHES, kind=kind, **kw)
+
+
+def _take(loader, n):
+    out = [next(loader) for _ in range(n)]
+    return out
+
+
+@needs_dali
+def test_dali_and_pil_agree(manifest):
+    batches = {}
+    for kind in ("pil", "dali"):
+        with _train(manifest, kind, rank=1, world_size=2, global_batch=16, micro_batch=4, num_threads=2) as ld:
+            batches[kind] = _take(ld, 4)
+            assert ld.state() == LoaderState(1, 0, 0)  # 2 micro-batches a step per rank, 2 steps an epoch
+    for p, d in zip(batches["pil"], batches["dali"]):
+        assert set(p) == set(d) == {"images", "labels", "sample_ids", "mask_noise"}
+        assert p["images"].shape == d["images"].shape == (4, 3, SIZE, SIZE)
+        assert d["images"].dtype == torch.float32 and d["labels"].dtype == torch.int64
+        assert torch.equal(p["sample_ids"], d["sample_ids"]) and torch.equal(p["labels"], d["labels"])
+        assert torch.equal(p["mask_noise"], d["mask_noise"]) and d["mask_noise"].dtype == torch.float32
+        corr = np.corrcoef(p["images"].flatten(), d["images"].flatten())[0, 1]
+        assert corr > 0.99 and (p["images"] - d["images"]).abs().mean() < 0.05
+
+
+@needs_dali
+def test_dali_batches_identical_for_the_same_state(manifest):
+    with _train(manifest, "dali") as a:
+        run = _take(a, 4)
+        mid_state = None
+        assert a.state() == LoaderState(0, 16, 0)
+    mid_state = LoaderState.from_step(1, steps_per_epoch=4, global_batch=8, seed=0)
+    with _train(manifest, "dali", state=mid_state) as b:
+        resumed = _take(b, 2)
+    for x, y in zip(run[2:], resumed):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+    assert not torch.equal(run[0]["images"], run[2]["images"])
+
+
+def _global_sequence(manifest, world_size, micro_batch, steps, state):
+    """Concatenate every rank's micro-batches per global step (what all ranks see together)."""
+    loaders = [_train(manifest, "pil", state=state, rank=r, world_size=world_size, micro_batch=micro_batch)
+               for r in range(world_size)]
+    accum = 8 // world_size // micro_batch
+    seq = []
+    for _ in range(steps):
+        for ld in loaders:
+            for _ in range(accum):
+                b = next(ld)
+                seq += [(int(i), b["images"][j], b["mask_noise"][j]) for j, i in enumerate(b["sample_ids"])]
+    states = {ld.state() for ld in loaders}
+    for ld in loaders:
+        ld.close()
+    assert len(states) == 1
+    return seq, states.pop()
+
+
+def test_resume_on_another_world_size_is_exact(manifest):
+    reference, _ = _global_sequence(manifest, 1, 4, 7, LoaderState(0, 0, 0))
+    first, state = _global_sequence(manifest, 2, 2, 3, LoaderState(0, 0, 0))
+    assert state == LoaderState(0, 24, 0)
+    rest, end = _global_sequence(manifest, 4, 1, 4, LoaderState.from_dict(state.to_dict()))
+    assert end == LoaderState(1, 24, 0)  # 4 steps per epoch: crossed into epoch 1
+    got = first + rest
+    assert [x[0] for x in got] == [x[0] for x in reference]
+    for (_, img_a, noise_a), (_, img_b, noise_b) in zip(got, reference):
+        assert torch.equal(img_a, img_b) and torch.equal(noise_a, noise_b)
+    assert sorted(x[0] for x in reference[:32]) == list(range(32))  # epoch 0 covers every sample once
+
+
+@pytest.mark.parametrize("kind", ["pil", pytest.param("dali", marks=needs_dali)])
+def test_greyscale_comes_out_rgb(manifest, kind):
+    table = pq.read_table(manifest).to_pylist()
+    rows = np.array([i for i, r in enumerate(table) if r["key"] in {g.split("/", 1)[1] for g in GREYSCALE}])
+    assert len(rows) == 2
+    (batch,) = list(make_eval_loader(manifest, rows, batch_size=2, image_size=SIZE, kind=kind))
+    assert batch["images"].shape == (2, 3, SIZE, SIZE) and "mask_noise" not in batch
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    pixels = batch["images"] * std + mean
+    assert (pixels[:, 0] - pixels[:, 1]).abs().max() < 0.02 and (pixels[:, 1] - pixels[:, 2]).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("kind", ["pil", pytest.param("dali", marks=needs_dali)])
+def test_corrupt_file_at_train_time_is_replaced_and_counted(manifest, tmp_path, kind):
+    shutil.copy(manifest, tmp_path / "manifest.parquet")
+    rows = pq.read_table(manifest).to_pylist()
+    # Damage two files after ingest: one truncated, one overwritten with garbage of the same size.
+    for r, damage in ((rows[3], "truncate"), (rows[17], "garbage")):
+        copy = tmp_path / f"{r['sample_id']}.JPEG"
+        data = open(r["path"], "rb").read()
+        copy.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\0" * len(data))
+        r["path"] = str(copy)
+    pq.write_table(pq.read_table(manifest).from_pylist(rows, schema=pq.read_schema(manifest)),
+                   tmp_path / "manifest.parquet")
+    with _train(tmp_path / "manifest.parquet", kind, micro_batch=8) as ld:
+        ids = torch.cat([next(ld)["sample_ids"] for _ in range(4)]).tolist()  # one full epoch
+        assert ld.bad_samples == 2
+    assert 3 not in ids and 17 not in ids and len(ids) == 32 and len(set(ids)) == 30
+
+
+@pytest.mark.parametrize("kind", ["pil", pytest.param("dali", marks=needs_dali)])
+def test_eval_loader_keeps_order_and_last_batch(manifest, kind):
+    rows = np.array([5, 3, 7, 0, 31])
+    batches = list(make_eval_loader(manifest, rows, batch_size=2, image_size=SIZE, kind=kind))
+    assert [len(b["sample_ids"]) for b in batches] == [2, 2, 1]
+    ids = torch.cat([b["sample_ids"] for b in batches]).tolist()
+    assert ids == pq.read_table(manifest)["sample_id"].to_numpy()[rows].tolist()
+    assert all(b["images"].shape[1:] == (3, SIZE, SIZE) for b in batches)
+
+
+def test_auto_kind_and_argument_errors(manifest, monkeypatch):
+    assert loader_mod.resolve_kind("auto") == ("dali" if loader_mod.dali_available() else "pil")
+    monkeypatch.setattr(loader_mod, "dali_available", lambda: False)
+    assert loader_mod.resolve_kind("auto") == "pil"
+    with pytest.raises(ValueError, match="not importable"):
+        loader_mod.resolve_kind("dali")
+    with pytest.raises(SamplerError, match="must equal micro_batch"):
+        _train(manifest, "pil", global_batch=8, micro_batch=3)
+    with pytest.raises(SamplerError, match="no rows with split"):
+        _train(manifest, "pil", split="val")
+    with pytest.raises(ValueError, match="row indices"):
+        make_eval_loader(manifest, np.array([99]), batch_size=2, image_size=SIZE, kind="pil")

@@ -1,0 +1,114 @@
+"""Linear probe and weighted kNN on synthetic features; report and plots."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cratescale.evaluation import plots
+from cratescale.evaluation.knn import knn_eval, knn_predict
+from cratescale.evaluation.probe import linear_probe
+from cratescale.evaluation.report import results_table, write_report
+
+
+def _blobs(n: int, classes: int, d: int, sep: float, seed: int):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((classes, d)) * sep
+    y = rng.integers(0, classes, n)
+    return (centers[y] + rng.standard_normal((n, d))).astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def separable():
+    x, y = _blobs(600, 5, 16, sep=3.0, seed=0)
+    return x[:400], y[:400], x[400:], y[400:]
+
+
+def test_probe_separable_is_high_and_random_labels_are_chance(separable):
+    tr_x, tr_y, te_x, te_y = separable
+    r = linear_probe(tr_x, tr_y, te_x, te_y)
+    assert r["top1"] > 0.95
+    assert set(r["val_top1"]) == {1e-3, 1e-2, 1e-1, 1.0, 10.0} and r["best_C"] in r["val_top1"]
+    assert r["n_train"] == 400 and r["n_test"] == 200 and r["num_classes"] == 5 and r["dim"] == 16
+    rng = np.random.default_rng(1)
+    chance = linear_probe(tr_x, rng.integers(0, 5, 400), te_x, rng.integers(0, 5, 200))
+    assert abs(chance["top1"] - 0.2) < 0.1
+
+
+def test_probe_standardizes_features(separable):
+    # Scaling one feature by 1e4 must not matter: the scaler is fit on train.
+    tr_x, tr_y, te_x, te_y = separable
+    a = linear_probe(tr_x, tr_y, te_x, te_y)
+    scale = np.ones(16, np.float32)
+    scale[3] = 1e4
+    b = linear_probe(tr_x * scale, tr_y, te_x * scale, te_y)
+    assert abs(a["top1"] - b["top1"]) <= 0.01
+
+
+def test_knn_separable_is_high_and_random_labels_are_chance(separable):
+    tr_x, tr_y, te_x, te_y = separable
+    r = knn_eval(tr_x, tr_y, te_x, te_y, chunk=64)
+    assert r["top1"] > 0.95 and r["top5"] >= r["top1"] and r["k"] == 20 and r["temperature"] == 0.07
+    rng = np.random.default_rng(2)
+    chance = knn_eval(tr_x, rng.integers(0, 5, 400), te_x, rng.integers(0, 5, 200))
+    assert abs(chance["top1"] - 0.2) < 0.1
+
+
+def test_knn_votes_match_a_direct_transcription():
+    rng = np.random.default_rng(3)
+    tr_x, te_x = rng.standard_normal((50, 8)), rng.standard_normal((7, 8))
+    tr_y = rng.integers(0, 4, 50)
+    votes = knn_predict(tr_x, tr_y, te_x, k=5, temperature=0.1, num_classes=4, chunk=3)
+    a = tr_x / np.linalg.norm(tr_x, axis=1, keepdims=True)
+    for i, q in enumerate(te_x):
+        sim = a @ (q / np.linalg.norm(q))
+        want = np.zeros(4)
+        for j in np.argsort(-sim)[:5]:
+            want[tr_y[j]] += np.exp(sim[j] / 0.1)
+        np.testing.assert_allclose(votes[i], want, rtol=1e-4)
+
+
+def test_bad_inputs_are_refused(separable):
+    tr_x, tr_y, te_x, te_y = separable
+    bad = tr_x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        linear_probe(bad, tr_y, te_x, te_y)
+    with pytest.raises(ValueError, match="NaN"):
+        knn_eval(bad, tr_y, te_x, te_y)
+    with pytest.raises(ValueError, match="dim"):
+        linear_probe(tr_x, tr_y, te_x[:, :3], te_y)
+    with pytest.raises(ValueError, match="shapes"):
+        knn_predict(tr_x, tr_y[:-1], te_x)
+
+
+def _is_png(path) -> bool:
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_write_report_and_plots(tmp_path, separable):
+    tr_x, tr_y, te_x, te_y = separable
+    results = {"cls/knn": knn_eval(tr_x, tr_y, te_x, te_y), "cls/linear_probe": linear_probe(tr_x, tr_y, te_x, te_y)}
+    table = results_table(results)
+    assert table.count("\n") == 4 and "| cls | linear_probe |" in table
+    rng = np.random.default_rng(0)
+    diag = {"curves": {"coding_rate_subspace": [5.0, 4.0, 3.0], "zero_fraction": [0.2, 0.4, 0.6]},
+            "curves_std": {"coding_rate_subspace": [0.1, 0.1, 0.1], "zero_fraction": [0.01, 0.02, 0.03]},
+            "attention": rng.random((2, 3, 4, 4)), "pca": rng.random((2, 4, 4, 3)), "eps_sq": 0.5}
+    images = torch.randn(2, 3, 32, 32)
+    written = write_report(tmp_path / "rep", results=results, diagnostics=diag, images=images,
+                           extra={"note": np.float32(1.5)})
+    for name in ("results.png", "layers.png", "attention.png", "pca.png"):
+        assert _is_png(written[name]), name
+    metrics = json.loads(written["metrics.json"].read_text())
+    assert metrics["results"]["cls/knn"]["top1"] == results["cls/knn"]["top1"]
+    assert metrics["diagnostics"]["curves"]["zero_fraction"] == [0.2, 0.4, 0.6]
+    assert "attention" not in metrics["diagnostics"] and metrics["extra"]["note"] == 1.5
+    assert (tmp_path / "rep" / "results.md").read_text() == table
+    img = rng.random((2, 16, 16, 3))
+    assert _is_png(plots.plot_reconstruction_grid(img, img * 0.5, img, tmp_path / "r.png"))
+    with pytest.raises(ValueError, match="no curves"):
+        plots.plot_layer_curves({}, tmp_path / "x.png")

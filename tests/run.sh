@@ -5,7 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 started_slurm=0
-if ! sinfo >/dev/null 2>&1; then
+if ! scontrol ping >/dev/null 2>&1; then
   if bash cluster/dev/slurm_up.sh; then started_slurm=1; else echo "SLURM cluster failed to start" >&2; exit 1; fi
 fi
 cleanup() { [ "$started_slurm" = 1 ] && bash cluster/dev/slurm_down.sh >/dev/null 2>&1; }

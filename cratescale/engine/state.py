@@ -10,10 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cratescale.checkpoint import CheckpointStore, CheckpointWriteError, Commit
-from cratescale.checkpoint.universal import ensure_universal
-
-DS_TAG = "ds"
+from cratescale.checkpoint import DS_TAG, CheckpointStore, CheckpointWriteError, Commit
+from cratescale.checkpoint.universal import load_into_engine
 
 
 class ResumeError(RuntimeError):
@@ -60,12 +58,9 @@ def load_state(engine: Any, plan: ResumePlan, rank: int) -> dict[str, Any]:
     """Loads the planned commit into the DeepSpeed engine; returns its metadata (step, loader state, ...)."""
     commit = plan.commit
     assert commit is not None
-    if plan.elastic:
-        universal = ensure_universal(commit)
-        engine.load_checkpoint(str(universal.parent), tag=universal.name, load_lr_scheduler_states=False)
-    else:
-        engine.load_checkpoint(str(commit.path), tag=DS_TAG, load_lr_scheduler_states=False)
-        # RNG streams are per rank: only meaningful on the same world size.
+    # The engine was built with load_universal=plan.elastic: a world-size change goes through the universal form.
+    load_into_engine(engine, commit, load_lr_scheduler_states=False)
+    if not plan.elastic:  # RNG streams are per rank: only meaningful on the same world size
         _set_rng_state(commit.path / f"rank{rank}_rng.pt")
     return commit.meta
 
@@ -78,31 +73,31 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def _agree_or_raise(store: CheckpointStore, step: int, rank: int, error: BaseException | None) -> None:
+    """Every rank learns whether any rank failed; then all raise together (no rank left in a barrier)."""
+    if _any_rank(error is not None):
+        if rank == 0:
+            raise store.abort(step, error or "another rank failed to write its part")
+        raise CheckpointWriteError(f"checkpoint step {step}: {error or 'another rank failed to write its part'}")
+
+
+def _attempt(fn: Any, *args: Any) -> BaseException | None:
+    try:
+        fn(*args)
+        return None
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement that follows
+        return exc
+
+
 def save_state(engine: Any, store: CheckpointStore, step: int, meta: dict[str, Any], rank: int) -> Commit:
     """Every rank writes its part into step_N.tmp; rank 0 commits once all have succeeded."""
     path = store.tmp_path(step)
-    if rank == 0:
-        store.begin(step)
-    if dist.is_initialized():
-        dist.barrier()
-    error: BaseException | None = None
-    try:
+    _agree_or_raise(store, step, rank, _attempt(store.begin, step) if rank == 0 else None)
+
+    def write_part() -> None:
         engine.save_checkpoint(str(path), tag=DS_TAG)
         torch.save(_rng_state(), path / f"rank{rank}_rng.pt")
-    except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement below
-        error = exc
-    if _any_rank(error is not None):
-        if rank == 0:
-            store.abort(step)
-        raise CheckpointWriteError(f"checkpoint step {step} at {path}: "
-                                   f"{error or 'another rank failed to write its part'}")
-    commit_error: BaseException | None = None
-    commit = None
-    if rank == 0:
-        try:
-            commit = store.commit(step, meta)
-        except Exception as exc:  # noqa: BLE001
-            commit_error = exc
-    if _any_rank(commit_error is not None):
-        raise CheckpointWriteError(str(commit_error or f"checkpoint step {step}: commit failed on rank 0"))
-    return commit if commit is not None else Commit(step=step, path=store.committed_path(step), meta=meta)
+
+    _agree_or_raise(store, step, rank, _attempt(write_part))
+    _agree_or_raise(store, step, rank, _attempt(store.commit, step, meta) if rank == 0 else None)
+    return store.load(step)

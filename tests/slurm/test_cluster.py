@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,21 @@ def test_job_info_and_release_on_plain_jobs(tmp_path):
     info = slurm_tools.job_info(jid)
     assert info["JobId"] == jid and info["Partition"] == PROFILE.partition and info["Restarts"] == "0"
     assert slurm_tools.release_if_held(jid) is False   # not held: nothing to release
+
+
+def test_parsers_on_real_world_strings():
+    rec = slurm_tools.parse_kv("NodeName=g1 OS=Linux 6.1.0 #1 SMP PREEMPT_DYNAMIC Gres=gpu:h100:8(S:0-1) CPUTot=96 "
+                               "Partitions=gpu,long State=MIXED")
+    assert rec["OS"] == "Linux 6.1.0 #1 SMP PREEMPT_DYNAMIC" and rec["CPUTot"] == "96"
+    assert [slurm_tools.parse_gpus(g) for g in ("gpu:8", "gpu:h100:8(S:0-1)", "gpu:a:2,gpu:b:2", "(null)")] == \
+        [8, 8, 4, 0]
+    parts = slurm_tools.partitions_from([rec], [{"PartitionName": "gpu", "TotalNodes": "1", "TotalCPUs": "96",
+                                                 "State": "UP"}])
+    assert parts["gpu"] == {"nodes": 1, "cpus": 96, "state": "UP", "cpus_per_node": 96, "gpus_per_node": 8}
+    slurm_tools.check_request(parts, "gpu", 1, 8, 12, 8)
+    with pytest.raises(ValueError, match="9 GPUs per node asked"):
+        slurm_tools.check_request(parts, "gpu", 1, 8, 12, 9)
+    held = {"JobState": "PENDING", "Reason": "BeginTime", "Restarts": "1", "SubmitTime": "2026-01-01T00:00:10"}
+    assert slurm_tools.held_seconds(held, now=datetime(2026, 1, 1, 0, 0, 13)) == 2   # 1 s taken off: truncation
+    assert slurm_tools.held_seconds({**held, "Restarts": "0"}) is None              # --begin, not a requeue
+    assert slurm_tools.held_seconds({**held, "Reason": "Priority"}) is None

@@ -1,0 +1,1 @@
+"""The launcher: CLI, Ray supervisor, executors (local, SLURM via submitit), preemption."""

@@ -21,7 +21,7 @@ from typing import Iterator
 
 from .tario import is_compressed_tar, iter_members, unsafe_member_reason
 
-LISTING_CHUNK = 256
+LISTING_CHUNK = None  # auto: see _auto_chunk
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
 
 
@@ -49,16 +49,25 @@ def reject(path: str, member: str, reason: str) -> dict:
     return {"path": str(path), "member": member, "reason": reason}
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
+def _auto_chunk(total: int) -> int:
+    """About 64 tasks for small sources (so 2..N workers balance), at most 1024 items per task.
+
+    Depends only on the source, never on the worker count, so units (and shards) are stable.
+    """
+    return min(1024, max(16, -(-total // 64)))
+
+
+def _chunks(items: list, size: int | None) -> Iterator[list]:
+    size = size or _auto_chunk(len(items))
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
 
-def plan_source(source: str, chunk: int = LISTING_CHUNK, shard_size: int = 512) -> Plan:
+def plan_source(source: str, chunk: int | None = LISTING_CHUNK, shard_size: int = 512) -> Plan:
     """Look at `source` and list its work units (a compressed tar gets a lazy stream instead).
 
-    Listed files are processed `chunk` per task; synthetic and compressed sources, which are
-    always re-packed, take `shard_size` per task so each task writes one full shard.
+    Listed files are processed `chunk` per task (None: automatic); synthetic and compressed
+    sources, which are always re-packed, take `shard_size` per task so each writes one shard.
     """
     if source.startswith("synthetic://"):
         from .synthetic import plan_synthetic
@@ -108,7 +117,7 @@ def _plan_tar_list(tars: list[str]) -> Plan:
     return Plan("class_tars", units)
 
 
-def _plan_tar(path: str, chunk: int) -> Plan:
+def _plan_tar(path: str, chunk: int | None) -> Plan:
     names = _peek_names(path)
     if any(n.endswith(".cls") for n in names):
         return Plan("webdataset", [Unit(0, "wds_shard", {"path": path})])
@@ -155,7 +164,7 @@ def _plan_tar_of_tars(path: str) -> Plan:
     return plan
 
 
-def _plan_folder(root: Path, chunk: int) -> Plan:
+def _plan_folder(root: Path, chunk: int | None) -> Plan:
     """ImageFolder: class = parent directory of each file. Symlinks leaving the tree are refused."""
     plan = Plan("folder")
     real_root = os.path.realpath(root)

@@ -13,6 +13,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 JPEG_SOI = b"\xff\xd8"
 JPEG_EOI = b"\xff\xd9"
+JPEG_FORMATS = ("JPEG", "MPO")  # MPO: multi-picture camera JPEGs; decoders read the first frame
 
 
 def inspect_image(data: bytes, *, allow_non_jpeg: bool = False,
@@ -25,7 +26,10 @@ def inspect_image(data: bytes, *, allow_non_jpeg: bool = False,
     """
     if len(data) == 0:
         return None, "zero-byte file"
+    saved = Image.MAX_IMAGE_PIXELS
     try:
+        # PIL itself refuses > 2x its limit at open; we apply our own limit right after instead.
+        Image.MAX_IMAGE_PIXELS = max(max_pixels, saved or 0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
@@ -34,12 +38,14 @@ def inspect_image(data: bytes, *, allow_non_jpeg: bool = False,
         return None, f"decompression bomb: {e}"
     except Exception as e:  # PIL raises many types for garbage input
         return None, f"not a decodable image: {describe_error(e)}"
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
     if w * h > max_pixels:
         return None, f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}"
-    if fmt != "JPEG" and not allow_non_jpeg:
+    if fmt not in JPEG_FORMATS and not allow_non_jpeg:
         return None, f"not JPEG content ({fmt}); use --reshard to re-encode"
     try:
-        if fmt == "JPEG":
+        if fmt in JPEG_FORMATS:
             img.draft(None, (max(1, w // 8), max(1, h // 8)))
         img.load()
     except Exception as e:

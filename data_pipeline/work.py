@@ -93,17 +93,20 @@ def _inner_tar_items(p: dict, reader: ByteReader, rejects: list[dict]) -> Iterat
 def _wds_items(path: str, reader: ByteReader, rejects: list[dict]) -> Iterator[Item]:
     """Group members by webdataset key (dir + basename up to the first dot)."""
     samples: dict[str, dict[str, tuple[str, int, int]]] = {}
-    with open(path, "rb") as f:
-        for info, off in iter_members(f):
-            if info.isdir():
-                continue
-            why = unsafe_member_reason(info)
-            if why:
-                rejects.append(reject(path, info.name, why))
-                continue
-            pp = PurePosixPath(info.name)
-            stem, _, ext = pp.name.partition(".")
-            samples.setdefault(str(pp.parent / stem), {})[ext.lower()] = (info.name, off, info.size)
+    try:
+        with open(path, "rb") as f:
+            for info, off in iter_members(f):
+                if info.isdir():
+                    continue
+                why = unsafe_member_reason(info)
+                if why:
+                    rejects.append(reject(path, info.name, why))
+                    continue
+                pp = PurePosixPath(info.name)
+                stem, _, ext = pp.name.partition(".")
+                samples.setdefault(str(pp.parent / stem), {})[ext.lower()] = (info.name, off, info.size)
+    except Exception as e:  # a damaged shard: keep the members read so far, list the damage once
+        rejects.append(reject(path, "", f"unreadable shard: {describe_error(e)}"))
     for key in sorted(samples):
         parts = samples[key]
         image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)

@@ -16,7 +16,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
+        ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray
     # Left running for the rest of the session; pytest's exit shuts it down.

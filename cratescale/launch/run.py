@@ -58,7 +58,7 @@ def start_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
         # Local Ray binds to loopback only; its token authentication stays on.
-        ray.init(num_cpus=os.cpu_count() or 2, object_store_memory=256 * 2**20, include_dashboard=False,
+        ray.init(address="local", num_cpus=os.cpu_count() or 2, object_store_memory=256 * 2**20, include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=False)
 
 

@@ -1,0 +1,60 @@
+"""The stages after pretraining: extract embeddings (Ray actors) and evaluate them (probe, kNN, diagnostics)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cratescale.config import JobConfig
+from cratescale.launch.paths import RunPaths
+from cratescale.launch.stages import StageError, console
+
+
+def _datasets(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
+    """name -> manifest: the pretraining data itself, or each named transfer set (ingested on first use)."""
+    if not job.extract.datasets:
+        return {"pretrain": paths.manifest}
+    from data_pipeline.ingest import ingest
+
+    manifests = {}
+    for dataset in job.extract.datasets:
+        root = paths.run_dir / "transfer" / dataset.name
+        manifest = root / "manifest.parquet"
+        if not manifest.exists():
+            if "://" not in dataset.source and not Path(dataset.source).exists():
+                raise StageError(f"extract.datasets.{dataset.name}.source: {dataset.source} does not exist")
+            ingest(dataset.source, root, val_per_class=dataset.val_per_class)
+        manifests[dataset.name] = manifest
+    return manifests
+
+
+def run_extract(job: JobConfig, paths: RunPaths) -> None:
+    from cratescale.embeddings.extract import extract
+
+    if not (paths.export / "export.json").exists():
+        raise StageError(f"extract: no export in {paths.export} (run the export stage first)")
+    for name, manifest in _datasets(job, paths).items():
+        store = extract(paths.export, manifest, paths.embeddings / name, features=job.extract.features,
+                        layers=job.extract.layers, dtype=job.extract.dtype, batch_size=job.extract.batch_size,
+                        actors=job.extract.actors, image_size=job.data.image_size, loader_kind=job.data.loader,
+                        ray_address=job.cluster.ray_address, shard_rows=job.extract.shard_rows)
+        console.log(f"extract: {name} -> {store}")
+
+
+def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
+    from cratescale.evaluation.report import evaluate
+
+    summary = {}
+    for name, manifest in _datasets(job, paths).items():
+        out = paths.report / name
+        written = evaluate(paths.export, paths.embeddings / name, manifest, out,
+                           features=[job.evaluate.feature], knn_k=job.evaluate.knn_k,
+                           knn_temperature=job.evaluate.knn_temperature, probe=job.evaluate.probe,
+                           diagnostics=job.evaluate.diagnostics, diagnostic_images=job.evaluate.diagnostic_images,
+                           image_size=job.data.image_size, loader_kind=job.data.loader, seed=job.seed)
+        summary[name] = {key: str(path) for key, path in written.items()}
+        table = out / "results.md"
+        if table.exists():
+            console.print(f"[bold]{name}[/bold]\n" + table.read_text())
+    (paths.report).mkdir(parents=True, exist_ok=True)
+    (paths.report / "index.json").write_text(json.dumps(summary, indent=1))
+    console.log(f"evaluate: report in {paths.report}")

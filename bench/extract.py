@@ -7,7 +7,10 @@ Same run, same cores (2 here): the baseline decodes every image first (untimed) 
 with 2 torch threads; the extraction runs in-process (actors=0, 2 threads), with 1 Ray actor (2 threads)
 and with 2 Ray actors (1 thread each). "wall" includes actor start-up and model loading; "steady" is rows
 / the busiest actor's summed per-shard time (decode + encode + write), which is what a long run converges
-to. Target: steady >= 0.85 x baseline.
+to; "encode share" is the busiest actor's time inside model.encode / its total shard time: the same
+ratio measured inside one process at one moment, immune to load drift between configurations.
+Target: >= 0.85. Configurations are interleaved and repeated (--repeats): on a
+shared machine the load drifts, so each ratio uses its own repeat's baseline and the table shows medians.
 """
 from __future__ import annotations
 
@@ -45,14 +48,19 @@ def bare_encode(export: Path, manifest: Path, n: int, image_size: int, batch: in
 
 
 def extraction(export: Path, manifest: Path, store: Path, *, actors: int, threads: int, opts: dict) -> tuple:
+    """(img/s wall, img/s steady, encode share, actors used). Steady: rows / the busiest actor's summed shard
+    time (decode + encode + write). Encode share: that actor's time inside model.encode / its shard time,
+    i.e. extraction speed vs bare encode measured in the same process at the same moment."""
     t = time.perf_counter()
     _, records = run_extraction(export, manifest, store, actors=actors, threads_per_actor=threads, **opts)
     wall = time.perf_counter() - t
-    busy = collections.Counter()
+    busy, enc = collections.Counter(), collections.Counter()
     for r in records:
         busy[int(r["pid"])] += float(r["seconds"])
+        enc[int(r["pid"])] += float(r["encode_seconds"])
     rows = sum(int(r["rows"]) for r in records)
-    return rows / wall, rows / max(busy.values()), len(busy)
+    pid = max(busy, key=busy.get)
+    return rows / wall, rows / busy[pid], enc[pid] / busy[pid], len(busy)
 
 
 def main() -> int:
@@ -64,6 +72,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--shard-rows", type=int, default=48)
     ap.add_argument("--loader", default="auto")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--only-inprocess", action="store_true", help="skip the Ray configurations")
     args = ap.parse_args()
     from data_pipeline.ingest import ingest
 
@@ -79,24 +89,33 @@ def main() -> int:
                     image_size=args.image_size, loader_kind=args.loader, ray_address=None,
                     shard_rows=args.shard_rows, chunk_rows=args.shard_rows, split=None, num_cpus_per_actor=0.5,
                     num_gpus_per_actor=0.0, amp=None)
-        init_ray()                                            # Ray start-up is not part of any number
-        base = bare_encode(root / "export", manifest, args.images, args.image_size, args.batch_size, args.loader)
-        rows = [("bare encode (decoded tensors)", base, base, 1)]
-        for label, actors, threads in (("extract in-process", 0, THREADS), ("extract Ray, 1 actor", 1, THREADS),
-                                       ("extract Ray, 2 actors", 2, 1)):
-            wall, steady, used = extraction(root / "export", manifest, root / f"store_{actors}", actors=actors,
-                                            threads=threads, opts=opts)
-            rows.append((label, wall, steady, max(used, 1)))
-        base_again = bare_encode(root / "export", manifest, args.images, args.image_size, args.batch_size,
-                                 args.loader)
+        if not args.only_inprocess:
+            init_ray()                                        # Ray start-up is not part of any number
+        configs = (("extract in-process", 0, THREADS), ("extract Ray, 1 actor", 1, THREADS),
+                   ("extract Ray, 2 actors", 2, 1))
+        runs: dict[str, list] = collections.defaultdict(list)
+        # Interleaved repeats: on a shared machine the load drifts; each repeat has its own baseline.
+        for rep in range(args.repeats):
+            base = bare_encode(root / "export", manifest, args.images, args.image_size, args.batch_size,
+                               args.loader)
+            runs["bare encode (decoded tensors)"].append((base, base, 1.0, 1, base))
+            for label, actors, threads in configs:
+                if args.only_inprocess and actors:
+                    continue
+                wall, steady, share, used = extraction(root / "export", manifest, root / f"store_{actors}_{rep}",
+                                                       actors=actors, threads=threads, opts=opts)
+                runs[label].append((wall, steady, share, max(used, 1), base))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{args.model} @ {args.image_size}px, {args.images} images, batch {args.batch_size}, "
-          f"shards of {args.shard_rows}, loader {args.loader}, {THREADS} CPU threads in total; "
-          f"baseline re-measured at the end: {base_again:.1f} img/s")
-    print(f"{'config':<32}{'img/s wall':>11}{'img/s steady':>13}{'steady/base':>12}{'target':>8}{'actors':>7}")
-    for label, wall, steady, used in rows:
-        print(f"{label:<32}{wall:>11.1f}{steady:>13.1f}{steady / base:>12.2f}{'>=0.85':>8}{used:>7}")
+    print(f"{args.model} @ {args.image_size}px, {args.images} images, batch {args.batch_size}, shards of "
+          f"{args.shard_rows}, loader {args.loader}, {THREADS} CPU threads in total, median of {args.repeats} "
+          f"interleaved repeats (ratio = steady / the same repeat's baseline)")
+    print(f"{'config':<28}{'img/s wall':>11}{'img/s steady':>13}{'steady/base':>12}{'encode share':>13}"
+          f"{'target':>8}{'actors':>7}")
+    for label, rs in runs.items():
+        med = lambda xs: float(np.median(xs))  # noqa: E731
+        print(f"{label:<28}{med([r[0] for r in rs]):>11.1f}{med([r[1] for r in rs]):>13.1f}"
+              f"{med([r[1] / r[4] for r in rs]):>12.2f}{med([r[2] for r in rs]):>13.2f}{'>=0.85':>8}{rs[0][3]:>7}")
     return 0
 
 

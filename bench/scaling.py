@@ -189,7 +189,24 @@ def table(params: int, compute: Compute, links: Links, args: argparse.Namespace)
               f"{p['compute_s'] * 1e3:>10.1f} {'/'.join(f'{c * 1e3:.1f}' for c in comms):>18} {p['step_s'] * 1e3:>8.1f} "
               f"{p['images_per_s']:>9,.0f} {p['epoch_h'] * 60:>9.1f} {p['efficiency']:>5.2f}  {'; '.join(note)}")
         out.append(p)
+    best = max(r["images_per_s"] / r["world"] for r in out)
+    print(f"data: the loader must deliver up to {best:,.0f} img/s per GPU (the best row above); "
+          f"{args.decode_note}")
+    print("trust: the compute term is only as good as its fit (below ~32 images per GPU the fixed per-step cost "
+          "dominates and is a single number here); the comm term assumes ideal rail-aligned links, no congestion, "
+          "no stragglers and one large bucket; the 2-rank CPU check (--check-cpu) matches the traffic exactly but "
+          "its time 1.4-1.9x off once ranks share busy cores, the same failure a straggler GPU or a slow loader "
+          "would cause.")
     return out
+
+
+def decode_note(path: Path | None) -> str:
+    if path is None:
+        return "no GPU decode measurement given (bench/gpu.sh's decode row)"
+    for row in json.loads(Path(path).read_text()).get("rows", []):
+        if row.get("section") == "decode" and row.get("what", "").startswith("GPU") and row.get("measured"):
+            return f"measured nvJPEG decode on one GPU: {row['measured']:,.0f} img/s (decode only, full-size photos)"
+    return f"{path} has no GPU decode row"
 
 
 # ---- the 2-rank CPU check -------------------------------------------------------------------------------
@@ -228,6 +245,8 @@ def worker(args: argparse.Namespace) -> None:
             if i >= 2:
                 ar.append(t1 - t0)
                 ag.append(time.perf_counter() - t1)
+    seen = {"elems": 0, "seconds": 0.0}
+    _count_all_reduce(seen)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     config = {"train_batch_size": args.micro * world, "train_micro_batch_size_per_gpu": args.micro,
               "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
@@ -237,6 +256,8 @@ def worker(args: argparse.Namespace) -> None:
     noise = torch.rand(args.micro, model.num_patches, generator=g)
     parts: dict[str, list[float]] = {"fwd": [], "bwd": [], "step": [], "total": []}
     for i in range(args.steps + 2):
+        if i == 2:
+            seen.update(elems=0, seconds=0.0)
         dist.barrier()  # ranks start each step together, as they do in training after the first collective
         t0 = time.perf_counter()
         loss, _, _ = engine(images, noise)
@@ -252,8 +273,27 @@ def worker(args: argparse.Namespace) -> None:
     out = {k: min(v) for k, v in parts.items()}
     out.update({f"{k}_median": statistics.median(v) for k, v in parts.items()})
     out.update(params=params, allreduce_s=min(ar) if ar else 0.0, allgather_s=min(ag) if ag else 0.0,
-               world=world, micro=args.micro)
+               world=world, micro=args.micro, step_allreduce_elems=seen["elems"] // args.steps,
+               step_allreduce_s=seen["seconds"] / args.steps)
     print(json.dumps(out), flush=True)
+
+
+def _count_all_reduce(seen: dict) -> None:
+    """Count the values DeepSpeed all-reduces (and the time spent inside, waiting for the peer included)."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    original = c10d.all_reduce
+
+    def counted(tensor, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return original(tensor, *a, **k)
+        finally:
+            seen["elems"] += tensor.numel()
+            seen["seconds"] += time.perf_counter() - t0
+
+    dist.all_reduce = c10d.all_reduce = counted
 
 
 def run_ranks(world: int, micro: int, steps: int, timeout: float = 240) -> dict:
@@ -312,6 +352,9 @@ def check_cpu(steps: int, global_batch: int = 16, repeats: int = 2) -> dict[str,
               f"total {r['total'] * 1e3:6.1f} ms   (median total {r['total_median'] * 1e3:6.1f} ms)")
     print(f"  gloo all-reduce of P fp32: {two['allreduce_s'] * 1e3:.1f} ms = {busbw / 1e9:.2f} GB/s bus bandwidth; "
           f"all-gather: {two['allgather_s'] * 1e3:.1f} ms (model: {two['allreduce_s'] / 2 * 1e3:.1f} ms)")
+    print(f"  DeepSpeed ZeRO-2 all-reduced {two['step_allreduce_elems']:,} values per step (model: P = {params:,}); "
+          f"time inside those all-reduces {two['step_allreduce_s'] * 1e3:.1f} ms per step (waiting for the other "
+          f"rank included) against {two['allreduce_s'] * 1e3:.1f} ms for the same all-reduce started together")
     print(f"  predicted comm (all-reduce + all-gather, no overlap) {pred['comm_s'] * 1e3:.1f} ms; "
           f"compute sharing factor (2-rank fwd / 1-rank fwd) {contention:.2f}")
     rows = [("2-rank step vs model", pred["step_s"], two["total"]),
@@ -323,6 +366,7 @@ def check_cpu(steps: int, global_batch: int = 16, repeats: int = 2) -> dict[str,
         unit = 1e3 if base != 1.0 else 1.0
         print(f"  {label:<50} {base * unit:>10.2f} {meas * unit:>10.2f} {meas / base:>6.2f}")
     return {"predicted_s": pred["step_s"], "predicted_shared_s": pred_shared, "measured_s": two["total"],
+            "step_allreduce_elems": two["step_allreduce_elems"], "step_allreduce_s": two["step_allreduce_s"],
             "ratio": two["total"] / pred["step_s"], "busbw_gbs": busbw / 1e9, "one_rank_s": one_full["total"],
             "allreduce_s": two["allreduce_s"], "contention": contention, "params": params}
 
@@ -368,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.fixed_ms is not None and not args.step_ms:
         compute = Compute(compute.rate, args.fixed_ms / 1e3, compute.max_micro, compute.source + ", fixed given")
     links = Links(args.gpus_per_node, args.nvlink_gbs, args.nic_gbs, args.link_efficiency)
+    args.decode_note = decode_note(args.gpu_results)
     table(trainable_params(args.model), compute, links, args)
 
 

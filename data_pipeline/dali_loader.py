@@ -22,9 +22,12 @@ def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threa
 
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
+    # CPU: fork, like torch's DataLoader (no re-import of __main__, so scripts without a main guard,
+    # notebooks and stdin work; the loaded manifest is inherited). GPU: spawn, as a CUDA context
+    # cannot cross a fork; the feed then reloads the manifest in each worker.
     pipe = Pipeline(batch_size=batch_size, num_threads=max(1, num_threads),
-                    device_id=device_id if device == "gpu" else None,
-                    py_num_workers=max(1, py_workers), py_start_method="spawn", prefetch_queue_depth=2)
+                    device_id=device_id if device == "gpu" else None, py_num_workers=max(1, py_workers),
+                    py_start_method="spawn" if device == "gpu" else "fork", prefetch_queue_depth=2)
     train = feed.mode == "train"
     dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64, types.INT64, types.INT32]
     if train:

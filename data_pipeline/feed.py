@@ -14,6 +14,7 @@ Eval mode: n -> rows[n] (clamped at the end: the caller trims), centre window, n
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
@@ -42,7 +43,7 @@ class SampleFeed:
                  num_patches: int = 0, rows: np.ndarray | None = None):
         if mode not in ("train", "eval"):
             raise ValueError(f"SampleFeed: mode must be 'train' or 'eval', got {mode!r}")
-        self.manifest_path, self.mode, self.seed, self.split = str(manifest_path), mode, int(seed), split
+        self.manifest_path, self.mode, self.seed, self.split = os.path.abspath(manifest_path), mode, int(seed), split
         self.global_batch, self.rank, self.world_size = int(global_batch), int(rank), int(world_size)
         self.per_rank = self.global_batch // self.world_size
         self.start_step, self.num_patches = int(start_step), int(num_patches)

@@ -56,14 +56,18 @@ def _start_ray(ray_address: str | None, workers: int):
     if ray.is_initialized():
         return ray, False
     if ray_address:
-        ray.init(address=ray_address, log_to_driver=False)
+        # Ship this package to the cluster's workers (harmless where it is installed already).
+        ray.init(address=ray_address, log_to_driver=False,
+                 runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
     else:
         # Workers must import data_pipeline even when it is not installed (run from a checkout).
         root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        # address="local": never attach to some other Ray found on this machine by accident.
-        ray.init(address="local", num_cpus=max(2, workers), object_store_memory=256 * 2**20, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        # address="local": never attach to some other Ray found on this machine by accident;
+        # 127.0.0.1: never listen on a public interface (Ray has no access control beyond a token).
+        ray.init(address="local", num_cpus=max(2, workers), object_store_memory=256 * 2**20,
+                 include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
     return ray, True
 
 

@@ -96,9 +96,9 @@ def plan_source(source: str, chunk: int | None = LISTING_CHUNK, shard_size: int 
 
 
 def _peek_names(path: str, limit: int = 64) -> list[str]:
-    names = []
+    names: list[str] = []
     with open(path, "rb") as f:
-        for info, _ in iter_members(f):
+        for info, _ in iter_members(f, errors=[]):
             if info.isfile():
                 names.append(info.name)
             if len(names) >= limit:
@@ -124,9 +124,9 @@ def _plan_tar(path: str, chunk: int | None) -> Plan:
     if names and sum(n.endswith(".tar") for n in names) * 2 >= len(names):
         return _plan_tar_of_tars(path)
     plan = Plan("tar")
-    members = []
+    members, errors = [], []
     with open(path, "rb") as f:
-        for info, off in iter_members(f):
+        for info, off in iter_members(f, errors=errors):
             if info.isdir():
                 continue
             why = unsafe_member_reason(info)
@@ -136,6 +136,7 @@ def _plan_tar(path: str, chunk: int | None) -> Plan:
                 plan.rejects.append(reject(path, info.name, why))
             else:
                 members.append((info.name, off, info.size))
+    plan.rejects += [reject(path, "", f"damaged archive, members after this point lost: {e}") for e in errors]
     members.sort()
     plan.units = [Unit(i, "tar_members", {"path": path, "members": c}, len(c))
                   for i, c in enumerate(_chunks(members, chunk))]
@@ -145,9 +146,9 @@ def _plan_tar(path: str, chunk: int | None) -> Plan:
 def _plan_tar_of_tars(path: str) -> Plan:
     """Outer tar of per-class tars: inner data offsets are absolute offsets in the outer file."""
     plan = Plan("tar_of_tars")
-    inner = []
+    inner, errors = [], []
     with open(path, "rb") as f:
-        for info, off in iter_members(f):
+        for info, off in iter_members(f, errors=errors):
             if info.isdir():
                 continue
             why = unsafe_member_reason(info)
@@ -157,6 +158,7 @@ def _plan_tar_of_tars(path: str) -> Plan:
                 plan.rejects.append(reject(path, info.name, why))
             else:
                 inner.append((info.name, off, info.size))
+    plan.rejects += [reject(path, "", f"damaged archive, members after this point lost: {e}") for e in errors]
     inner.sort()
     plan.units = [Unit(i, "inner_tar", {"path": path, "start": off, "length": size, "member": name,
                                         "class_name": PurePosixPath(name).name[:-4]})

@@ -53,7 +53,8 @@ def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[tupl
         pts = [(0, r), (0.6 * r, 0), (0, -r), (-0.6 * r, 0)]
     else:  # cross: 12-point outline of a plus sign
         w = r * 0.35
-        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
+               (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
     c, s = math.cos(rot), math.sin(rot)
     return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
 

@@ -61,18 +61,26 @@ class Window(io.RawIOBase):
         return len(data)
 
 
-def iter_members(f: BinaryIO, base_offset: int = 0) -> Iterator[tuple[tarfile.TarInfo, int]]:
+def iter_members(f: BinaryIO, base_offset: int = 0,
+                 errors: list[str] | None = None) -> Iterator[tuple[tarfile.TarInfo, int]]:
     """(member, absolute data offset) for every member of an uncompressed tar, headers only.
 
     `tf.members` is cleared as we go so a tar of millions of members does not pile up TarInfos.
+    A damaged or truncated archive raises, unless `errors` is given: then the members read so
+    far are kept, the error is appended to it and iteration stops.
     """
-    with tarfile.open(fileobj=f, mode="r:") as tf:
-        while True:
-            info = tf.next()
-            if info is None:
-                break
-            yield info, base_offset + info.offset_data
-            tf.members = []
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tf:
+            while True:
+                info = tf.next()
+                if info is None:
+                    break
+                yield info, base_offset + info.offset_data
+                tf.members = []
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if errors is None:
+            raise
+        errors.append(f"{type(e).__name__}: {e}")
 
 
 def is_compressed_tar(path: str | Path) -> bool:

@@ -72,19 +72,19 @@ def _items(unit: Unit, reader: ByteReader, rejects: list[dict]) -> Iterator[Item
 
 def _inner_tar_items(p: dict, reader: ByteReader, rejects: list[dict]) -> Iterator[Item]:
     prefix = p["member"] + ":" if p["member"] else ""
-    members = []
-    try:
-        with open(p["path"], "rb") as f:
-            for info, off in iter_members(Window(f, p["start"], p["length"]), base_offset=p["start"]):
-                if info.isdir():
-                    continue
-                why = unsafe_member_reason(info)
-                if why:
-                    rejects.append(reject(p["path"], prefix + info.name, why))
-                else:
-                    members.append((info.name, off, info.size))
-    except Exception as e:  # a corrupt inner tar loses only its own class, listed once
-        rejects.append(reject(p["path"], p["member"], f"unreadable inner tar: {describe_error(e)}"))
+    members, errors = [], []
+    with open(p["path"], "rb") as f:
+        for info, off in iter_members(Window(f, p["start"], p["length"]), p["start"], errors):
+            if info.isdir():
+                continue
+            why = unsafe_member_reason(info)
+            if why:
+                rejects.append(reject(p["path"], prefix + info.name, why))
+            else:
+                members.append((info.name, off, info.size))
+    # A damaged inner tar keeps the members read so far and is listed once.
+    rejects += [reject(p["path"], p["member"], f"damaged inner tar, members after this point lost: {e}")
+                for e in errors]
     for name, off, size in sorted(members):
         yield Item(p["path"], prefix + name, f"{p['class_name']}/{name}", p["class_name"], off, size,
                    reader.read(p["path"], off, size))
@@ -93,20 +93,20 @@ def _inner_tar_items(p: dict, reader: ByteReader, rejects: list[dict]) -> Iterat
 def _wds_items(path: str, reader: ByteReader, rejects: list[dict]) -> Iterator[Item]:
     """Group members by webdataset key (dir + basename up to the first dot)."""
     samples: dict[str, dict[str, tuple[str, int, int]]] = {}
-    try:
-        with open(path, "rb") as f:
-            for info, off in iter_members(f):
-                if info.isdir():
-                    continue
-                why = unsafe_member_reason(info)
-                if why:
-                    rejects.append(reject(path, info.name, why))
-                    continue
-                pp = PurePosixPath(info.name)
-                stem, _, ext = pp.name.partition(".")
-                samples.setdefault(str(pp.parent / stem), {})[ext.lower()] = (info.name, off, info.size)
-    except Exception as e:  # a damaged shard: keep the members read so far, list the damage once
-        rejects.append(reject(path, "", f"unreadable shard: {describe_error(e)}"))
+    errors: list[str] = []
+    with open(path, "rb") as f:
+        for info, off in iter_members(f, errors=errors):
+            if info.isdir():
+                continue
+            why = unsafe_member_reason(info)
+            if why:
+                rejects.append(reject(path, info.name, why))
+                continue
+            pp = PurePosixPath(info.name)
+            stem, _, ext = pp.name.partition(".")
+            samples.setdefault(str(pp.parent / stem), {})[ext.lower()] = (info.name, off, info.size)
+    # A damaged shard keeps the members read so far and is listed once.
+    rejects += [reject(path, "", f"damaged shard, members after this point lost: {e}") for e in errors]
     for key in sorted(samples):
         parts = samples[key]
         image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)

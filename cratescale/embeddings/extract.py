@@ -129,21 +129,24 @@ class ShardWorker:
         rows = np.concatenate([self.rows[a:b] for a, b in spans])
         loader = make_eval_loader(self.manifest_path, rows, self.batch_size, self.image_size,
                                   kind=self.loader_kind)
-        records, parts, ids, t0 = [], {}, [], time.perf_counter()
+        records, parts, ids, t0, t_enc = [], {}, [], time.perf_counter(), 0.0
         for i, images, sample_ids, last in _shard_batches(loader, [b - a for a, b in spans], self.batch_size):
+            t = time.perf_counter()
             for name, v in self.encode(images).items():
                 parts.setdefault(name, []).append(v)
+            t_enc += time.perf_counter() - t
             ids.append(sample_ids.numpy())
             if last:
-                records.append(self._commit(ks[i], spans[i], parts, np.concatenate(ids), t0))
-                parts, ids, t0 = {}, [], time.perf_counter()
+                records.append(self._commit(ks[i], spans[i], parts, np.concatenate(ids), t0, t_enc))
+                parts, ids, t0, t_enc = {}, [], time.perf_counter(), 0.0
         return records
 
     def run_shard(self, k: int) -> dict[str, Any] | None:
         records = self.run_shards([k])
         return records[0] if records else None
 
-    def _commit(self, k: int, span: tuple[int, int], parts: dict, got: np.ndarray, t0: float) -> dict:
+    def _commit(self, k: int, span: tuple[int, int], parts: dict, got: np.ndarray, t0: float,
+                t_enc: float) -> dict:
         rows = self.rows[span[0]:span[1]]
         m = self.meta.iloc[rows]
         feats = {name: torch.cat(v).numpy() for name, v in parts.items()}
@@ -151,17 +154,17 @@ class ShardWorker:
                                  "label": m["label"].to_numpy().astype(np.int32),
                                  "split": m["split"].astype(str).to_numpy()})
         self.store.write_shard(k, feats, metadata)
-        return {"shard": k, "rows": len(rows), "seconds": time.perf_counter() - t0,
+        return {"shard": k, "rows": len(rows), "seconds": time.perf_counter() - t0, "encode_seconds": t_enc,
                 "replaced": int((got != m["sample_id"].to_numpy()).sum()), "pid": os.getpid()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data UDF: each input row is a task, "shards" = comma-separated shard indices."""
         records = [r for group in batch["shards"] for r in self.run_shards(_parse_group(group))]
-        return {key: np.array([r[key] for r in records], dtype=np.float64 if key == "seconds" else np.int64)
+        return {key: np.array([r[key] for r in records], dtype=np.float64 if "seconds" in key else np.int64)
                 for key in RECORD_KEYS}
 
 
-RECORD_KEYS = ("shard", "rows", "seconds", "replaced", "pid")
+RECORD_KEYS = ("shard", "rows", "seconds", "encode_seconds", "replaced", "pid")
 
 
 def _parse_group(group: Any) -> list[int]:

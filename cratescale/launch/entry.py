@@ -16,13 +16,16 @@ PREEMPTED_EXIT = 3
 class TrainTask:
     """Trains the job saved at `config_path`; on a stop request saves, requeues (SLURM) and exits."""
 
-    def __init__(self, config_path: str, manifest: str, peak_flops: float) -> None:
+    def __init__(self, config_path: str, manifest: str, peak_flops: float, master_port: int | None = None) -> None:
         self.config_path = config_path
         self.manifest = manifest
         self.peak_flops = peak_flops
+        self.master_port = master_port  # local executor: a port known to be free at submission
 
     def __call__(self) -> dict:
         flag = PreemptionFlag()
+        if self.master_port is not None:
+            os.environ["MASTER_PORT"] = str(self.master_port)
         job = load_job(self.config_path)
         world = world_from_env()
         outcome = train(job, Path(job.run_dir), Path(self.manifest), world, self.peak_flops, should_stop=flag)

@@ -6,6 +6,7 @@ itself under the same id; with the local executor the supervisor resubmits after
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,12 @@ from cratescale.launch.executors import make_executor
 from cratescale.launch.paths import RunPaths
 
 _DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "DEADLINE", "BOOT_FAIL"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
@@ -55,6 +62,8 @@ class Supervisor:
 
     def submit(self) -> str:
         executor = make_executor(self.job, self.profile, self.paths.submitit_dir / "%j")
+        if self.job.cluster.executor == "local":
+            self.task.master_port = _free_port()
         self.submitit_job = executor.submit(self.task)
         self.submissions.append(str(self.submitit_job.job_id))
         self._save_state()
@@ -72,11 +81,21 @@ class Supervisor:
         if job is None:
             return "UNSUBMITTED"
         if self.job.cluster.executor == "local":
+            if self._some_rank_failed():
+                job.cancel(check=False)  # the other ranks would wait for the dead one until the timeout
+                return "FAILED"
             return "COMPLETED" if job.done() and self._result_ok() else ("FAILED" if job.done() else "RUNNING")
         try:
             return str(job.get_info(mode="force").get("State", "UNKNOWN")).split()[0]
         except Exception:  # noqa: BLE001 - sacct hiccups: report, poll again
             return "UNKNOWN"
+
+    def _some_rank_failed(self) -> bool:
+        for rank in range(self.job.world_size):
+            task = self.submitit_job.task(rank)
+            if task.done() and task.exception() is not None:
+                return True
+        return False
 
     def _result_ok(self) -> bool:
         try:

@@ -193,9 +193,9 @@ def test_scaling_table_flags_small_per_gpu_batches(capsys):
 
 # ---- engine_overhead.py ------------------------------------------------------------------------------
 def test_engine_overhead_report_ratio(capsys):
-    res = {"demo": {"ddp": {"min": 0.020, "median": 0.021, "params": 1000, "micro": 32},
-                    "ds": {"min": 0.022, "median": 0.023, "params": 1000, "micro": 32},
-                    "ds+loop": {"min": 0.025, "median": 0.026, "params": 1000, "micro": 32}}}
+    res = {"demo": {"ddp": {"median": 0.020, "min": 0.021, "params": 1000, "micro": 32},
+                    "ds": {"median": 0.022, "min": 0.023, "params": 1000, "micro": 32},
+                    "ds+loop": {"median": 0.025, "min": 0.026, "params": 1000, "micro": 32}}}
     rows = engine_overhead.report(res)
     assert [r[3] for r in rows] == pytest.approx([1.1, 1.25])
     out = capsys.readouterr().out

@@ -74,7 +74,7 @@ def test_folder_ingest_lists_rejects_and_numbers_stably(folder, tmp_path):
     _check_bytes(rows)
 
 
-def test_rerun_through_ray_writes_identical_bytes(folder, tmp_path):
+def test_rerun_through_ray_writes_identical_bytes(folder, tmp_path, ray_session):
     first = ingest(str(folder), tmp_path, workers=2, progress=False, val_per_class=1)
     before = first.read_bytes(), (tmp_path / "rejected.parquet").read_bytes()
     second = ingest(str(folder), tmp_path, workers=0, progress=False, val_per_class=1)
@@ -113,6 +113,20 @@ def test_tar_with_unsafe_members(tmp_path):
     assert "'..'" in reasons["imagenet-sample/../../evil.jpg"]
     assert "absolute" in reasons["/abs/n01/abs.jpg"]
     assert "symlink" in reasons["imagenet-sample/n01/link.jpg"]
+
+
+def test_truncated_archive_keeps_what_it_can(tmp_path):
+    src = tmp_path / "src.tar"
+    with tarfile.open(src, "w") as tf:
+        for name, data in imagenet_members(8, with_greyscale=False):
+            add_tar_member(tf, name, data)
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) * 3 // 5])
+    res = run_ingest(str(src), tmp_path / "out", workers=0, progress=False)
+    assert 0 < res.samples < 8
+    reasons = [r["reason"] for r in pq.read_table(res.rejected).to_pylist()]
+    assert any(r.startswith("damaged archive") for r in reasons)
+    _check_bytes(_rows(res.manifest))
 
 
 def test_tar_of_tars_absolute_offsets(tmp_path):

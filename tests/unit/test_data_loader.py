@@ -12,7 +12,7 @@ from data_pipeline import loader as loader_mod
 from data_pipeline.ingest import ingest
 from data_pipeline.loader import make_eval_loader, make_train_loader
 from data_pipeline.sampler import LoaderState, SamplerError
-from tests.unit.data_fixtures import GREYSCALE, imagenet_folder
+from tests.unit.data_fixtures import GREYSCALE, imagenet_folder, imagenet_members
 
 needs_dali = pytest.mark.skipif(not loader_mod.dali_available(), reason="nvidia.dali not installed")
 SIZE, PATCHES = 32, 16
@@ -111,6 +111,21 @@ def test_greyscale_comes_out_rgb(manifest, kind):
     assert (pixels[:, 0] - pixels[:, 1]).abs().max() < 0.02 and (pixels[:, 1] - pixels[:, 2]).abs().max() < 0.02
 
 
+@needs_dali
+def test_cmyk_jpeg_decodes_to_the_same_rgb(tmp_path):
+    import io
+
+    from PIL import Image
+
+    (tmp_path / "src" / "n0").mkdir(parents=True)
+    photo = Image.open(io.BytesIO(imagenet_members(1, with_greyscale=False)[0][1]))
+    photo.convert("CMYK").save(tmp_path / "src" / "n0" / "cmyk.jpg", quality=95)
+    m = ingest(str(tmp_path / "src"), tmp_path / "out", workers=0, progress=False)
+    out = {k: next(iter(make_eval_loader(m, np.array([0]), 1, SIZE, kind=k)))["images"] for k in ("pil", "dali")}
+    assert out["dali"].shape == (1, 3, SIZE, SIZE)
+    assert (out["pil"] - out["dali"]).abs().mean() < 0.05
+
+
 @pytest.mark.parametrize("kind", ["pil", pytest.param("dali", marks=needs_dali)])
 def test_corrupt_file_at_train_time_is_replaced_and_counted(manifest, tmp_path, kind):
     shutil.copy(manifest, tmp_path / "manifest.parquet")
@@ -151,3 +166,13 @@ def test_auto_kind_and_argument_errors(manifest, monkeypatch):
         _train(manifest, "pil", split="val")
     with pytest.raises(ValueError, match="row indices"):
         make_eval_loader(manifest, np.array([99]), batch_size=2, image_size=SIZE, kind="pil")
+
+
+@pytest.mark.gpu
+@needs_dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_gpu_decoder_matches_cpu(manifest):
+    with _train(manifest, "dali", device="cpu") as c, _train(manifest, "dali", device="gpu") as g:
+        for a, b in zip(_take(c, 2), _take(g, 2)):
+            assert b["images"].is_cuda and torch.equal(a["sample_ids"], b["sample_ids"])
+            assert np.corrcoef(a["images"].flatten(), b["images"].cpu().flatten())[0, 1] > 0.99

@@ -1,5 +1,5 @@
 """Per-step overhead of the engine's DeepSpeed ZeRO-2 against a plain torch DDP loop: 2 ranks, gloo, CPU,
-the same model, optimizer and synthetic tensors, timed in the same run (round-robin blocks of steps).
+the same model, optimizer and synthetic tensors, timed in the same run (round-robin, step by step).
 
     .venv/bin/python bench/engine_overhead.py [--steps 10] [--rounds 3] [--models demo,d192]
 
@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.15
@@ -35,14 +34,7 @@ MODELS = {
 }
 
 
-def _block(step: Callable[[], None], n: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - t0) / n
-
-
-def measure_model(variant: str, steps: int, rounds: int) -> dict[str, dict[str, float]]:
+def measure_model(variant: str, steps: int, rounds: int, zero_extra: str = "{}") -> dict[str, dict[str, float]]:
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -59,46 +51,60 @@ def measure_model(variant: str, steps: int, rounds: int) -> dict[str, dict[str, 
     ds_model = build_model(job)
     ddp = DistributedDataParallel(ddp_model)
     ddp_opt = optim.make_optimizer(ddp_model, job)
-    engine, *_ = deepspeed.initialize(model=ds_model, optimizer=optim.make_optimizer(ds_model, job),
-                                      config=deepspeed_config(job, world))
+    config = deepspeed_config(job, world)
+    config["zero_optimization"].update(json.loads(zero_extra))  # --zero: try a setting the config lacks
+    engine, *_ = deepspeed.initialize(model=ds_model, optimizer=optim.make_optimizer(ds_model, job), config=config)
     g = torch.Generator().manual_seed(1234 + rank)
     micro, size = job.schedule.micro_batch, job.data.image_size
     images = torch.randn(micro, 3, size, size, generator=g)
     noise = torch.rand(micro, ds_model.num_patches, generator=g)
 
-    def ddp_step() -> None:
+    def ddp_step() -> list[float]:
+        t = [time.perf_counter()]
         ddp_opt.zero_grad(set_to_none=True)
         loss, _, _ = ddp(images, noise)
-        loss.backward()
+        t.append(time.perf_counter())
+        loss.backward()  # bucketed all-reduce overlapped with the backward
+        t.append(time.perf_counter())
         ddp_opt.step()
+        t.append(time.perf_counter())
+        return t
 
-    def ds_step() -> None:
+    def ds_step(extras: bool = False) -> list[float]:
+        t = [time.perf_counter()]
+        if extras:  # trainer.py's per-step extras around the same engine calls
+            _stop_agreed(False)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = 1e-4
         loss, _, _ = engine(images, noise)
-        engine.backward(loss)
-        engine.step()
+        t.append(time.perf_counter())
+        engine.backward(loss)  # ZeRO-2: the gradient bucket's all-reduce at the end of the backward
+        t.append(time.perf_counter())
+        engine.step()  # optimizer on this rank's partition, all-gather of the parameters, grad-norm all-reduce
+        if extras:
+            float(loss.detach().float())
+        t.append(time.perf_counter())
+        return t
 
-    def ds_loop_step() -> None:  # trainer.py's per-step extras around the same engine calls
-        _stop_agreed(False)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = 1e-4
-        loss, _, _ = engine(images, noise)
-        engine.backward(loss)
-        engine.step()
-        float(loss.detach().float())
-
-    loops = {"ddp": ddp_step, "ds": ds_step, "ds+loop": ds_loop_step}
+    loops = {"ddp": ddp_step, "ds": ds_step, "ds+loop": lambda: ds_step(True)}
     for fn in loops.values():
-        _block(fn, 3)  # warm-up: allocations, DDP bucket rebuild, DeepSpeed's first-step set-up
-    times: dict[str, list[float]] = {k: [] for k in loops}
+        for _ in range(3):  # warm-up: allocations, DDP bucket rebuild, DeepSpeed's first-step set-up
+            fn()
+    times: dict[str, list[list[float]]] = {k: [] for k in loops}
     # Step-by-step round-robin (ranks aligned by a barrier before each step, outside the timing): the load
     # of other processes on this shared machine then falls on the three loops alike.
     for _ in range(rounds * steps):
         for name, fn in loops.items():
             dist.barrier()
-            times[name].append(_block(fn, 1))
+            t = fn()
+            times[name].append([t[1] - t[0], t[2] - t[1], t[3] - t[2], t[3] - t[0]])
     params = sum(p.numel() for p in ds_model.parameters() if p.requires_grad)
-    return {k: {"median": statistics.median(v), "min": min(v), "params": params, "micro": micro}
-            for k, v in times.items()}
+    out = {}
+    for k, rows in times.items():
+        cols = list(zip(*rows))
+        out[k] = {"median": statistics.median(cols[3]), "min": min(cols[3]), "params": params, "micro": micro,
+                  **{f"{ph}_median": statistics.median(c) for ph, c in zip(("fwd", "bwd", "step"), cols[:3])}}
+    return out
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -109,7 +115,7 @@ def worker(args: argparse.Namespace) -> None:
     from cratescale.distributed import init_distributed, world_from_env
 
     init_distributed(world_from_env(), "gloo")  # the engine's own init (skips DeepSpeed's shm op build)
-    out = {v: measure_model(v, args.steps, args.rounds) for v in args.models.split(",")}
+    out = {v: measure_model(v, args.steps, args.rounds, args.zero) for v in args.models.split(",")}
     print(json.dumps(out), flush=True)
 
 
@@ -122,7 +128,7 @@ def launch(args: argparse.Namespace, world: int = 2, timeout: float = 300) -> di
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         cmd = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--rounds", str(args.rounds),
-               "--models", args.models]
+               "--models", args.models, "--zero", args.zero]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
     for proc in procs:
@@ -152,6 +158,9 @@ def report(res: dict) -> list[tuple[str, float, float, float]]:
                   f"[{m['min'] * 1e3:>5.1f}] {ratio:>6.2f} {'<=' + str(TARGET):>7} {ok}  "
                   f"(min ratio {m['min'] / base['min']:.2f})")
             rows.append((f"{variant} {name}", base["median"], m["median"], ratio))
+        split = "; ".join(f"{n} " + "/".join(f"{loops[n].get(ph + '_median', 0) * 1e3:.1f}" for ph in ("fwd", "bwd", "step"))
+                          for n in loops)
+        print(f"{'':<8} median fwd/bwd/step ms: {split}")
     return rows
 
 
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per loop = steps x rounds")
     p.add_argument("--rounds", type=int, default=3, help="(kept for the command line) multiplies --steps")
     p.add_argument("--models", default="demo,d192", help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--zero", default="{}", help='JSON merged into zero_optimization, e.g. \'{"overlap_comm": true}\'')
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = set(args.models.split(",")) - set(MODELS)

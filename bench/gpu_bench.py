@@ -19,6 +19,7 @@ import gc
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -348,6 +349,7 @@ def section_ckpt_torch(b: Bench) -> None:
         times.append(time.perf_counter() - t0)
         size = path.stat().st_size
         path.unlink()
+    shutil.rmtree(root, ignore_errors=True)
     gbs = size / min(times) / 1e9
     b.add("checkpoint", f"torch.save {b.args.ckpt_model} model+AdamW, fsync", measured=gbs, unit="GB/s",
           note=f"{size / 1e6:,.1f} MB from {b.device.type} memory to {root.parent}; best of {len(times)} "
@@ -392,6 +394,19 @@ def section_ckpt_deepspeed(b: Bench) -> None:
     engine.step()
     store = CheckpointStore(Path(tempfile.mkdtemp(prefix="ckpt_ds_", dir=b.args.ckpt_dir)), keep_last=1)
     results = []
+    try:
+        _ds_saves(b, engine, store, results)
+    finally:
+        shutil.rmtree(store.root, ignore_errors=True)
+    total, save_s, size = min(results)
+    b.add("checkpoint", f"DeepSpeed ZeRO-2 bf16 {b.args.ckpt_model} via CheckpointStore", measured=size / total / 1e9,
+          unit="GB/s", note=f"{size / 1e6:,.1f} MB, {backend}, best of {len(results)}: save_checkpoint {save_s:.2f}s + "
+                           f"commit (crc32+fsync+rename) {total - save_s:.2f}s")
+    del engine
+    torch.distributed.destroy_process_group()
+
+
+def _ds_saves(b: Bench, engine, store, results: list) -> None:
     for step in range(1, b.args.ckpt_repeats + 1):
         t0 = time.perf_counter()
         path = store.begin(step)  # the trainer's collective protocol, world size 1
@@ -400,12 +415,6 @@ def section_ckpt_deepspeed(b: Bench) -> None:
         t1 = time.perf_counter()
         commit = store.commit(step, {"bench": True})
         results.append((time.perf_counter() - t0, t1 - t0, commit.bytes))
-    total, save_s, size = min(results)
-    b.add("checkpoint", f"DeepSpeed ZeRO-2 bf16 {b.args.ckpt_model} via CheckpointStore", measured=size / total / 1e9,
-          unit="GB/s", note=f"{size / 1e6:,.1f} MB, {backend}, best of {len(results)}: save_checkpoint {save_s:.2f}s + "
-                           f"commit (crc32+fsync+rename) {total - save_s:.2f}s")
-    del engine
-    torch.distributed.destroy_process_group()
 
 
 def load_jpegs(path: Path, limit: int) -> list[bytes]:

@@ -32,6 +32,7 @@ from cratescale.embeddings.store import EmbeddingStore, StoreInfo
 from cratescale.models import create_model, model_from_config
 
 BASE_FEATURES = ("cls", "mean")
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -80,7 +81,7 @@ def _sample_keys(m: pd.DataFrame) -> list[str]:
 
 
 class ShardWorker:
-    """Loads the model once; `run_shard(k)` fills shard k of the store. Also the Ray Data UDF."""
+    """Loads the model once; `run_shards(ks)` fills shards ks of the store. Also the Ray Data UDF."""
 
     def __init__(self, export_dir: str, manifest_path: str, store_dir: str, *, features: Sequence[str],
                  layers: Sequence[int], split: str | None, batch_size: int, image_size: int | None,
@@ -100,7 +101,7 @@ class ShardWorker:
         self.features, self.layers = list(features), [int(i) for i in layers]
         self.batch_size, self.loader_kind = batch_size, loader_kind
         self.image_size = int(image_size or self.model.img_size)
-        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
+        self.amp = AMP_DTYPES[amp]
 
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Feature name -> (B, d) float32 on the CPU."""
@@ -130,15 +131,19 @@ class ShardWorker:
         loader = make_eval_loader(self.manifest_path, rows, self.batch_size, self.image_size,
                                   kind=self.loader_kind)
         records, parts, ids, t0, t_enc = [], {}, [], time.perf_counter(), 0.0
-        for i, images, sample_ids, last in _shard_batches(loader, [b - a for a, b in spans], self.batch_size):
-            t = time.perf_counter()
-            for name, v in self.encode(images).items():
-                parts.setdefault(name, []).append(v)
-            t_enc += time.perf_counter() - t
-            ids.append(sample_ids.numpy())
-            if last:
-                records.append(self._commit(ks[i], spans[i], parts, np.concatenate(ids), t0, t_enc))
-                parts, ids, t0, t_enc = {}, [], time.perf_counter(), 0.0
+        try:
+            for i, images, sample_ids, last in _shard_batches(loader, [b - a for a, b in spans],
+                                                              self.batch_size):
+                t = time.perf_counter()
+                for name, v in self.encode(images).items():
+                    parts.setdefault(name, []).append(v)
+                t_enc += time.perf_counter() - t
+                ids.append(sample_ids.cpu().numpy())
+                if last:
+                    records.append(self._commit(ks[i], spans[i], parts, np.concatenate(ids), t0, t_enc))
+                    parts, ids, t0, t_enc = {}, [], time.perf_counter(), 0.0
+        finally:
+            loader.close()  # we stop at the last row, before the loader's own end-of-data close
         return records
 
     def run_shard(self, k: int) -> dict[str, Any] | None:
@@ -267,6 +272,10 @@ def run_extraction(export_dir: Path | str, manifest_path: Path | str, store_dir:
                    shards_per_task: int = 0) -> tuple[Path, list[dict]]:
     """`extract`, also returning one record per shard processed (shard, rows, seconds, pid, ...)."""
     manifest = manifest_path_of(manifest_path)
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"extract: amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
+    if batch_size <= 0:
+        raise ValueError(f"extract: batch_size must be > 0, got {batch_size}")
     depth = int(read_export_header(export_dir)["model_config"].get("depth", 0)) or None
     layers = sorted({(int(i) % depth) if depth else int(i) for i in layers})
     store = prepare_store(export_dir, manifest, store_dir, features=features, layers=layers, dtype=dtype,

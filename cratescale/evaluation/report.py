@@ -121,9 +121,11 @@ def diagnostic_batch(manifest_path: Path | str, n: int, image_size: int, *, spli
     rows = np.flatnonzero(manifest.split.to_numpy() == split)[:n]
     if len(rows) == 0:
         rows = np.arange(min(n, len(manifest)))
-    batch = next(iter(make_eval_loader(manifest_path, rows, batch_size=len(rows), image_size=image_size,
-                                       kind=loader_kind)))
-    return batch["images"]
+    loader = make_eval_loader(manifest_path, rows, batch_size=len(rows), image_size=image_size, kind=loader_kind)
+    try:
+        return next(iter(loader))["images"].cpu()
+    finally:
+        loader.close()
 
 
 def evaluate(export_dir: Path | str, store_dir: Path | str, manifest_path: Path | str, out_dir: Path | str, *,

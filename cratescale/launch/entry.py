@@ -31,7 +31,8 @@ class TrainTask:
         outcome = train(job, Path(job.run_dir), Path(self.manifest), world, self.peak_flops, should_stop=flag)
         shutdown_distributed()
         if outcome.status == "preempted":
-            if world.is_main and os.environ.get("SLURM_JOB_ID"):
+            # USR2: requeue ourselves. SIGTERM alone (scancel, an outside `scontrol requeue`): SLURM decides.
+            if world.is_main and os.environ.get("SLURM_JOB_ID") and flag.wants_requeue:
                 requeue_slurm_job()
             # No result file: submitit (and our supervisor) must not take this for a finished job.
             sys.stdout.flush()

@@ -20,6 +20,9 @@ from cratescale.launch.executors import make_executor
 from cratescale.launch.paths import RunPaths
 
 _DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "DEADLINE", "BOOT_FAIL"}
+# Ends that a resubmission may cure (kill -9, OOM killer, a lost node, a save that outlived the time limit).
+# CANCELLED is someone's decision: never resubmitted.
+_CRASHED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL"}
 
 
 def _free_port() -> int:
@@ -107,12 +110,31 @@ class Supervisor:
     def poll(self) -> dict[str, Any]:
         state = self._state()
         summary = run_summary(self.paths.run_dir)
-        if state == "FAILED" and self.job.cluster.executor == "local" and self._may_resubmit(summary):
+        if state in _CRASHED and not self._old_job_gone():
+            state = "COMPLETING"  # look again at the next poll
+        elif state in _CRASHED and self._may_resubmit(summary):
+            # SLURM requeues a job that stops on a signal under the same id; a job that died (kill -9 of its
+            # ranks, a crash) ends here instead and gets a new one.
             self.resubmits += 1
             self.submit()
             state = "REQUEUED"
         return {"state": state, "job_id": self.submissions[-1] if self.submissions else None,
                 "done": state in _DONE, "requeues": self.resubmits, **summary}
+
+    def _old_job_gone(self) -> bool:
+        """Never two jobs on one run_dir: SLURM must have finished the old one (sacct can run ahead of it)."""
+        if self.job.cluster.executor != "slurm":
+            return True
+        from cratescale.launch.slurm_tools import SlurmError, job_info
+
+        try:
+            info = job_info(self.submitit_job.job_id)
+        except SlurmError:
+            return False
+        if info.get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED"):
+            self.submitit_job.cancel(check=False)  # sacct said it ended, SLURM has it again: ours now
+            return False
+        return not info or info.get("JobState") in _DONE
 
     def _may_resubmit(self, summary: dict[str, Any]) -> bool:
         # Resubmit after a preemption or crash, as SLURM's requeue would, while work keeps moving forward:

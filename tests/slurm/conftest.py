@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -126,3 +127,68 @@ def slurm():
     """The helpers above as one object, so test files need not import conftest."""
     return SimpleNamespace(scontrol_job=scontrol_job, sacct_states=sacct_states, wait_sacct=wait_sacct,
                            wait_done_kicking=wait_done_kicking, wait_for=wait_for, progress_steps=progress_steps)
+
+
+# ---------------------------------------------------------------------------------------------- training jobs
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory) -> Path:
+    """The 2-process tests' synthetic data (tests/dist/tiny.yaml), ingested once, inline (no Ray)."""
+    from data_pipeline.ingest import ingest
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    return Path(ingest("synthetic://shapes?n=192&classes=4&size=32&seed=1", out, workers=0))
+
+
+def queued(name: str) -> list[str]:
+    """Ids of the cluster's jobs called `name`, in any state SLURM still lists (pending, running, completing)."""
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True, timeout=30)
+    return out.stdout.split()
+
+
+class JobNames:
+    """Unique SLURM job names for one test; whatever still runs under them is cancelled at teardown."""
+
+    def __init__(self, test_name: str) -> None:
+        self.prefix = f"cs{os.getpid()}-{re.sub(r'[^A-Za-z0-9]+', '-', test_name)[:30]}"
+        self.names: list[str] = []
+
+    def new(self, tag: str) -> str:
+        name = f"{self.prefix}-{tag}"[:64]
+        self.names.append(name)
+        return name
+
+    def cancel_all(self) -> None:
+        # Plain scancel = SIGTERM: our ranks save and exit without requeueing themselves (a pending job just
+        # goes). SIGKILL of everything if that did not end them within KillWait.
+        for name in self.names:
+            if queued(name):
+                subprocess.run(["scancel", "-n", name], capture_output=True)
+        t0 = time.monotonic()
+        while any(queued(n) for n in self.names) and time.monotonic() - t0 < 20:
+            time.sleep(0.5)
+        for name in self.names:
+            for job_id in queued(name):
+                subprocess.run(["scancel", "--full", "--signal=KILL", job_id], capture_output=True)
+                subprocess.run(["scancel", job_id], capture_output=True)
+
+
+@pytest.fixture
+def job_names(request):
+    names = JobNames(request.node.name)
+    yield names
+    names.cancel_all()
+
+
+@pytest.fixture
+def processes():
+    """Popen objects a test starts (the launcher CLI); stopped at teardown: SIGINT first, so Ray shuts down."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)   # the CLI detaches on Ctrl-C without a terminal, and stops its Ray
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)

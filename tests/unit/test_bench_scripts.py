@@ -199,7 +199,8 @@ def test_engine_overhead_report_ratio(capsys):
     rows = engine_overhead.report(res)
     assert [r[3] for r in rows] == pytest.approx([1.1, 1.25])
     out = capsys.readouterr().out
-    assert "ok" in out.splitlines()[2] and "MISS" in out.splitlines()[3]
+    lines = out.splitlines()
+    assert "ok" in lines[2] and "MISS" in lines[3] and "median fwd/bwd/step" in lines[4]
     with pytest.raises(SystemExit, match="unknown"):
         engine_overhead.main(["--models", "demo,huge"])
     assert math.isfinite(engine_overhead.TARGET)

@@ -61,6 +61,8 @@ def test_knn_votes_match_a_direct_transcription():
     tr_x, te_x = rng.standard_normal((50, 8)), rng.standard_normal((7, 8))
     tr_y = rng.integers(0, 4, 50)
     votes = knn_predict(tr_x, tr_y, te_x, k=5, temperature=0.1, num_classes=4, chunk=3)
+    blocked = knn_predict(tr_x, tr_y, te_x, k=5, temperature=0.1, num_classes=4, chunk=2, train_chunk=3)
+    np.testing.assert_allclose(blocked, votes, rtol=1e-6)
     a = tr_x / np.linalg.norm(tr_x, axis=1, keepdims=True)
     for i, q in enumerate(te_x):
         sim = a @ (q / np.linalg.norm(q))

@@ -265,3 +265,18 @@ def test_models_package_imports_only_torch_and_stdlib():
             else:
                 continue
             assert set(names) <= allowed, f"{path.name} imports {names}"
+
+
+@pytest.mark.parametrize("name", ["crate_mae_debug", "vit_mae_debug"])
+def test_bf16_weights_forward_backward(name):
+    # DeepSpeed's bf16 mode casts the whole model rather than using autocast
+    torch.manual_seed(5)
+    m = create_model(name, encoder_tokens="visible")
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    loss32 = m(x, noise)[0].item()
+    m = m.bfloat16()
+    loss, pred, _ = m(x.bfloat16(), noise)
+    assert pred.dtype == torch.bfloat16 and loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert abs(loss.item() - loss32) <= 0.05 * loss32
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)

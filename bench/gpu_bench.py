@@ -418,19 +418,28 @@ def _ds_saves(b: Bench, engine, store, results: list) -> None:
 
 
 def load_jpegs(path: Path, limit: int) -> list[bytes]:
-    """JPEG bytes from a folder (recursive) or a tar file."""
+    """JPEG bytes from a tar file or a folder (recursive; tar files inside it are read too), sorted by name."""
+    if not path.is_dir():
+        return _tar_jpegs(path, limit)
     out: list[bytes] = []
-    if path.is_dir():
-        for f in sorted(path.rglob("*")):
-            if f.suffix.lower() in JPEG_SUFFIXES and len(out) < limit:
-                out.append(f.read_bytes())
-    else:
-        with tarfile.open(path) as tar:
-            for m in tar:
-                if len(out) >= limit:
-                    break
-                if m.isfile() and Path(m.name).suffix.lower() in JPEG_SUFFIXES:
-                    out.append(tar.extractfile(m).read())
+    for f in sorted(path.rglob("*")):
+        if len(out) >= limit:
+            break
+        if f.suffix.lower() in JPEG_SUFFIXES:
+            out.append(f.read_bytes())
+        elif f.suffix == ".tar":
+            out.extend(_tar_jpegs(f, limit - len(out)))
+    return out
+
+
+def _tar_jpegs(path: Path, limit: int) -> list[bytes]:
+    out: list[bytes] = []
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if len(out) >= limit:
+                break
+            if m.isfile() and Path(m.name).suffix.lower() in JPEG_SUFFIXES:
+                out.append(tar.extractfile(m).read())
     return out
 
 

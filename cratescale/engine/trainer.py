@@ -46,8 +46,15 @@ def _open_sample_log(run_dir: Path, rank: int):
     return (run_dir / "samples" / f"rank{rank}.jsonl").open("a", buffering=1)
 
 
+def _collective_device() -> torch.device:
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     if dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -55,7 +62,7 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
 
 
 def _stop_agreed(local: bool) -> bool:
-    t = torch.tensor([1.0 if local else 0.0])
+    t = torch.tensor([1.0 if local else 0.0], device=_collective_device())
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -135,10 +142,11 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
             t0 = time.perf_counter()
             batch = next(batches)
             timer.data_wait += time.perf_counter() - t0
-            loss, _, _ = engine(batch["images"].to(dtype), batch["mask_noise"])
+            images = batch["images"].to(engine.device, dtype, non_blocking=True)
+            loss, _, _ = engine(images, batch["mask_noise"].to(engine.device, non_blocking=True))
             engine.backward(loss)
             engine.step()
-            window_loss += float(loss.detach().float()) / accum
+            window_loss += loss.detach().float() / accum  # stays on the device: no sync per micro-step
             if sample_log:
                 sample_log.write(json.dumps({"step": step, "ids": batch["sample_ids"].tolist()}) + "\n")
             timer.images += batch["images"].shape[0] * world.world_size
@@ -146,7 +154,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         window_steps += 1
         if step % job.logging.every_steps == 0 or step == total:
             elapsed, wait, images = timer.window()
-            loss_mean, wait_frac = _mean_over_ranks([window_loss / window_steps, wait / elapsed])
+            loss_mean, wait_frac = _mean_over_ranks([float(window_loss) / window_steps, wait / elapsed])
             rate = images / elapsed
             if writer:
                 record = {"kind": "train", "step": step, "loss": loss_mean, "lr": lr, "images_per_s": rate,

@@ -164,19 +164,15 @@ def reference(tmp_path_factory, tiny_manifest):
 
 
 # ---------------------------------------------------------------------------------------------- tests
-def test_launcher_slurm_run_completes_and_matches_local_run(tmp_path, tiny_manifest, reference, job_names,
-                                                             processes):
+def test_slurm_run_completes_and_matches_local_run(tmp_path, tiny_manifest, reference, job_names):
     run_dir = tmp_path / "run"
-    proc = launch_cli(run_dir, tiny_manifest, job_names.new("clean"), ["checkpoint.every_steps=50"], processes)
-    proc.wait(timeout=300)
-    log = (tmp_path / "run-launcher.log").read_text()
-    assert proc.returncode == 0, log[-3000:]
-    state = json.loads((run_dir / "launch.json").read_text())
-    assert state["executor"] == "slurm" and len(state["job_ids"]) == 1 and state["resubmits"] == 0
-    job_id = state["job_ids"][0]
-    assert wait_sacct(job_id, "COMPLETED") == ["COMPLETED"]
+    job = submit(run_dir, tiny_manifest, job_names.new("clean"), ["checkpoint.every_steps=50"])
+    wait_done_kicking(job, timeout=RESTART_TIMEOUT)
+    results = sorted(job.results(), key=lambda r: r["rank"])
+    assert results == [{"status": "completed", "step": STEPS, "rank": rank} for rank in (0, 1)]
+    assert wait_sacct(job.job_id, "COMPLETED") == ["COMPLETED"]
     starts = rows(run_dir, "start")
-    assert len(starts) == 1 and not starts[0]["resumed"] and starts[0]["job_id"] == job_id
+    assert len(starts) == 1 and not starts[0]["resumed"] and starts[0]["job_id"] == job.job_id
     assert starts[0]["world_size"] == 2
     summary = run_summary(run_dir)
     assert summary["finished"] and summary["restarts"] == 0 and summary["step"] == STEPS

@@ -111,6 +111,7 @@ def test_prepare_data_tar_round_trip(tmp_path):
     blobs = gpu_bench.load_jpegs(dest, 100)
     assert blobs == gpu_bench.load_jpegs(folder, 3)  # same bytes, same (sorted) order
     assert all(b[:2] == b"\xff\xd8" for b in blobs)
+    assert gpu_bench.load_jpegs(dest.parent, 100) == blobs  # a folder holding the tar, as gpu.sh passes .gpudata
 
 
 def test_gpu_sh_runs_the_smoke_through_its_wrapper(tmp_path):

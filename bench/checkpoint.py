@@ -182,7 +182,8 @@ def main() -> None:
         ratio = med([m / b for m, b in zip(meas, base)])
         cells = [f"{med(base):.3f} [{best(base):.2f}]", f"{med(meas):.3f} [{best(meas):.2f}]"]
         print(f"{label:<52}{cells[0]:>14}{cells[1]:>14}{ratio:>7.2f}{'<= ' + str(TARGET):>8}")
-    print(f"commit() alone (fsync + crc32 + marker + rename + latest + catalog): median {med(commits):.3f} s; "
+    print(f"save split: DeepSpeed save_checkpoint + rng file {med([a - b for a, b in zip(saves, commits)]):.3f} s, "
+          f"commit() (fsync + crc32 + marker + rename + latest + catalog) {med(commits):.3f} s (medians); "
           f"plain write {gb / med(plains):.2f} GB/s, read into RAM {gb / med(reads):.2f} GB/s, "
           f"through 8 MiB {gb / med(scans):.2f} GB/s (median)")
 

@@ -93,11 +93,12 @@ class SampleFeed:
             return None
         return data if quick_jpeg_ok(data, size) else None
 
-    def train_sample(self, n: int) -> dict:
+    def train_sample(self, n: int, failed: bool = False) -> dict:
+        """The rank's n-th sample; `failed`: its bytes did not decode, give the replacement."""
         step, j = self.start_step + n // self.per_rank, n % self.per_rank
         p = self._step_params(step)
         ma, row = self.manifest, int(p["rows"][j])
-        data = self._read_checked(row)
+        data = None if failed else self._read_checked(row)
         if data is not None:
             return {"data": data, "anchor": p["anchor"][j], "shape": p["shape"][j], "flip": p["flip"][j],
                     "sample_id": ma.sample_id[row], "label": ma.label[row], "noise": p["mask_noise"][j], "bad": 0}
@@ -121,19 +122,20 @@ class SampleFeed:
                 "sample_id": sid, "label": ma.label[row], "noise": p["mask_noise"][0], "bad": 1}
 
     # -- eval ----------------------------------------------------------------------------
-    def eval_sample(self, n: int) -> dict:
+    def eval_sample(self, n: int, failed: bool = False) -> dict:
         ma = self.manifest
         row = int(self.eval_rows[min(n, len(self.eval_rows) - 1)])
         anchor, shape = center_window(ma.width[[row]], ma.height[[row]])
-        data = self._read_checked(row)
+        data = None if failed else self._read_checked(row)
         bad = int(data is None)
         if bad:  # keep the row's id and label so results stay aligned; the image is a flat placeholder
             data, anchor[:], shape[:] = PLACEHOLDER, 0.0, 1.0
         return {"data": data, "anchor": anchor[0], "shape": shape[0], "flip": np.int32(0),
                 "sample_id": ma.sample_id[row], "label": ma.label[row], "noise": None, "bad": bad}
 
-    def sample(self, n: int) -> dict:
-        return self.train_sample(n) if self.mode == "train" else self.eval_sample(n)
+    def sample(self, n: int, failed: bool = False) -> dict:
+        """Sample n; with failed=True the deterministic replacement a decoder falls back to."""
+        return self.train_sample(n, failed) if self.mode == "train" else self.eval_sample(n, failed)
 
     def __call__(self, sample_info) -> tuple:
         """DALI external_source (sample mode) entry point."""

@@ -41,11 +41,12 @@ class IngestResult:
     rejected_count: int
     reasons: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # starting Ray (0 when inline or Ray was already running)
 
     def summary(self) -> str:
-        rate = (self.samples + self.rejected_count) / max(self.seconds, 1e-9)
+        rate = (self.samples + self.rejected_count) / max(self.seconds - self.startup_seconds, 1e-9)
         lines = [f"ingested {self.samples} samples in {self.classes} classes from a {self.source_kind} source "
-                 f"in {self.seconds:.1f} s ({rate:.0f} files/s)",
+                 f"in {self.seconds:.1f} s ({self.startup_seconds:.1f} s starting Ray, then {rate:.0f} files/s)",
                  f"manifest: {self.manifest}", f"rejected: {self.rejected_count} -> {self.rejected}"]
         lines += [f"  {n:6d}  {reason}" for reason, n in self.reasons.most_common(10)]
         return "\n".join(lines)
@@ -72,13 +73,15 @@ def _start_ray(ray_address: str | None, workers: int):
 
 
 def _run_units(units: Iterable[Unit], opts: IngestOptions, workers: int, ray_address: str | None,
-               on_result: Callable[[Unit, dict], None]) -> None:
+               on_result: Callable[[Unit, dict], None], on_ready: Callable[[], None]) -> None:
     """Run process_unit over `units`, at most `workers` in flight (inline when workers == 0)."""
     if workers <= 0:
+        on_ready()
         for u in units:
             on_result(u, process_unit(u, opts))
         return
     ray, started = _start_ray(ray_address, workers)
+    on_ready()
     try:
         task = ray.remote(num_cpus=1)(process_unit)
         inflight: dict = {}
@@ -131,18 +134,23 @@ def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shar
     rejects: list[dict] = []  # from tasks; plan.rejects (driver-side) may grow while streaming
     known = None if plan.stream is not None or any(u.count is None for u in plan.units) \
         else sum(u.count for u in plan.units) + len(plan.rejects)
+    ready = [t0]
     with _progress(progress) as bar:
         tid = bar.add_task(f"ingest {plan.kind}", total=known, rate=0.0, bad=len(plan.rejects),
                            completed=len(plan.rejects))
+
+        def on_ready() -> None:
+            ready[0] = time.perf_counter()
 
         def on_result(unit: Unit, res: dict) -> None:
             parts.append(res["rows"])
             rejects.extend(res["rejects"])
             done = bar.tasks[0].completed + res["seen"]
-            bar.update(tid, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9),
+            bar.update(tid, completed=done, rate=done / max(time.perf_counter() - ready[0], 1e-9),
                        bad=len(plan.rejects) + len(rejects))
 
-        _run_units(plan.stream if plan.stream is not None else plan.units, opts, workers, ray_address, on_result)
+        _run_units(plan.stream if plan.stream is not None else plan.units, opts, workers, ray_address, on_result,
+                   on_ready)
     rejects = plan.rejects + rejects
     rejected_path = write_rejected(rejects, out)
     table = build_table(parts, val_per_class)
@@ -152,7 +160,8 @@ def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shar
     if not str(Path(source).absolute()).startswith(str(out / SHARD_DIR)):
         _remove_stale_shards(out, set(table["path"].unique().to_pylist()))
     return IngestResult(manifest, rejected_path, plan.kind, table.num_rows, len(table["class_name"].unique()),
-                        len(rejects), Counter(_reason_kind(r["reason"]) for r in rejects), time.perf_counter() - t0)
+                        len(rejects), Counter(_reason_kind(r["reason"]) for r in rejects), time.perf_counter() - t0,
+                        ready[0] - t0)
 
 
 def _reason_kind(reason: str) -> str:

@@ -46,10 +46,20 @@ class _MicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:  # unbounded; iteration is driven by the sampler below
         return 2**62
 
+    def _decoded(self, n: int) -> tuple[dict, np.ndarray]:
+        s = self.feed.sample(n)
+        try:
+            return s, decode_window(s["data"], s["anchor"], s["shape"], int(s["flip"]), self.image_size)
+        except Exception:
+            # Corrupt entropy data passes the cheap byte check but stops PIL (DALI decodes on):
+            # fall back to the feed's deterministic replacement, counted as bad.
+            s = self.feed.sample(n, failed=True)
+            return s, decode_window(s["data"], s["anchor"], s["shape"], int(s["flip"]), self.image_size)
+
     def __getitem__(self, k: int) -> dict:
-        samples = [self.feed.sample(k * self.batch_size + i) for i in range(self.batch_size)]
-        images = np.stack([decode_window(s["data"], s["anchor"], s["shape"], int(s["flip"]), self.image_size)
-                           for s in samples])
+        pairs = [self._decoded(k * self.batch_size + i) for i in range(self.batch_size)]
+        samples = [s for s, _ in pairs]
+        images = np.stack([img for _, img in pairs])
         out = {"images": normalize(torch.from_numpy(images)),
                "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.int64),
                "sample_ids": torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.int64),

@@ -1,7 +1,8 @@
 """Retention: keep the last k commits plus every m-th step; never the newest committed one.
 
 Deleting a commit removes its COMMITTED marker first (and fsyncs the dir), so a crash mid-delete leaves
-an uncommitted dir that every reader ignores, never a "committed" checkpoint with files missing.
+an uncommitted dir that every reader ignores, never a "committed" checkpoint with files missing. The next
+retention pass removes such torn dirs, and the tmp files of a pointer or catalog rewrite cut short by a crash.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ log = logging.getLogger(__name__)
 # step_<N>.replaced.tmp (a re-saved step's old copy).
 _TMP = re.compile(r"^step_(\d{9})(?:\.universal|\.replaced)?\.tmp(?:-[\w.-]+)?$")
 _UNIVERSAL = re.compile(r"^step_(\d{9})\.universal$")
+_STEP = re.compile(r"^step_(\d{9})$")
+# `latest.<pid>.tmp` / `catalog.parquet.<pid>.tmp`: a pointer or catalog rewrite killed before its rename.
+_FILE_TMP = re.compile(r"^(?:latest|catalog\.parquet)\.\d+\.tmp$")
 
 
 def steps_to_keep(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
@@ -50,14 +54,20 @@ def delete_commit(root: Path, step: int, marker: str = "COMMITTED") -> None:
 
 
 def clean_stale(root: Path, newest: int, keep: set[int]) -> list[str]:
-    """Remove tmp dirs of steps <= the newest commit (a newer tmp may be a save in progress) and
-    universal caches of steps no longer kept."""
+    """Remove tmp dirs of steps <= the newest commit (a newer tmp may be a save in progress), universal
+    caches of steps no longer kept, step dirs older than the newest that are not kept (a delete cut short by
+    a crash: no marker, some files gone; a save only ever renames a sealed dir to that name), and the tmp
+    files of an interrupted `latest`/catalog rewrite (rank 0 writes them, and is past both when it gets here)."""
     removed = []
     for entry in os.scandir(root):
-        m_tmp, m_uni = _TMP.match(entry.name), _UNIVERSAL.match(entry.name)
-        stale = (m_tmp and int(m_tmp.group(1)) <= newest) or (m_uni and int(m_uni.group(1)) not in keep)
-        if stale and entry.is_dir():
+        m_tmp, m_uni, m_step = _TMP.match(entry.name), _UNIVERSAL.match(entry.name), _STEP.match(entry.name)
+        stale = (m_tmp and int(m_tmp.group(1)) <= newest) or (m_uni and int(m_uni.group(1)) not in keep) or \
+            (m_step and int(m_step.group(1)) < newest and int(m_step.group(1)) not in keep)
+        if stale and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.name)
+        elif _FILE_TMP.match(entry.name) and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
             removed.append(entry.name)
     return removed
 

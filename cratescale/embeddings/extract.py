@@ -249,7 +249,8 @@ def prepare_store(export_dir: Path | str, manifest_path: Path | str, store_dir: 
                      shard_rows=shard_rows, chunk_rows=min(chunk_rows, shard_rows),
                      source={"manifest": str(manifest.resolve()), "fingerprint": _fingerprint(manifest),
                              "split": split, "rows": n},
-                     provenance={"export": str(Path(export_dir).resolve()), **provenance, "model_config": config})
+                     provenance={"export": str(Path(export_dir).resolve()), **provenance, "model_config": config,
+                                 "fingerprint": _fingerprint(Path(export_dir) / "export.json")})
     return EmbeddingStore.create(store_dir, info)
 
 

@@ -163,10 +163,11 @@ class EmbeddingStore:
             if getattr(have, attr) != getattr(want, attr):
                 raise StoreError(f"{self.root}/store.json: {attr} is {getattr(have, attr)!r}, the request "
                                  f"wants {getattr(want, attr)!r}; use a new store directory")
-        fp_have, fp_want = have.source.get("fingerprint"), want.source.get("fingerprint")
-        if fp_have and fp_want and fp_have != fp_want:
-            raise StoreError(f"{self.root}/store.json: built from another manifest "
-                             f"({have.source.get('manifest')}); use a new store directory")
+        for what, a, b in (("manifest", have.source, want.source), ("export", have.provenance, want.provenance)):
+            fp_have, fp_want = a.get("fingerprint"), b.get("fingerprint")
+            if fp_have and fp_want and fp_have != fp_want:
+                raise StoreError(f"{self.root}/store.json: built from another {what} "
+                                 f"({a.get(what)}); use a new store directory")
 
     # ---- layout ---------------------------------------------------------------------------------
     @property

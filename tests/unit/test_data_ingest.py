@@ -14,7 +14,7 @@ from PIL import Image
 from data_pipeline.ingest import IngestError, ingest, main, run_ingest
 from data_pipeline.reader import ByteReader
 from tests.unit.data_fixtures import (IMAGENET_TAR, add_tar_member, bad_files, build_tar_of_tars, build_wds_shards,
-                                      cifar_subset_tgz, imagenet_folder, imagenet_members, jpeg_bytes)
+                                      cifar_subset_tgz, imagenet_folder, imagenet_members)
 
 
 def _rows(manifest: Path) -> list[dict]:
@@ -239,4 +239,4 @@ def test_source_with_no_good_images_fails_clearly(tmp_path):
     (tmp_path / "src" / "a" / "x.jpg").write_bytes(b"")
     with pytest.raises(IngestError, match="no decodable images"):
         ingest(str(tmp_path / "src"), tmp_path / "out", workers=0, progress=False)
-    assert jpeg_bytes()  # fixture helper stays importable
+    assert (tmp_path / "out" / "rejected.parquet").exists() and not (tmp_path / "out" / "manifest.parquet").exists()

@@ -144,6 +144,23 @@ def test_corrupt_file_at_train_time_is_replaced_and_counted(manifest, tmp_path, 
     assert 3 not in ids and 17 not in ids and len(ids) == 32 and len(set(ids)) == 30
 
 
+@pytest.mark.parametrize("kind,replaced", [("pil", 1), pytest.param("dali", 0, marks=needs_dali)])
+def test_scrambled_entropy_data_never_stops_a_run(manifest, tmp_path, kind, replaced):
+    # Garbage inside the entropy-coded data passes the cheap SOI/EOI/size check. libjpeg-turbo in
+    # DALI decodes it (with a warning); PIL raises, so the PIL backend replaces the sample.
+    rows = pq.read_table(manifest).to_pylist()
+    data = bytearray(open(rows[5]["path"], "rb").read())
+    third = len(data) // 3
+    data[third:2 * third] = np.random.default_rng(0).integers(0, 256, third, dtype=np.uint8).tobytes()
+    (tmp_path / "scrambled.JPEG").write_bytes(bytes(data))
+    rows[5]["path"] = str(tmp_path / "scrambled.JPEG")
+    pq.write_table(pq.read_table(manifest).from_pylist(rows, schema=pq.read_schema(manifest)),
+                   tmp_path / "manifest.parquet")
+    with _train(tmp_path / "manifest.parquet", kind, micro_batch=8) as ld:
+        ids = torch.cat([next(ld)["sample_ids"] for _ in range(4)]).tolist()
+        assert ld.bad_samples == replaced and len(ids) == 32 and (5 in ids) == (replaced == 0)
+
+
 @pytest.mark.parametrize("kind", ["pil", pytest.param("dali", marks=needs_dali)])
 def test_eval_loader_keeps_order_and_last_batch(manifest, kind):
     rows = np.array([5, 3, 7, 0, 31])

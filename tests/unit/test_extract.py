@@ -151,6 +151,12 @@ def test_refuses_a_store_from_other_settings(setup):
     assert EmbeddingStore(root / "s16").info.num_rows == 8         # 4 classes x 2 val images
     with pytest.raises(ValueError, match="dtype"):
         extract(root / "export", manifest, root / "s16", actors=0, split="val", dtype="float32", **OPTS)
+    other = root / "export2"
+    torch.manual_seed(1)
+    m2 = create_model("crate_mae_debug")
+    export_weights(m2.state_dict(), m2.config, {"step": 4}, other)
+    with pytest.raises(ValueError, match="another export"):
+        extract(other, manifest, root / "s16", actors=0, split="val", **OPTS)
     with pytest.raises(ValueError, match="features"):
         extract(root / "export", manifest, root / "bad", actors=0, features=("patch",), **OPTS)
     with pytest.raises(FileNotFoundError, match="manifest"):

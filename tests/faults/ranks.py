@@ -1,0 +1,317 @@
+"""Training ranks as real processes, started fast: a pre-imported server forks them (like multiprocessing's
+forkserver), so a restart costs the gloo rendezvous + DeepSpeed init, not ~20 s of imports on a loaded box.
+
+    with RankServer() as server:
+        job = server.start(config, manifest, world=2, faults={"mode": "seal", "step": 5})
+        ...                        # watch job.run_dir, then job.kill() (SIGKILL to every rank) or job.signal(...)
+        codes = job.wait()         # exit codes like Popen.returncode (-9 = killed, 3 = preempted, 0 = done)
+
+Each rank is its own OS process (own pid, its own gloo socket and files) running the product's entry point,
+`cratescale.launch.entry.TrainTask` (preemption flag, train, exit status 3 when preempted), in a process group
+of its own: killing the group kills every rank at once, as a node failure or `scancel -s KILL` would.
+`faults` plants an in-process SIGKILL of the whole group at an exact place of the commit protocol, for windows
+too narrow to hit from outside (the COMMITTED->rename gap, mid-retention delete, the `latest` pointer swap).
+
+Run as a module (`python -m tests.faults.ranks`) it is the server: JSON commands on stdin, replies on stdout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PREEMPTED_EXIT = 3  # cratescale.launch.entry.PREEMPTED_EXIT (not imported: the client stays torch-free)
+FAULT_MODES = ("seal", "after_rename", "retention", "pointer")
+
+
+# ---------------------------------------------------------------------------------------------- client side
+@dataclass
+class RankJob:
+    server: "RankServer"
+    pids: list[int]
+    pgid: int
+    run_dir: Path
+    logs: list[Path]
+    codes: list[int] | None = field(default=None)
+
+    def kill(self) -> None:
+        """SIGKILL every rank at once (the whole process group)."""
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def signal(self, signum: int, ranks: list[int] | None = None) -> None:
+        for rank, pid in enumerate(self.pids):
+            if ranks is None or rank in ranks:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def alive(self) -> bool:
+        return any(_pid_alive(pid) for pid in self.pids)
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        if self.codes is None:
+            self.codes = self.server.call({"op": "wait", "pids": self.pids, "timeout": timeout})["codes"]
+        return self.codes
+
+    def output(self, rank: int = 0, tail: int = 3000) -> str:
+        try:
+            return self.logs[rank].read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""
+
+    def result(self, rank: int = 0) -> dict | None:
+        """The JSON line a rank printed when its TrainTask returned (None when it did not)."""
+        for line in reversed(self.output(rank, tail=100_000).splitlines()):
+            if line.startswith("{\"result\""):
+                return json.loads(line)["result"]
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie is dead, only not yet reaped
+    except (OSError, IndexError):
+        return False
+
+
+class RankServer:
+    """The client: starts the pre-imported server process and asks it to fork ranks."""
+
+    def __init__(self, timeout: float = 600):
+        env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                   PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.faults.ranks"], cwd=REPO, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
+        self.starts = 0
+        hello = self._read(timeout)
+        assert hello.get("ready"), hello
+
+    def _read(self, timeout: float) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"rank server died (exit {self.proc.poll()})")
+        return json.loads(line)
+
+    def call(self, command: dict, timeout: float = 600) -> dict:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read(timeout)
+        if "error" in reply:
+            raise RuntimeError(f"rank server: {reply['error']}")
+        return reply
+
+    def start(self, config: Path, manifest: Path, world: int, faults: dict | None = None,
+              log_dir: Path | None = None) -> RankJob:
+        import yaml
+
+        run_dir = Path(yaml.safe_load(Path(config).read_text())["run_dir"])
+        log_dir = Path(log_dir or run_dir.parent / f"{run_dir.name}.logs")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        logs = [log_dir / f"start{self.starts:04d}_rank{r}.log" for r in range(world)]
+        reply = self.call({"op": "start", "config": str(config), "manifest": str(manifest), "world": world,
+                           "faults": faults or {}, "logs": [str(p) for p in logs]})
+        return RankJob(self, reply["pids"], reply["pgid"], run_dir, logs)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "RankServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------- server side
+def _preload() -> None:
+    """Everything a rank imports, so forked ranks start warm. torch._dynamo/_inductor: DeepSpeed's optimizer
+    check imports them (~5-10 s here); nothing below starts a thread, so forking stays safe."""
+    import importlib
+
+    for name in ("torch", "deepspeed", "torch._dynamo", "torch._inductor.compile_fx",
+                 "deepspeed.runtime.zero.muon.original_muon", "deepspeed.runtime.engine",
+                 "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
+                 "deepspeed.utils.zero_to_fp32", "pandas", "pyarrow.parquet", "pyarrow.dataset", "PIL.Image",
+                 "cratescale.launch.entry", "cratescale.engine.trainer", "data_pipeline.loader",
+                 "data_pipeline.pil_loader", "deepspeed.comm.torch"):
+        importlib.import_module(name)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+_REPLY_FD: int | None = None
+
+
+def _kill_group() -> None:
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _plant_faults(faults: dict) -> None:
+    """Rank 0 SIGKILLs every rank at the named place of the commit of step `faults['step']`."""
+    mode, at = faults.get("mode"), int(faults.get("step", -1))
+    if not mode:
+        return
+    if mode not in FAULT_MODES:
+        raise ValueError(f"unknown fault mode {mode!r}")
+    from cratescale.checkpoint import commit as commit_mod
+    from cratescale.checkpoint import retention
+
+    state = {"step": None}
+    real_commit = commit_mod.CheckpointStore.commit
+
+    def commit(self, step, meta=None):
+        state["step"] = step
+        return real_commit(self, step, meta)
+
+    commit_mod.CheckpointStore.commit = commit
+    hit = lambda: state["step"] == at  # noqa: E731
+    if mode in ("seal", "after_rename"):
+        hook = "before_rename" if mode == "seal" else "after_rename"
+        commit_mod.TEST_HOOKS[hook] = lambda: _kill_group() if hit() else None
+    elif mode == "retention":
+        # After the deleted commit's marker is gone and half its files are removed: the torn dir must be
+        # invisible to readers and cleaned up later.
+        real_rmtree = retention.shutil.rmtree
+
+        class _Shutil:
+            @staticmethod
+            def rmtree(path, ignore_errors=False):
+                if hit() and Path(path).name.startswith("step_") and Path(path).is_dir():
+                    files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+                    for p in files[: len(files) // 2]:
+                        p.unlink()
+                    _kill_group()
+                return real_rmtree(path, ignore_errors=ignore_errors)
+
+        retention.shutil = _Shutil
+    elif mode == "pointer":
+        real_write = commit_mod.write_file_durable
+
+        def write_file_durable(path, data):
+            real_write(path, data)
+            if hit() and Path(path).name.startswith(commit_mod.LATEST + "."):
+                _kill_group()  # the new pointer is written to its tmp name, not yet renamed over `latest`
+
+        commit_mod.write_file_durable = write_file_durable
+
+
+def _rank_main(rank: int, world: int, port: int, command: dict) -> None:
+    """In the forked child: become rank `rank` and run the product's TrainTask."""
+    code = 1
+    try:
+        if _REPLY_FD is not None:
+            os.close(_REPLY_FD)
+        fd = os.open(command["logs"][rank], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        if rank == 0:
+            _plant_faults(command.get("faults") or {})
+        from cratescale.launch.entry import TrainTask
+
+        result = TrainTask(command["config"], command["manifest"], 1e11)()  # exits 3 itself when preempted
+        print(json.dumps({"result": result}), flush=True)
+        code = 0
+    except BaseException:  # noqa: BLE001 - report anything, exit non-zero
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)  # never run the server's atexit/pytest machinery in a child
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(command: dict) -> dict:
+    world, port = int(command["world"]), _free_port()
+    pids: list[int] = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            os.setpgid(0, 0 if rank == 0 else pids[0])
+            _rank_main(rank, world, port, command)
+        os.setpgid(pid, pid if rank == 0 else pids[0])  # also here: no race with the child's own call
+        pids.append(pid)
+    return {"pids": pids, "pgid": pids[0]}
+
+
+def _wait(pids: list[int], timeout: float) -> dict:
+    """Reap every rank; past the timeout the stragglers are SIGKILLed (and reported as such)."""
+    deadline, codes = time.monotonic() + timeout, {}
+    while len(codes) < len(pids):
+        for pid in pids:
+            if pid in codes:
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        if len(codes) < len(pids):
+            if time.monotonic() > deadline:
+                for pid in pids:
+                    if pid not in codes:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                deadline = float("inf")
+            time.sleep(0.01)
+    return {"codes": [codes[p] for p in pids]}
+
+
+def serve() -> None:
+    # Replies go to the original stdout; anything a library prints (import warnings) goes to stderr.
+    global _REPLY_FD
+    out = os.fdopen(os.dup(1), "w")
+    _REPLY_FD = out.fileno()  # forked ranks close it: they must not hold the reply pipe open
+    os.dup2(2, 1)
+    _preload()
+    out.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        command = json.loads(line)
+        try:
+            if command["op"] == "exit":
+                break
+            reply = _start(command) if command["op"] == "start" else _wait(command["pids"], command["timeout"])
+        except Exception as exc:  # noqa: BLE001 - the client raises it
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    serve()

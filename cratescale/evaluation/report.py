@@ -113,14 +113,16 @@ def write_report(out_dir: Path | str, *, results: Mapping[str, Mapping[str, Any]
 
 def diagnostic_batch(manifest_path: Path | str, n: int, image_size: int, *, split: str = "val",
                      loader_kind: str = "auto") -> torch.Tensor:
-    """The first n images of `split` in manifest order (resize + center crop): a fixed batch."""
+    """n images of `split` spread evenly over the manifest (which is sorted by class), so the fixed batch
+    shows several classes (resize + center crop)."""
     import pandas as pd
     from data_pipeline.loader import make_eval_loader
 
     manifest = pd.read_parquet(manifest_path, columns=["split"])
-    rows = np.flatnonzero(manifest.split.to_numpy() == split)[:n]
+    rows = np.flatnonzero(manifest.split.to_numpy() == split)
     if len(rows) == 0:
-        rows = np.arange(min(n, len(manifest)))
+        rows = np.arange(len(manifest))
+    rows = rows[np.linspace(0, len(rows) - 1, num=min(n, len(rows))).astype(np.int64)]
     loader = make_eval_loader(manifest_path, rows, batch_size=len(rows), image_size=image_size, kind=loader_kind)
     try:
         return next(iter(loader))["images"].cpu()

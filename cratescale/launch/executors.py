@@ -7,7 +7,7 @@ from typing import Any
 
 import submitit
 
-from cratescale.config import ConfigError, JobConfig, ProfileConfig
+from cratescale.config import JobConfig, ProfileConfig
 
 
 def slurm_parameters(job: JobConfig, profile: ProfileConfig) -> dict[str, Any]:
@@ -34,8 +34,6 @@ def make_executor(job: JobConfig, profile: ProfileConfig, folder: Path) -> submi
         executor.update_parameters(tasks_per_node=job.world_size, timeout_min=job.cluster.time_min or 60 * 24,
                                    name=job.name)
         return executor
-    if profile.scheduler != "slurm":
-        raise ConfigError(f"cluster.profile: {profile.name!r} is not a SLURM profile (scheduler: {profile.scheduler})")
     # max_num_timeout bounds how many USR2 stops submitit tolerates; our own requeue path counts separately.
     executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=job.cluster.max_requeues)
     executor.update_parameters(**slurm_parameters(job, profile))

@@ -82,13 +82,11 @@ def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Pat
 
 
 def _save_reconstructions(job: JobConfig, paths: RunPaths, model: Any) -> None:
-    import numpy as np
     from cratescale.evaluation.plots import plot_reconstructions
-    from data_pipeline.loader import make_eval_loader
+    from cratescale.evaluation.report import diagnostic_batch
 
-    batch = next(iter(make_eval_loader(paths.manifest, np.arange(8), batch_size=8, image_size=job.data.image_size,
-                                       kind=job.data.loader)))
-    plot_reconstructions(model, batch["images"], paths.export / "reconstructions.png", seed=job.seed)
+    images = diagnostic_batch(paths.manifest, 8, job.data.image_size, loader_kind=job.data.loader)
+    plot_reconstructions(model, images, paths.export / "reconstructions.png", seed=job.seed)
 
 
 def extract_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:

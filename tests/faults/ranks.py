@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PREEMPTED_EXIT = 3  # cratescale.launch.entry.PREEMPTED_EXIT (not imported: the client stays torch-free)
-FAULT_MODES = ("seal", "after_rename", "retention", "pointer")
+FAULT_MODES = ("seal", "after_rename", "retention", "pointer", "enospc")
 
 
 # ---------------------------------------------------------------------------------------------- client side
@@ -164,13 +164,41 @@ def _kill_group() -> None:
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+def _plant_enospc(at: int, match: str) -> None:
+    """This rank's torch.save of a file whose path contains `match` fails with ENOSPC in the save of step
+    `at` (the write layer, as a full disk on one node's share would)."""
+    import errno
+
+    import torch
+
+    from cratescale.engine import trainer
+
+    state = {"step": None}
+    real_save_state, real_save = trainer.save_state, torch.save
+
+    def save_state(engine, store, step, meta, rank):
+        state["step"] = step
+        return real_save_state(engine, store, step, meta, rank)
+
+    def save(obj, f, *args, **kwargs):
+        if state["step"] == at and match in str(f):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    trainer.save_state, torch.save = save_state, save
+
+
 def _plant_faults(faults: dict) -> None:
-    """Rank 0 SIGKILLs every rank at the named place of the commit of step `faults['step']`."""
+    """At the commit of step `faults['step']`: rank 0 SIGKILLs every rank at the named place of the commit
+    protocol, or ("enospc") a write of the rank `faults['rank']` fails with ENOSPC."""
     mode, at = faults.get("mode"), int(faults.get("step", -1))
     if not mode:
         return
     if mode not in FAULT_MODES:
         raise ValueError(f"unknown fault mode {mode!r}")
+    if mode == "enospc":
+        _plant_enospc(at, faults.get("match", ""))
+        return
     from cratescale.checkpoint import commit as commit_mod
     from cratescale.checkpoint import retention
 
@@ -232,8 +260,9 @@ def _rank_main(rank: int, world: int, port: int, command: dict) -> None:
                           MASTER_PORT=str(port))
         for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
-        if rank == 0:
-            _plant_faults(command.get("faults") or {})
+        faults = command.get("faults") or {}
+        if rank == int(faults.get("rank", 0)):
+            _plant_faults(faults)
         from cratescale.launch.entry import TrainTask
 
         result = TrainTask(command["config"], command["manifest"], 1e11)()  # exits 3 itself when preempted

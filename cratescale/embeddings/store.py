@@ -49,6 +49,10 @@ class StoreError(ValueError):
     """A store is missing, malformed, or does not match what the caller asked for."""
 
 
+class StoreWriteError(StoreError):
+    """Writing a shard failed (disk full, I/O error): it stays uncommitted, its partial files are removed."""
+
+
 @dataclass(frozen=True)
 class StoreInfo:
     """What `store.json` holds: everything needed to interpret the arrays."""
@@ -229,18 +233,33 @@ class EmbeddingStore:
             arrays[name] = np.ascontiguousarray(a.astype(self.info.dtype, copy=False))
         meta = self._shard_metadata(k, metadata, start, n)
         self.marker_path(k).unlink(missing_ok=True)
-        for name, a in arrays.items():
-            shutil.rmtree(self._shard_dir(name, k), ignore_errors=True)  # leftovers of a killed attempt
-            self.group[name][start:stop] = a                             # one whole-shard write
-            for f in self._shard_dir(name, k).iterdir():
-                _fsync(f)
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pandas(meta, schema=_META_SCHEMA, preserve_index=False), sink)
-        _write_atomic(self.metadata_path(k), sink.getvalue().to_pybytes())
-        marker = {"shard": k, "rows": n, "start": start,
-                  "crc32": {name: crc32_of(a) for name, a in sorted(arrays.items())}}
-        _write_atomic(self.marker_path(k), json.dumps(marker, sort_keys=True).encode())
+        try:
+            for name, a in arrays.items():
+                shutil.rmtree(self._shard_dir(name, k), ignore_errors=True)  # leftovers of a killed attempt
+                self.group[name][start:stop] = a                             # one whole-shard write
+                for f in self._shard_dir(name, k).iterdir():
+                    _fsync(f)
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pandas(meta, schema=_META_SCHEMA, preserve_index=False), sink)
+            _write_atomic(self.metadata_path(k), sink.getvalue().to_pybytes())
+            marker = {"shard": k, "rows": n, "start": start,
+                      "crc32": {name: crc32_of(a) for name, a in sorted(arrays.items())}}
+            _write_atomic(self.marker_path(k), json.dumps(marker, sort_keys=True).encode())
+        except Exception as exc:
+            # Disk full, I/O error: leave no part of this shard behind (its rows read as NaN again, the
+            # space is freed) and say which shard failed and why, on one line.
+            self._discard_shard(k)
+            cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise StoreWriteError(f"{self.root}: shard {k}: write failed, shard left uncommitted: {cause}") from exc
         return marker
+
+    def _discard_shard(self, k: int) -> None:
+        self.marker_path(k).unlink(missing_ok=True)
+        for name in self.info.dims:
+            shutil.rmtree(self._shard_dir(name, k), ignore_errors=True)
+        for final in (self.metadata_path(k), self.marker_path(k)):
+            final.unlink(missing_ok=True)
+            final.with_name(f".{final.name}.tmp{os.getpid()}").unlink(missing_ok=True)  # _write_atomic's tmp
 
     def _shard_metadata(self, k: int, metadata: pd.DataFrame, start: int, n: int) -> pd.DataFrame:
         missing = [c for c in META_COLUMNS if c != "row" and c not in metadata.columns]

@@ -1,10 +1,12 @@
 """Collective save and resume of the whole training state (DeepSpeed + loader + RNG + counters)."""
 from __future__ import annotations
 
+import pickle
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -42,16 +44,26 @@ def plan_resume(store: CheckpointStore, config_hash: str, global_batch: int, wor
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG stream as tensors and plain values only, so loading it needs no pickle (weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "python": random.getstate()}
 
 
 def _set_rng_state(path: Path) -> None:
     if not path.exists():
         return
-    state = torch.load(path, weights_only=False)  # our own file: numpy/python RNG tuples are not tensors
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        # Written before the RNG file held tensors only (numpy arrays pickled); our own commit, checksummed.
+        state = torch.load(path, weights_only=False)  # trusted: legacy RNG file of this run's own commit
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def load_state(engine: Any, plan: ResumePlan, rank: int) -> dict[str, Any]:
@@ -68,18 +80,48 @@ def load_state(engine: Any, plan: ResumePlan, rank: int) -> dict[str, Any]:
 def _any_rank(flag: bool) -> bool:
     if not dist.is_initialized():
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError (ENOSPC, EIO, ...) behind an error, if any: torch's zip writer wraps a failed write in
+    "RuntimeError: ... unexpected pos", with the OSError as its context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _describe(error: BaseException) -> str:
+    """One line: the OS error behind it if there is one, else the error itself (a store error is unwrapped)."""
+    if isinstance(error, CheckpointWriteError) and error.__cause__ is not None:
+        error = error.__cause__
+    error = _os_error(error) or error
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _failures(error: BaseException | None, rank: int) -> str:
+    """Every rank learns what failed where ("rank 1: OSError: [Errno 28] No space left on device: ...")."""
+    mine = None if error is None else f"rank {rank}: {_describe(error)}"
+    if not dist.is_initialized():
+        return mine or ""
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return "; ".join(g for g in gathered if g)
+
+
 def _agree_or_raise(store: CheckpointStore, step: int, rank: int, error: BaseException | None) -> None:
-    """Every rank learns whether any rank failed; then all raise together (no rank left in a barrier)."""
+    """Every rank learns whether any rank failed, and why; then all raise together (no rank left in a barrier)."""
     if _any_rank(error is not None):
+        reason = _failures(error, rank)
         if rank == 0:
-            raise store.abort(step, error or "another rank failed to write its part")
-        raise CheckpointWriteError(f"checkpoint step {step}: {error or 'another rank failed to write its part'}")
+            raise store.abort(step, reason) from error
+        raise CheckpointWriteError(f"checkpoint step {step}: {reason}") from error
 
 
 def _attempt(fn: Any, *args: Any) -> BaseException | None:
@@ -90,14 +132,64 @@ def _attempt(fn: Any, *args: Any) -> BaseException | None:
         return exc
 
 
+@contextmanager
+def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
+    """DeepSpeed's save_checkpoint holds barriers between its writes: a rank whose write raised would leave
+    the other ranks in the next barrier for good. So the writes record their first failure and let this
+    rank pass every barrier with the others; the caller raises it once save_checkpoint has returned.
+    Files are written through Python file objects, so a failed write keeps its errno (torch.save to a path
+    turns ENOSPC into "unexpected pos 128 vs 0")."""
+    errors: list[BaseException] = []
+    ckpt = engine.checkpoint_engine
+    real_save, real_copy = ckpt.save, engine._copy_recovery_script
+
+    def save(state_dict: Any, path: str) -> None:
+        if errors:
+            return  # this rank's part is lost already: write nothing more
+        try:
+            if type(ckpt).__name__ == "TorchCheckpointEngine":
+                with open(path, "wb") as f:
+                    torch.save(state_dict, f, _use_new_zipfile_serialization=ckpt.zipfile_serialization)
+            else:
+                real_save(state_dict, path)
+        except Exception as exc:  # noqa: BLE001 - raised after the barriers
+            cause = _os_error(exc)
+            if cause is not None and cause.filename is None:  # a failed write() names no file: name it
+                named = OSError(cause.errno, cause.strerror, path)
+                named.__cause__ = exc
+                exc = named
+            errors.append(exc)
+
+    def copy_recovery_script(save_path: str) -> None:
+        try:
+            real_copy(save_path)
+        except Exception as exc:  # noqa: BLE001 - raised after the barriers
+            errors.append(exc)
+
+    ckpt.save, engine._copy_recovery_script = save, copy_recovery_script  # instance attributes shadow methods
+    try:
+        yield errors
+    finally:
+        del ckpt.save, engine._copy_recovery_script
+
+
 def save_state(engine: Any, store: CheckpointStore, step: int, meta: dict[str, Any], rank: int) -> Commit:
     """Every rank writes its part into step_N.tmp; rank 0 commits once all have succeeded."""
     path = store.tmp_path(step)
     _agree_or_raise(store, step, rank, _attempt(store.begin, step) if rank == 0 else None)
 
     def write_part() -> None:
-        engine.save_checkpoint(str(path), tag=DS_TAG)
-        torch.save(_rng_state(), path / f"rank{rank}_rng.pt")
+        # save_latest=False: DeepSpeed writes its `latest` tag file between two barriers, unguarded; we write
+        # the same file below, where a failure goes through the agreement like any other.
+        with _deferred_write_errors(engine) as errors:
+            engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
+        if errors:
+            raise errors[0]
+        if rank == 0:
+            with open(path / "latest", "w") as f:
+                f.write(DS_TAG)
+        with open(path / f"rank{rank}_rng.pt", "wb") as f:
+            torch.save(_rng_state(), f)
 
     _agree_or_raise(store, step, rank, _attempt(write_part))
     _agree_or_raise(store, step, rank, _attempt(store.commit, step, meta) if rank == 0 else None)

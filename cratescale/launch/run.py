@@ -31,6 +31,9 @@ def check_profile_fit(job: JobConfig, profile: ProfileConfig) -> None:
 def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: list[str]) -> None:
     """Everything that can be checked before anything is started or queued."""
     check_profile_fit(job, profile)
+    if job.cluster.array and "pretrain" in stages:  # refuse rather than silently train one run instead of N
+        raise ConfigError(f"cluster.array: job arrays ({len(job.cluster.array)} entries) are not implemented yet; "
+                          f"launch one job per entry with its overrides instead")
     if "ingest" in stages and not paths.manifest.exists() and "://" not in job.data.source \
             and not Path(job.data.source).exists():
         raise ConfigError(f"data.source: {job.data.source} does not exist")

@@ -181,8 +181,9 @@ def _plant_enospc(at: int, match: str) -> None:
         return real_save_state(engine, store, step, meta, rank)
 
     def save(obj, f, *args, **kwargs):
-        if state["step"] == at and match in str(f):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        name = str(getattr(f, "name", f))
+        if state["step"] == at and match in os.path.basename(name):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
         return real_save(obj, f, *args, **kwargs)
 
     trainer.save_state, torch.save = save_state, save
@@ -260,6 +261,9 @@ def _rank_main(rank: int, world: int, port: int, command: dict) -> None:
                           MASTER_PORT=str(port))
         for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
+        import faulthandler
+
+        faulthandler.enable(all_threads=True)  # a rank the server must abort (a hang) shows where it was
         faults = command.get("faults") or {}
         if rank == int(faults.get("rank", 0)):
             _plant_faults(faults)
@@ -310,12 +314,14 @@ def _wait(pids: list[int], timeout: float) -> dict:
                 codes[pid] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         if len(codes) < len(pids):
             if time.monotonic() > deadline:
-                for pid in pids:
-                    if pid not in codes:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                for sig in (signal.SIGABRT, signal.SIGKILL):  # SIGABRT: faulthandler prints the stacks
+                    for pid in pids:
+                        if pid not in codes:
+                            try:
+                                os.kill(pid, sig)
+                            except ProcessLookupError:
+                                pass
+                    time.sleep(1.0)
                 deadline = float("inf")
             time.sleep(0.01)
     return {"codes": [codes[p] for p in pids]}

@@ -85,11 +85,12 @@ def extract_setup(tmp_path_factory):
 def test_extraction_killed_repeatedly_ends_byte_identical(extract_setup):
     from cratescale.embeddings.store import EmbeddingStore
 
+    from cratescale.embeddings.extract import extract
+
     root, manifest = extract_setup
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    ref = subprocess.run(_extract_cmd(root / "export", manifest, root / "ref"), env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    opts = dict(actors=0, layers=(1,), shard_rows=4, chunk_rows=4, batch_size=4, loader_kind="pil", dtype="float32")
+    extract(root / "export", manifest, root / "ref", **opts)  # the uninterrupted store, in-process (same code)
 
     store_dir, rng, kills, progress = root / "killed", np.random.default_rng(8), 0, []
     for attempt in range(12):
@@ -116,9 +117,7 @@ def test_extraction_killed_repeatedly_ends_byte_identical(extract_setup):
         progress.append(len(store.committed()))
     print(f"\nextraction: {kills} kills, committed shards after each: {progress}")
     assert kills >= 4, f"the extraction finished after only {kills} kills: {progress}"
-    final = subprocess.run(_extract_cmd(root / "export", manifest, store_dir), env=env, cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0, final.stderr[-2000:]
+    extract(root / "export", manifest, store_dir, **opts)  # the last rerun
     store = EmbeddingStore(store_dir)
     assert store.is_complete() and store.verify() == []
     ref_files, got_files = _files(root / "ref"), _files(store_dir)

@@ -47,9 +47,18 @@ def last_step(run_dir: Path) -> int:
 
 
 def mid_run(run_dir: Path, starts: int, ahead: int = 2) -> bool:
-    """The `starts`-th start has trained `ahead` steps and has not finished."""
+    """The `starts`-th start has trained `ahead` steps (and has not finished)."""
     s = rows(run_dir, "start")
     return len(s) == starts and last_step(run_dir) >= s[-1]["step"] + ahead
+
+
+def restarted(run_dir: Path, starts: int) -> bool:
+    """The run has started `starts` times; fails at once if it finished before a stop landed."""
+    if len(rows(run_dir, "start")) >= starts:
+        return True
+    ends = rows(run_dir, "end")
+    assert not (ends and ends[-1]["status"] == "completed"), "the run finished before the stop landed"
+    return False
 
 
 def log_tail(run_dir: Path, lines: int = 25) -> str:
@@ -196,7 +205,7 @@ def test_usr2_sigterm_and_preemption_requeue_under_the_same_id_and_resume_exactl
         wait_until(lambda: mid_run(run_dir, k), RESTART_TIMEOUT, f"start {k} mid-run", run_dir, job.job_id)
         out = subprocess.run(command(job.job_id), capture_output=True, text=True, check=True)
         high_id = out.stdout.strip() or high_id
-        wait_until(lambda: len(rows(run_dir, "start")) == k + 1, RESTART_TIMEOUT, f"the restart after {what}",
+        wait_until(lambda: restarted(run_dir, k + 1), RESTART_TIMEOUT, f"the restart after {what}",
                    run_dir, job.job_id)
         check_resumed_at_stop(run_dir, k, what, job.job_id)
     wait_done_kicking(job, timeout=RESTART_TIMEOUT)
@@ -241,7 +250,7 @@ def test_signals_during_checkpoint_writes_and_kill9_lose_no_committed_step(tmp_p
     wait_until(lambda: mid_run(run_dir, 1), RESTART_TIMEOUT, "start 1 mid-run", run_dir, job_id)
     first = job_id()
     sent = _storm(first, run_dir)
-    wait_until(lambda: len(rows(run_dir, "start")) == 2, RESTART_TIMEOUT, "the restart after the storm",
+    wait_until(lambda: restarted(run_dir, 2), RESTART_TIMEOUT, "the restart after the storm",
                run_dir, job_id)
     check_resumed_at_stop(run_dir, 1, "USR2 storm", first)
     windows = [(r["time"] - r["seconds"], r["time"]) for r in rows(run_dir, "commit")]
@@ -258,7 +267,7 @@ def test_signals_during_checkpoint_writes_and_kill9_lose_no_committed_step(tmp_p
     store = CheckpointStore(run_dir / "checkpoints")
     survived = store.latest().step
     killed_at = last_step(run_dir)
-    wait_until(lambda: len(rows(run_dir, "start")) == 3, RESTART_TIMEOUT, "the resubmission after kill -9",
+    wait_until(lambda: restarted(run_dir, 3), RESTART_TIMEOUT, "the resubmission after kill -9",
                run_dir, job_id)
     third = rows(run_dir, "start")[2]
     assert third["resumed"] and third["step"] == survived, f"{third} (newest commit {survived})"
@@ -312,11 +321,15 @@ def test_scancel_saves_and_stays_cancelled(tmp_path, tiny_manifest, job_names):
     job = submit(run_dir, tiny_manifest, job_names.new("cancel"), ["checkpoint.every_steps=50"])
     wait_until(lambda: mid_run(run_dir, 1), RESTART_TIMEOUT, "start 1 mid-run", run_dir)
     subprocess.run(["scancel", job.job_id], check=True)
-    assert wait_sacct(job.job_id, "CANCELLED", timeout=60) == ["CANCELLED"]
+    # A self-requeue would happen before the ranks exit: once SLURM is done with the job it would show.
+    wait_until(lambda: slurm_tools.job_info(job.job_id).get("JobState") not in ("RUNNING", "COMPLETING"), 60,
+               "the job's end", run_dir)
+    info = slurm_tools.job_info(job.job_id)
+    assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", info
+    assert wait_sacct(job.job_id, "CANCELLED") == ["CANCELLED"]
     stop = rows(run_dir, "end")[-1]
     assert stop["status"] == "preempted" and CheckpointStore(run_dir / "checkpoints").latest().step == stop["step"]
-    info = slurm_tools.job_info(job.job_id)   # a self-requeue happens before the ranks exit: it would show here
-    assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", info
+    assert len(rows(run_dir, "start")) == 1
 
 
 def _profile_missing_a_field(tmp_path: Path) -> str:
@@ -331,11 +344,13 @@ def _profile_missing_a_field(tmp_path: Path) -> str:
     ("profile", ["cluster.profile={broken}"], "peak_flops_per_gpu: Field required", False),
     ("cpus", ["cluster.tasks_per_node=4", "schedule.micro_batch=4"], "4 tasks x 1 cpus = 4 CPUs per node asked",
      False),
+    ("array", ["cluster.array=[{model.overrides.mask_ratio: 0.5}, {model.overrides.mask_ratio: 0.9}]"],
+     "cluster.array: job arrays (2 entries) are not implemented yet", False),
 ])
 def test_bad_cluster_input_exits_2_with_one_line_and_queues_nothing(case, extra, message, subprocess_cli, tmp_path,
                                                                    tiny_manifest, job_names, capsys):
     name = job_names.new(case)
-    extra = [e.format(broken=_profile_missing_a_field(tmp_path)) for e in extra]
+    extra = [e.replace("{broken}", _profile_missing_a_field(tmp_path)) for e in extra]
     run_dir = tmp_path / "run"
     # the later override wins: the bad value replaces job_overrides' own one
     argv = [str(BASE_JOB), *job_overrides(run_dir, tiny_manifest, name, extra)]

@@ -28,6 +28,28 @@ def check_profile_fit(job: JobConfig, profile: ProfileConfig) -> None:
         raise ConfigError(f"cluster.profile: {profile.name!r} is not a SLURM profile (scheduler: {profile.scheduler})")
 
 
+def check_model(job: JobConfig) -> None:
+    """The job's model builds (on the meta device: no memory, no time) and takes the data's image size."""
+    import torch
+
+    from cratescale.engine.trainer import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(job)
+    except (ValueError, TypeError) as err:  # ModelConfigError: unknown name or setting, bad sizes
+        raise ConfigError(f"model: {err}") from None
+    if model.img_size != job.data.image_size:
+        raise ConfigError(f"data.image_size: {job.data.image_size}, but {job.model.name} takes {model.img_size} px "
+                          f"images (model.overrides.img_size)")
+
+
+def _check_creatable(field: str, path: Path) -> None:
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"{field}: {path} cannot be created ({existing} is not a writable directory)")
+
+
 def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: list[str]) -> None:
     """Everything that can be checked before anything is started or queued."""
     check_profile_fit(job, profile)
@@ -39,9 +61,16 @@ def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: l
         raise ConfigError(f"data.source: {job.data.source} does not exist")
     if "ingest" not in stages and "pretrain" in stages and not paths.manifest.exists():
         raise ConfigError(f"data.root: no manifest at {paths.manifest} and the ingest stage is not in the job")
-    existing = next((p for p in [paths.run_dir, *paths.run_dir.parents] if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"run_dir: {paths.run_dir} cannot be created ({existing} is not a writable directory)")
+    weights = job.checkpoint.start_fresh_from_weights
+    if "pretrain" in stages and weights and not (Path(weights) / "export.json").is_file():
+        raise ConfigError(f"checkpoint.start_fresh_from_weights: {weights} is not an export (no export.json)")
+    if "extract" in stages:
+        for i, ds in enumerate(job.extract.datasets):
+            if "://" not in ds.source and not Path(ds.source).expanduser().exists():
+                raise ConfigError(f"extract.datasets.{i}.source: {ds.source} does not exist")
+    _check_creatable("run_dir", paths.run_dir)
+    if "ingest" in stages and not paths.manifest.exists():
+        _check_creatable("data.root", paths.data_root)
     if job.cluster.executor == "slurm" and "pretrain" in stages:
         from cratescale.launch.slurm_tools import validate_request
 
@@ -71,6 +100,7 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
     chosen = [s for s in job.stages if stages is None or s in stages.split(",")]
     if stages and (unknown := set(stages.split(",")) - set(STAGES)):
         raise ConfigError(f"--stages: unknown stage(s) {sorted(unknown)}; known: {list(STAGES)}")
+    check_model(job)
     if dry_run:  # at target scale, away from the cluster: its paths and partitions are not checked here
         check_profile_fit(job, profile)
         from cratescale.launch.plan import render_plan
@@ -78,8 +108,11 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
         print(render_plan(job, profile, paths))
         return 0
     preflight(job, profile, paths, chosen)
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
-    dump_job(job, paths.config)
+    try:
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_job(job, paths.config)
+    except OSError as err:  # e.g. root passes os.access where the file system still refuses
+        raise ConfigError(f"run_dir: {paths.run_dir} cannot be created: {err.strerror or err}") from None
     start_ray(job.cluster.ray_address)
     for stage in chosen:
         console.rule(f"[bold]{stage}")

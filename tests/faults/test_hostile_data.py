@@ -56,7 +56,7 @@ def _bomb() -> bytes:
 # name -> (bytes, expected reason prefix, or None when the file must be accepted)
 HOSTILE = {
     "zero.jpg": (b"", "zero-byte file"),
-    "truncated.jpg": (_jpeg((64, 48))[:400], "decode failed"),
+    "truncated.jpg": (_jpeg((64, 48))[:2000], "decode failed"),        # header intact, scan data cut
     "random.jpg": (np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes(), "not a decodable image"),
     "png.jpg": (_other("PNG"), "not JPEG content (PNG)"),
     "gif.jpg": (_other("GIF"), "not JPEG content (GIF)"),

@@ -36,7 +36,7 @@ def test_imagenet21k_plan_numbers(tmp_path):
     (["cluster.tasks_per_node=3"], "cannot be split over 3 ranks"),
     (["data.source=/nonexistent/images"], "data.source: /nonexistent/images does not exist"),
     (["cluster.profile=nope"], "no profile 'nope'"),
-    (["cluster.nodes=2"], "cluster.nodes: 2 nodes asked"),
+    (["cluster.nodes=2", "schedule.micro_batch=16"], "cluster.nodes: 2 nodes asked"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     result = run_cli(str(REPO / "jobs/demo.yaml"), f"run_dir={tmp_path}/run", *args)

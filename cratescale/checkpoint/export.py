@@ -125,7 +125,7 @@ def _stage0_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise FileNotFoundError(f"consolidate: no DeepSpeed model states in {tag_dir}")
     # Our own checkpoint, written by this run's DeepSpeed engine (DeepSpeed's format needs full unpickling).
-    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]  # trusted: own DS checkpoint
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
 
 

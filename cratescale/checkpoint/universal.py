@@ -132,7 +132,8 @@ def _mmap_loads(engine: Any) -> Iterator[None]:
         return
 
     def load(path: str, map_location: Any = None) -> Any:
-        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        # A committed checkpoint of this run; DeepSpeed's own loader unpickles it just the same.
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)  # trusted: run's commit
 
     ckpt_engine.load = load
     try:

@@ -1,17 +1,25 @@
 """submitit executors: local processes here, SLURM on a cluster; the same TrainTask either way."""
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from cratescale.config import JobConfig, ProfileConfig
+from cratescale.config import ConfigError, JobConfig, ProfileConfig
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def slurm_parameters(job: JobConfig, profile: ProfileConfig) -> dict[str, Any]:
     """sbatch parameters (submitit.SlurmExecutor names) for the job on this profile."""
+    # Values are shell-quoted below; a name cannot be quoted in `export NAME=...`, so it must be a plain one.
+    bad = [key for key in profile.env if not _ENV_NAME.match(key)]
+    if bad:
+        raise ConfigError(f"cluster.profile: {profile.name!r} env name {bad[0]!r} is not a shell variable name")
     params: dict[str, Any] = {
         "job_name": job.name,
         "nodes": job.cluster.nodes,

@@ -72,6 +72,9 @@ def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: l
     if "ingest" in stages and not paths.manifest.exists():
         _check_creatable("data.root", paths.data_root)
     if job.cluster.executor == "slurm" and "pretrain" in stages:
+        from cratescale.launch.executors import slurm_parameters
+
+        slurm_parameters(job, profile)  # raises ConfigError on a profile that cannot go into the sbatch file
         from cratescale.launch.slurm_tools import validate_request
 
         try:
@@ -89,7 +92,13 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
-        # Local Ray binds to loopback only; its token authentication stays on.
+        # Local Ray binds to loopback only; its token authentication stays on. `_node_ip_address="127.0.0.1"`
+        # alone does not do it: Ray swaps 127.0.0.1 for the host's routable address and its servers listen on
+        # all interfaces (`::`). Its single-machine mode keeps the node address, and so every server, on loopback.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False           # this driver
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the GCS, raylet and workers it starts
         ray.init(address="local", num_cpus=os.cpu_count() or 2, object_store_memory=256 * 2**20, include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=False)
 

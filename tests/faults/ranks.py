@@ -112,7 +112,7 @@ class RankServer:
         return reply
 
     def start(self, config: Path, manifest: Path, world: int, faults: dict | None = None,
-              log_dir: Path | None = None) -> RankJob:
+              log_dir: Path | None = None, umask: int | None = None) -> RankJob:
         import yaml
 
         run_dir = Path(yaml.safe_load(Path(config).read_text())["run_dir"])
@@ -121,7 +121,7 @@ class RankServer:
         self.starts += 1
         logs = [log_dir / f"start{self.starts:04d}_rank{r}.log" for r in range(world)]
         reply = self.call({"op": "start", "config": str(config), "manifest": str(manifest), "world": world,
-                           "faults": faults or {}, "logs": [str(p) for p in logs]})
+                           "faults": faults or {}, "logs": [str(p) for p in logs], "umask": umask})
         return RankJob(self, reply["pids"], reply["pgid"], run_dir, logs)
 
     def close(self) -> None:
@@ -257,6 +257,8 @@ def _rank_main(rank: int, world: int, port: int, command: dict) -> None:
         os.close(null)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
+        if command.get("umask") is not None:
+            os.umask(int(command["umask"]))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
         for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):

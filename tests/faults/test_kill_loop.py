@@ -123,3 +123,21 @@ def test_extraction_killed_repeatedly_ends_byte_identical(extract_setup):
     ref_files, got_files = _files(root / "ref"), _files(store_dir)
     assert sorted(ref_files) == sorted(got_files)  # no stray tmp files either
     assert [k for k in ref_files if ref_files[k] != got_files[k]] == []
+
+
+def test_retention_removes_what_a_crash_left(tmp_path):
+    """What the kill loop found: a delete or pointer swap cut short left a torn step dir and tmp files that no
+    later commit removed. The next retention pass now does (a newer save in progress is left alone)."""
+    from cratescale.checkpoint import CheckpointStore
+
+    store = CheckpointStore(tmp_path, keep_last=1)
+    store.save(2, lambda p: (p / "w.bin").write_bytes(b"two"))
+    torn = tmp_path / "step_000000001"           # marker already unlinked, half its files gone
+    (torn / "ds").mkdir(parents=True)
+    (torn / "ds" / "half.pt").write_bytes(b"half")
+    (tmp_path / "latest.4242.tmp").write_text("step_000000002")
+    (tmp_path / "catalog.parquet.4242.tmp").write_bytes(b"PAR1")
+    (tmp_path / "step_000000009.tmp").mkdir()    # a save in progress (another step) must survive
+    assert store.latest().step == 2              # the torn dir was never visible
+    store.save(3, lambda p: (p / "w.bin").write_bytes(b"three"))
+    assert sorted(os.listdir(tmp_path)) == ["catalog.parquet", "latest", "step_000000003", "step_000000009.tmp"]

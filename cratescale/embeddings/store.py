@@ -232,10 +232,9 @@ class EmbeddingStore:
                 raise StoreError(f"shard {k}: feature {name!r} has shape {a.shape}, expected {(n, d)}")
             arrays[name] = np.ascontiguousarray(a.astype(self.info.dtype, copy=False))
         meta = self._shard_metadata(k, metadata, start, n)
-        self.marker_path(k).unlink(missing_ok=True)
+        self._discard_shard(k)  # whatever a killed or failed attempt left of this shard, marker first
         try:
             for name, a in arrays.items():
-                shutil.rmtree(self._shard_dir(name, k), ignore_errors=True)  # leftovers of a killed attempt
                 self.group[name][start:stop] = a                             # one whole-shard write
                 for f in self._shard_dir(name, k).iterdir():
                     _fsync(f)
@@ -254,12 +253,15 @@ class EmbeddingStore:
         return marker
 
     def _discard_shard(self, k: int) -> None:
+        """Remove every file of shard k: its marker first, then its feature shards, its metadata, and the
+        hidden tmp files of an interrupted _write_atomic (any pid: this process is the shard's only writer)."""
         self.marker_path(k).unlink(missing_ok=True)
         for name in self.info.dims:
             shutil.rmtree(self._shard_dir(name, k), ignore_errors=True)
         for final in (self.metadata_path(k), self.marker_path(k)):
             final.unlink(missing_ok=True)
-            final.with_name(f".{final.name}.tmp{os.getpid()}").unlink(missing_ok=True)  # _write_atomic's tmp
+            for tmp in final.parent.glob(f".{final.name}.tmp*"):
+                tmp.unlink(missing_ok=True)
 
     def _shard_metadata(self, k: int, metadata: pd.DataFrame, start: int, n: int) -> pd.DataFrame:
         missing = [c for c in META_COLUMNS if c != "row" and c not in metadata.columns]

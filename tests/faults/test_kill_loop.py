@@ -54,7 +54,8 @@ def test_kill9_loop_loses_nothing(tmp_path, fault_manifest, rank_server, referen
 
 
 # ---- extraction -----------------------------------------------------------------------------------------
-N_ROWS = 64
+N_ROWS = 64          # 16 shards of 4 rows
+EXTRACT_KILLS = 6
 COMMON = ["--actors", "0", "--layers", "1", "--shard-rows", "4", "--chunk-rows", "4", "--batch-size", "4",
           "--loader", "pil", "--dtype", "float32"]
 
@@ -93,7 +94,7 @@ def test_extraction_killed_repeatedly_ends_byte_identical(extract_setup):
     extract(root / "export", manifest, root / "ref", **opts)  # the uninterrupted store, in-process (same code)
 
     store_dir, rng, kills, progress = root / "killed", np.random.default_rng(8), 0, []
-    for attempt in range(12):
+    while kills < EXTRACT_KILLS:
         p = subprocess.Popen(_extract_cmd(root / "export", manifest, store_dir), env=env, cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         before = len(EmbeddingStore(store_dir).committed()) if (store_dir / "store.json").exists() else 0
@@ -116,7 +117,7 @@ def test_extraction_killed_repeatedly_ends_byte_identical(extract_setup):
         assert len(store.committed()) >= (progress[-1] if progress else 0), "committed shards were lost"
         progress.append(len(store.committed()))
     print(f"\nextraction: {kills} kills, committed shards after each: {progress}")
-    assert kills >= 4, f"the extraction finished after only {kills} kills: {progress}"
+    assert kills == EXTRACT_KILLS, f"the extraction finished after only {kills} kills: {progress}"
     extract(root / "export", manifest, store_dir, **opts)  # the last rerun
     store = EmbeddingStore(store_dir)
     assert store.is_complete() and store.verify() == []

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=None, help="work directory (default: a fresh temp dir, removed after)")
     args = ap.parse_args(argv)
     root = Path(args.root or tempfile.mkdtemp(prefix="cratescale-soak-"))
-    # About 1.3 steps of progress per kill; twice that leaves the kills room, the rest trains uninterrupted.
-    steps = 2 * args.kills + 20
+    # About 1.5 steps of progress per kill; three times that leaves the kills room, the rest trains uninterrupted.
+    steps = 3 * args.kills + 20
     overrides = ["checkpoint.every_steps=1", "checkpoint.keep_last=1", f"schedule.steps={steps}",
                  "logging.every_steps=10"]
     from data_pipeline.ingest import ingest
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:42s} {base!s:>9s} {got!s:>9s}  {target}")
     for problem in report.problems[:20]:
         print("PROBLEM:", problem)
+    for name in left:
+        print("LEFTOVER:", name)
     ok = report.kills == args.kills and not report.problems and equal and samples_equal and not left \
         and report.steps_redone <= report.kills
     print(f"\nRESULT kills={report.kills} restarts={report.restarts} bitwise_equal={equal} "

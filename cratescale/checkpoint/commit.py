@@ -282,6 +282,18 @@ class CheckpointStore:
     def _retain(self, newest: int) -> list[int]:
         return apply_retention(self.root, self._steps(), newest, self.keep_last, self.keep_every, MARKER)
 
+    def tidy(self) -> list[int]:
+        """Retention over what is on disk now, without a new commit: a crash between a commit and its
+        retention pass leaves older commits, a torn delete or tmp files that only the next commit would
+        clear, and a job resumed at its last step commits nothing. One process only (rank 0 at resume)."""
+        steps = self._steps()
+        if not steps:
+            return []
+        newest = step_dir_name(steps[-1])
+        if self.latest_pointer() != newest:  # first: retention may delete the commit a stale pointer names
+            replace_file_atomic(self.root / LATEST, newest.encode())
+        return self._retain(steps[-1])
+
     # ---- read side ---------------------------------------------------------------------------
     def _steps(self) -> list[int]:
         """Steps with a valid COMMITTED marker, ascending (the scan; *.tmp and marker-less dirs ignored)."""

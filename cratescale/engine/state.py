@@ -1,6 +1,7 @@
 """Collective save and resume of the whole training state (DeepSpeed + loader + RNG + counters)."""
 from __future__ import annotations
 
+import logging
 import pickle
 import random
 from contextlib import contextmanager
@@ -14,6 +15,8 @@ import torch.distributed as dist
 
 from cratescale.checkpoint import DS_TAG, CheckpointStore, CheckpointWriteError, Commit
 from cratescale.checkpoint.universal import load_into_engine
+
+log = logging.getLogger(__name__)
 
 
 class ResumeError(RuntimeError):
@@ -40,6 +43,12 @@ def plan_resume(store: CheckpointStore, config_hash: str, global_batch: int, wor
         raise ResumeError(f"{commit.path}: saved by a job with config hash {meta.get('config_hash')}, this job's is "
                           f"{config_hash} (model, data, optim or schedule changed). Use "
                           f"checkpoint.allow_config_change=true to continue anyway, or start a new run_dir")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        # What a crash left beside the newest commit (never the commit itself, which every rank now loads).
+        try:
+            store.tidy()
+        except OSError as exc:
+            log.warning("resume: tidying %s failed (%s); the next commit retries", store.root, exc)
     return ResumePlan(commit, meta.get("world_size") != world_size)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_JOB = REPO / "tests" / "dist" / "tiny.yaml"
-KILL_STEPS = 48
+KILL_STEPS = 64
 # Commit every step and keep one: every commit also deletes the previous one (retention under fire).
 KILL_OVERRIDES = ["checkpoint.every_steps=1", "checkpoint.keep_last=1", f"schedule.steps={KILL_STEPS}"]
 

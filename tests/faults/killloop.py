@@ -94,8 +94,10 @@ def _kill_once(server: RankServer, config: Path, manifest: Path, root: Path, mod
         target = max(target, 2)  # the commit of `target` must have an older one to delete
     faults = {"mode": mode, "step": target} if mode in PLANTED else None
     job = server.start(config, manifest, 2, faults=faults)
-    if mode == "startup":
-        time.sleep(rng.uniform(0.05, 1.5))
+    if mode == "startup":  # a random delay, cut short if the ranks get past start-up fast (a quiet machine)
+        deadline = time.monotonic() + rng.uniform(0.05, 1.5)
+        _wait_for(job, lambda: time.monotonic() >= deadline or max(committed_dirs(root), default=-1) > base + 1,
+                  poll=0.01)
     elif mode == "step":
         if _wait_for(job, lambda: max(committed_dirs(root), default=-1) >= target):
             time.sleep(rng.uniform(0.0, 0.2))

@@ -142,3 +142,27 @@ def test_retention_removes_what_a_crash_left(tmp_path):
     assert store.latest().step == 2              # the torn dir was never visible
     store.save(3, lambda p: (p / "w.bin").write_bytes(b"three"))
     assert sorted(os.listdir(tmp_path)) == ["catalog.parquet", "latest", "step_000000003", "step_000000009.tmp"]
+
+
+def test_resume_tidies_when_the_last_commit_was_cut_short(tmp_path):
+    """A job killed inside the retention pass of its final commit resumes at its last step and commits
+    nothing more: the resume itself (rank 0, plan_resume) clears what the crash left."""
+    from cratescale.checkpoint import CheckpointStore
+    from cratescale.checkpoint import commit as commit_mod
+    from cratescale.engine.state import plan_resume
+
+    store = CheckpointStore(tmp_path, keep_last=1)
+    meta = {"config_hash": "h", "global_batch": 16, "world_size": 2}
+    store.save(7, lambda p: (p / "w.bin").write_bytes(b"seven"), meta)
+    real = commit_mod.CheckpointStore._retain
+    commit_mod.CheckpointStore._retain = lambda self, newest: []  # the crash: no retention after commit 8
+    try:
+        store.save(8, lambda p: (p / "w.bin").write_bytes(b"eight"), meta)
+    finally:
+        commit_mod.CheckpointStore._retain = real
+    (tmp_path / "latest.4242.tmp").write_text("step_000000008")
+    (tmp_path / "latest").write_text("step_000000007")  # the pointer swap of commit 8 never happened
+    assert [c.step for c in store.commits()] == [7, 8]
+    plan = plan_resume(store, "h", 16, 2)
+    assert plan.commit.step == 8 and store.latest_pointer() == "step_000000008"  # never names a deleted step
+    assert sorted(os.listdir(tmp_path)) == ["catalog.parquet", "latest", "step_000000008"]

@@ -61,19 +61,9 @@ def _start_ray(ray_address: str | None, workers: int):
         ray.init(address=ray_address, log_to_driver=False,
                  runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
     else:
-        # Workers must import data_pipeline even when it is not installed (run from a checkout).
-        root = str(Path(__file__).resolve().parent.parent)
-        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        # address="local": never attach to some other Ray found on this machine by accident;
-        # 127.0.0.1: never listen on a public interface (Ray has no access control beyond a token). Ray swaps
-        # 127.0.0.1 for the routable address unless in its single-machine mode (then all servers stay on loopback).
-        from ray._private import ray_constants
+        from data_pipeline.local_ray import start_local_ray
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray.init(address="local", num_cpus=max(2, workers), object_store_memory=256 * 2**20,
-                 include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+        start_local_ray(num_cpus=max(2, workers))
     return ray, True
 
 

@@ -16,8 +16,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
+        from data_pipeline.local_ray import start_local_ray
+
+        start_local_ray(num_cpus=2)
     yield ray
     # Left running for the rest of the session; pytest's exit shuts it down.
 

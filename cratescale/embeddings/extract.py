@@ -220,10 +220,9 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env})
     else:
-        # address="local": always a fresh local instance, never someone else's cluster found on this host.
-        ray.init(address="local", num_cpus=os.cpu_count() or 2, object_store_memory=256 * 2**20,
-                 include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+        from data_pipeline.local_ray import start_local_ray
+
+        start_local_ray(log_to_driver=True)
 
 
 def _fingerprint(path: Path) -> str:

@@ -89,7 +89,9 @@ def load_state(engine: Any, plan: ResumePlan, rank: int) -> dict[str, Any]:
 def _any_rank(flag: bool) -> bool:
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    # NCCL reduces only CUDA tensors, gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

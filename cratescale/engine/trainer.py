@@ -154,13 +154,14 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         window_steps += 1
         if step % job.logging.every_steps == 0 or step == total:
             elapsed, wait, images = timer.window()
-            loss_mean, wait_frac = _mean_over_ranks([float(window_loss) / window_steps, wait / elapsed])
+            loss_mean, wait_frac, bad_mean = _mean_over_ranks(
+                [float(window_loss) / window_steps, wait / elapsed, float(getattr(loader, "bad_samples", 0))])
             rate = images / elapsed
             if writer:
                 record = {"kind": "train", "step": step, "loss": loss_mean, "lr": lr, "images_per_s": rate,
                           "data_wait": wait_frac, "mfu": mfu(rate, flops_per_image, peak_flops, world.world_size),
                           "memory_gb": memory_gb(), "epoch": step / steps_per_epoch,
-                          "bad_samples": int(getattr(loader, "bad_samples", 0))}
+                          "bad_samples": round(bad_mean * world.world_size)}  # summed over ranks
                 writer.write(record)
                 print(f"[cratescale] step {step}/{total} loss {loss_mean:.4f} lr {lr:.2e} {rate:.0f} img/s "
                       f"wait {wait_frac:.0%}", flush=True)

@@ -92,15 +92,9 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
-        # Local Ray binds to loopback only; its token authentication stays on. `_node_ip_address="127.0.0.1"`
-        # alone does not do it: Ray swaps 127.0.0.1 for the host's routable address and its servers listen on
-        # all interfaces (`::`). Its single-machine mode keeps the node address, and so every server, on loopback.
-        from ray._private import ray_constants
+        from data_pipeline.local_ray import start_local_ray
 
-        ray_constants.ENABLE_RAY_CLUSTER = False           # this driver
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the GCS, raylet and workers it starts
-        ray.init(address="local", num_cpus=os.cpu_count() or 2, object_store_memory=256 * 2**20, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
+        start_local_ray()
 
 
 def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: str | None = None) -> int:

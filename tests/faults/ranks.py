@@ -88,25 +88,26 @@ def _pid_alive(pid: int) -> bool:
 class RankServer:
     """The client: starts the pre-imported server process and asks it to fork ranks."""
 
-    def __init__(self, timeout: float = 600):
+    def __init__(self) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                    PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.faults.ranks"], cwd=REPO, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
         self.starts = 0
-        hello = self._read(timeout)
+        hello = self._read()
         assert hello.get("ready"), hello
 
-    def _read(self, timeout: float) -> dict:
+    def _read(self) -> dict:
+        # Blocking is fine: the server answers every command at once, except `wait`, which has its own timeout.
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"rank server died (exit {self.proc.poll()})")
         return json.loads(line)
 
-    def call(self, command: dict, timeout: float = 600) -> dict:
+    def call(self, command: dict) -> dict:
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
-        reply = self._read(timeout)
+        reply = self._read()
         if "error" in reply:
             raise RuntimeError(f"rank server: {reply['error']}")
         return reply

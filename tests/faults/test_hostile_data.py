@@ -249,8 +249,8 @@ def test_damaged_after_ingest_is_replaced_in_the_real_trainer(folder_manifest, t
     metrics, logs, weights = _train(rank_server, folder_manifest, tmp_path / "a")
     train = [m for m in metrics if m["kind"] == "train"]
     assert [m["step"] for m in train] == [1, 2, 3, 4]
-    # Counted where it happened: rank 0's loader replaced its 4 damaged samples (one per step).
-    assert [m["bad_samples"] for m in train] == [1, 2, 3, 4]
+    # Summed over ranks: rank 0's loader replaced its 4 damaged samples (one per step), rank 1's its 1 at step 2.
+    assert [m["bad_samples"] for m in train] == [1, 3, 4, 5]
     assert all(np.isfinite(m["loss"]) for m in train)
     consumed = [i for r in (0, 1) for line in logs[r].splitlines() for i in json.loads(line)["ids"]]
     assert len(consumed) == 64 and not set(consumed) & set(rank0 + rank1)  # replaced, never fed

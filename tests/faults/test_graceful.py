@@ -30,6 +30,11 @@ def _steps_logged(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _count_starts(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count('"kind": "start"') if path.exists() else 0
+
+
 def _last_end(run_dir: Path) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if r["kind"] == "end"][-1]
@@ -56,9 +61,9 @@ def test_sigterm_usr2_save_and_stop_without_losing_a_step(tmp_path, fault_manife
     for signum, ranks, when in PLANS[:STOPS]:
         base = len(_steps_logged(run_dir))
         job = rank_server.start(config, fault_manifest, 2)
-        if when == "startup":  # mid start-up (gloo, DeepSpeed init, checkpoint load): the handler is in place
-            time.sleep(rng.uniform(0.1, 0.6))          # within ms of the fork (TrainTask's first statement)
-            reached = job.alive()
+        if when == "startup":  # right after start-up (its `start` row: checkpoint loaded, loop not yet at speed)
+            starts = _count_starts(run_dir)
+            reached = _wait(lambda: _count_starts(run_dir) > starts, job)
         elif when == "save":   # while the ranks write the next periodic commit
             nxt = (base // 7 + 1) * 7
             reached = nxt < KILL_STEPS and _wait((root / f"step_{nxt:09d}.tmp").is_dir, job)

@@ -56,7 +56,7 @@ def test_kill9_loop_loses_nothing(tmp_path, fault_manifest, rank_server, referen
 # ---- extraction -----------------------------------------------------------------------------------------
 N_ROWS = 64          # 16 shards of 4 rows
 EXTRACT_KILLS = 6
-COMMON = ["--actors", "0", "--layers", "1", "--shard-rows", "4", "--chunk-rows", "4", "--batch-size", "4",
+COMMON = ["--actors", "0", "--layers", "1", "--shard-rows", "1", "--chunk-rows", "1", "--batch-size", "4",
           "--loader", "pil", "--dtype", "float32"]
 
 
@@ -90,7 +90,8 @@ def test_extraction_killed_repeatedly_ends_byte_identical(extract_setup):
 
     root, manifest = extract_setup
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    opts = dict(actors=0, layers=(1,), shard_rows=4, chunk_rows=4, batch_size=4, loader_kind="pil", dtype="float32")
+    # One-row shards: a shard commits every few ms, so kills need many shards to land between them.
+    opts = dict(actors=0, layers=(1,), shard_rows=1, chunk_rows=1, batch_size=4, loader_kind="pil", dtype="float32")
     extract(root / "export", manifest, root / "ref", **opts)  # the uninterrupted store, in-process (same code)
 
     store_dir, rng, kills, progress = root / "killed", np.random.default_rng(8), 0, []
@@ -103,7 +104,7 @@ def test_extraction_killed_repeatedly_ends_byte_identical(extract_setup):
         deadline = time.time() + 240
         while p.poll() is None and time.time() < deadline:
             if (store_dir / "store.json").exists() and len(list((store_dir / "commits").glob("*.json"))) >= want:
-                time.sleep(float(rng.uniform(0, 0.05)))
+                time.sleep(float(rng.uniform(0, 0.005)))
                 break
             time.sleep(0.005)
         if p.poll() is not None:

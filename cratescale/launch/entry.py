@@ -1,6 +1,7 @@
 """What every rank runs (pickled by submitit): the same entry for the local and the SLURM executor."""
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from pathlib import Path
@@ -37,4 +38,14 @@ class TrainTask:
             # No result file: submitit (and our supervisor) must not take this for a finished job.
             sys.stdout.flush()
             os._exit(PREEMPTED_EXIT)
+        # Once submitit has written our result and returns, leave without C++ static teardown: a native
+        # thread still joinable there aborted a finished rank ("terminate called without an active
+        # exception"), which srun reports as a failed task of a completed job.
+        atexit.register(_exit_success)
         return {"status": outcome.status, "step": outcome.step, "rank": world.rank}
+
+
+def _exit_success() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from cratescale.config import ConfigError, JobConfig, ProfileConfig, dump_job, load_job, load_profile
+from cratescale.launch.array import expand_array, pretrain_array, write_members
 from cratescale.launch.paths import RunPaths
 from cratescale.launch.stages import STAGES, StageError, console
 
@@ -53,9 +54,6 @@ def _check_creatable(field: str, path: Path) -> None:
 def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: list[str]) -> None:
     """Everything that can be checked before anything is started or queued."""
     check_profile_fit(job, profile)
-    if job.cluster.array and "pretrain" in stages:  # refuse rather than silently train one run instead of N
-        raise ConfigError(f"cluster.array: job arrays ({len(job.cluster.array)} entries) are not implemented yet; "
-                          f"launch one job per entry with its overrides instead")
     if "ingest" in stages and not paths.manifest.exists() and "://" not in job.data.source \
             and not Path(job.data.source).exists():
         raise ConfigError(f"data.source: {job.data.source} does not exist")
@@ -111,16 +109,24 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
         print(render_plan(job, profile, paths))
         return 0
     preflight(job, profile, paths, chosen)
+    members = expand_array(job, paths) if job.cluster.array else []
     try:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         dump_job(job, paths.config)
+        write_members(members)
     except OSError as err:  # e.g. root passes os.access where the file system still refuses
         raise ConfigError(f"run_dir: {paths.run_dir} cannot be created: {err.strerror or err}") from None
     start_ray(job.cluster.ray_address)
     for stage in chosen:
         console.rule(f"[bold]{stage}")
         try:
-            STAGES[stage](job, paths, profile)
+            if members and stage == "pretrain":
+                pretrain_array(members)
+            elif members and stage != "ingest":  # the data is shared; the rest is per member
+                for member, member_paths in members:
+                    STAGES[stage](member, member_paths, profile)
+            else:
+                STAGES[stage](job, paths, profile)
         except StageError as err:
             console.print(f"[red]error: {err}")
             return 1

@@ -344,8 +344,8 @@ def _profile_missing_a_field(tmp_path: Path) -> str:
     ("profile", ["cluster.profile={broken}"], "peak_flops_per_gpu: Field required", False),
     ("cpus", ["cluster.tasks_per_node=4", "schedule.micro_batch=4"], "4 tasks x 1 cpus = 4 CPUs per node asked",
      False),
-    ("array", ["cluster.array=[{model.overrides.mask_ratio: 0.5}, {model.overrides.mask_ratio: 0.9}]"],
-     "cluster.array: job arrays (2 entries) are not implemented yet", False),
+    ("array", ["cluster.array=[{model.overrides.mask_ratio: 0.5}, {schedule.micro_batch: -1}]"],
+     "cluster.array[1]: schedule.micro_batch", False),
 ])
 def test_bad_cluster_input_exits_2_with_one_line_and_queues_nothing(case, extra, message, subprocess_cli, tmp_path,
                                                                    tiny_manifest, job_names, capsys):

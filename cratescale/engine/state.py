@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,11 +62,7 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(path: Path) -> None:
     if not path.exists():
         return
-    try:
-        state = torch.load(path, weights_only=True)
-    except pickle.UnpicklingError:
-        # Written before the RNG file held tensors only (numpy arrays pickled); our own commit, checksummed.
-        state = torch.load(path, weights_only=False)  # trusted: legacy RNG file of this run's own commit
+    state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["torch"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
@@ -86,12 +81,18 @@ def load_state(engine: Any, plan: ResumePlan, rank: int) -> dict[str, Any]:
     return commit.meta
 
 
-def _any_rank(flag: bool) -> bool:
+def collective_device() -> torch.device:
+    """NCCL reduces only CUDA tensors, gloo only CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on at least one."""
     if not dist.is_initialized():
         return flag
-    # NCCL reduces only CUDA tensors, gloo only CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -128,7 +129,7 @@ def _failures(error: BaseException | None, rank: int) -> str:
 
 def _agree_or_raise(store: CheckpointStore, step: int, rank: int, error: BaseException | None) -> None:
     """Every rank learns whether any rank failed, and why; then all raise together (no rank left in a barrier)."""
-    if _any_rank(error is not None):
+    if any_rank(error is not None):
         reason = _failures(error, rank)
         if rank == 0:
             raise store.abort(step, reason) from error

@@ -16,7 +16,7 @@ from cratescale.config import JobConfig, config_hash
 from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
 from cratescale.engine import optim
 from cratescale.engine.metrics import MetricsWriter, StepTimer, memory_gb, mfu
-from cratescale.engine.state import load_state, plan_resume, save_state
+from cratescale.engine.state import any_rank, collective_device, load_state, plan_resume, save_state
 from cratescale.models import create_model, train_flops_per_image
 from data_pipeline.loader import make_train_loader
 from data_pipeline.sampler import LoaderState
@@ -46,26 +46,12 @@ def _open_sample_log(run_dir: Path, rank: int):
     return (run_dir / "samples" / f"rank{rank}.jsonl").open("a", buffering=1)
 
 
-def _collective_device() -> torch.device:
-    # NCCL reduces only CUDA tensors; gloo only CPU ones.
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t.tolist()
-
-
-def _stop_agreed(local: bool) -> bool:
-    t = torch.tensor([1.0 if local else 0.0], device=_collective_device())
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_flops: float,
@@ -132,7 +118,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
     timer, window_loss, window_steps = StepTimer(), 0.0, 0
     status = "completed"
     while step < total:
-        if _stop_agreed(should_stop()):
+        if any_rank(should_stop()):
             status = "preempted"
             break
         lr = optim.lr_at(step, peak, warmup, total)

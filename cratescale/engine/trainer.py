@@ -156,6 +156,9 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         if step % job.checkpoint.every_steps == 0 and step < total:
             commit(step)
     commit(step)
+    loader.close()  # its worker processes and threads end here, not in interpreter teardown
+    if sample_log:
+        sample_log.close()
     if writer:
         writer.write({"kind": "end", "step": step, "status": status})
         writer.close()

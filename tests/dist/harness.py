@@ -46,14 +46,19 @@ def start_ranks(config: Path, manifest: Path, world: int, stop_after: int | None
 
 
 def run_ranks(config: Path, manifest: Path, world: int, stop_after: int | None = None,
-              timeout: float = 300) -> list[dict]:
-    procs = start_ranks(config, manifest, world, stop_after)
-    results = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, f"rank exited {proc.returncode}:\n{out[-4000:]}"
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+              timeout: float = 300, attempts: int = 3) -> list[dict]:
+    for attempt in range(attempts):
+        procs = start_ranks(config, manifest, world, stop_after)
+        outs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+        # The free port can be taken between free_port() and the rendezvous (gloo opens many ephemeral ports):
+        # nothing has trained then, so starting again is the same run.
+        if any(p.returncode for p in procs) and attempt + 1 < attempts and \
+                any("EADDRINUSE" in out or "address already in use" in out for out in outs):
+            continue
+        for proc, out in zip(procs, outs):
+            assert proc.returncode == 0, f"rank exited {proc.returncode}:\n{out[-4000:]}"
+        return [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    raise AssertionError("unreachable")
 
 
 def final_weights(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:

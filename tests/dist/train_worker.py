@@ -4,6 +4,7 @@ The launcher sets RANK/WORLD_SIZE/MASTER_*; STOP_AFTER makes the stop flag rise 
 graceful preemption path, deterministic), so a run can be stopped and resumed at a known step.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,10 @@ def main() -> None:
     job = load_job(config)
     outcome = train(job, Path(job.run_dir), Path(manifest), world_from_env(), 1e11, should_stop=should_stop)
     shutdown_distributed()
-    print(json.dumps({"status": outcome.status, "step": outcome.step}))
+    print(json.dumps({"status": outcome.status, "step": outcome.step}), flush=True)
+    # As TrainTask does: leave without C++ static teardown, where a native thread still joinable aborted a
+    # finished rank now and then ("terminate called without an active exception").
+    os._exit(0)
 
 
 if __name__ == "__main__":

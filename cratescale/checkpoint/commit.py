@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cratescale.checkpoint import catalog as _catalog
+from cratescale.checkpoint.durable import fsync_path, write_file_durable
 from cratescale.checkpoint.retention import apply_retention
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,6 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:09d}"
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checksum_file(path: Path, fsync: bool = False, use_mmap: bool = False) -> tuple[int, int]:
     """(size, crc32) in 8 MiB steps; crc32 releases the GIL, so files are summed on parallel threads.
     use_mmap skips the copy out of the page cache (only for files nobody else can truncate meanwhile:
@@ -105,21 +98,6 @@ def checksum_file(path: Path, fsync: bool = False, use_mmap: bool = False) -> tu
     return size, crc
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def replace_file_atomic(path: Path, data: bytes) -> None:
     """Write `path` through a tmp sibling + os.replace, so readers see the old or the new content."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -128,7 +106,7 @@ def replace_file_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _list_files(root: Path) -> list[str]:
@@ -141,7 +119,7 @@ def _list_files(root: Path) -> list[str]:
 
 def _fsync_dirs(root: Path) -> None:
     for dirpath, _, _ in os.walk(root, topdown=False):
-        fsync_dir(Path(dirpath))
+        fsync_path(Path(dirpath))
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:
@@ -220,7 +198,7 @@ class CheckpointStore:
             marker = {"version": MARKER_VERSION, "step": step, "time": time.time(), "host": socket.gethostname(),
                       "files": files}
             write_file_durable(tmp / MARKER, json.dumps(marker, sort_keys=True).encode())
-            fsync_dir(tmp)
+            fsync_path(tmp)
             TEST_HOOKS.get("before_rename", lambda: None)()
             self._rename_into_place(tmp, final)
         except Exception as exc:
@@ -247,7 +225,7 @@ class CheckpointStore:
         page-cache data), biggest files first, so the seal costs little more than the flush itself."""
         rels = sorted((r for r in _list_files(tmp) if r != MARKER), key=lambda r: -(tmp / r).stat().st_size)
         with ThreadPoolExecutor(min(self.checksum_threads, max(1, 2 * len(rels)))) as pool:
-            synced = [pool.submit(_fsync_file, tmp / r) for r in rels]
+            synced = [pool.submit(fsync_path, tmp / r) for r in rels]
             # Our own tmp dir after every rank finished writing: safe to map.
             sums = [pool.submit(checksum_file, tmp / r, use_mmap=True) for r in rels]
             for f in synced:
@@ -261,11 +239,11 @@ class CheckpointStore:
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
             os.rename(tmp, final)
-            fsync_dir(self.root)
+            fsync_path(self.root)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-            fsync_dir(self.root)
+            fsync_path(self.root)
 
     def _after_commit(self, commit: Commit, seconds: float) -> None:
         steps: list[int] = []

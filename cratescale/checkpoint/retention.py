@@ -12,6 +12,8 @@ import re
 import shutil
 from pathlib import Path
 
+from cratescale.checkpoint.durable import fsync_path
+
 log = logging.getLogger(__name__)
 
 # step_<N>.tmp (an unfinished save), step_<N>.universal.tmp-<host>-<pid> (an unfinished conversion),
@@ -36,18 +38,10 @@ def steps_to_keep(steps: list[int], keep_last: int, keep_every: int) -> set[int]
     return keep
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def delete_commit(root: Path, step: int, marker: str = "COMMITTED") -> None:
     path = root / f"step_{step:09d}"
     (path / marker).unlink(missing_ok=True)
-    _fsync_dir(path)
+    fsync_path(path)
     shutil.rmtree(path)
     shutil.rmtree(root / f"step_{step:09d}.universal", ignore_errors=True)
     (root / f"step_{step:09d}.universal.lock").unlink(missing_ok=True)

@@ -29,7 +29,8 @@ from typing import Any, Iterator
 
 import torch
 
-from cratescale.checkpoint.commit import Commit, CheckpointError, fsync_dir
+from cratescale.checkpoint.commit import Commit, CheckpointError
+from cratescale.checkpoint.durable import fsync_path
 
 DS_TAG = "ds"             # the DeepSpeed tag every rank saves under: step_N/ds/
 UNIVERSAL_TAG = DS_TAG    # the converted tag inside step_N.universal/
@@ -53,7 +54,7 @@ def _fsync_tree(root: Path) -> None:
         for name in names:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
-        fsync_dir(Path(dirpath))
+        fsync_path(Path(dirpath))
 
 
 def convert(src_tag_dir: Path, out_tag_dir: Path, workers: int = 1, timeout_s: float = 3600) -> None:
@@ -116,7 +117,7 @@ def _convert_into(src: Path, out: Path, workers: int) -> None:
         except OSError:
             if not _is_complete(out):  # lost the race to an identical conversion: keep the winner's
                 raise
-        fsync_dir(out.parent)
+        fsync_path(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -39,6 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from cratescale.checkpoint.durable import fsync_path, write_file_durable
+
 FORMAT_VERSION = 1
 META_COLUMNS = ("sample_id", "key", "label", "split", "row")
 _META_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("label", pa.int32()),
@@ -107,20 +109,9 @@ def crc32_of(a: np.ndarray) -> int:
 def _write_atomic(path: Path, data: bytes) -> None:
     """tmp file in the same folder (hidden: readers of the folder skip it), fsync, rename, fsync folder."""
     tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_file_durable(tmp, data)
     os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 class EmbeddingStore:
@@ -237,7 +228,7 @@ class EmbeddingStore:
             for name, a in arrays.items():
                 self.group[name][start:stop] = a                             # one whole-shard write
                 for f in self._shard_dir(name, k).iterdir():
-                    _fsync(f)
+                    fsync_path(f)
             sink = pa.BufferOutputStream()
             pq.write_table(pa.Table.from_pandas(meta, schema=_META_SCHEMA, preserve_index=False), sink)
             _write_atomic(self.metadata_path(k), sink.getvalue().to_pybytes())

@@ -2,23 +2,11 @@
 against one CPU thread; and the preparation of the carried sample data."""
 from __future__ import annotations
 
-import argparse
-import contextlib
-import gc
 import io
-import json
-import os
-import shutil
-import signal
-import socket
-import statistics
-import sys
 import tarfile
-import tempfile
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 

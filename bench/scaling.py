@@ -2,7 +2,7 @@
 ImageNet-21k epoch for 8 to 512 GPUs at a fixed global batch, from a measured per-GPU step time.
 
     .venv/bin/python bench/scaling.py                              # assumed H100 compute (see ASSUMED below)
-    .venv/bin/python bench/scaling.py --gpu-results gpu_results.json [--layout all]   # bench/gpu.sh output
+    .venv/bin/python bench/scaling.py --gpu-results bench/results/h100_run*.json [--layout all] [--compiled]
     .venv/bin/python bench/scaling.py --step-ms 120 --micro-batch 256 [--fixed-ms 8]
     .venv/bin/python bench/scaling.py --check-cpu                  # check against a 2-rank gloo DeepSpeed run (~2 min)
 
@@ -130,20 +130,36 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - c * mx, c
 
 
-def compute_from_results(path: Path, model: str, layout: str) -> Compute:
-    """Per-GPU compute from bench/gpu.sh's JSON: the eager row (its probes) of `model`/`layout`."""
-    rows = json.loads(Path(path).read_text()).get("rows", [])
-    for row in rows:
-        extra = row.get("extra") or {}
-        if extra.get("model") == model and extra.get("layout") == layout and not extra.get("compile"):
-            probes = [tuple(p) for p in extra.get("probes", [])]
-            if len({p[0] for p in probes}) >= 2:
-                fixed, slope = fit_line(probes[-3:])  # the large-batch end of the curve
-                fixed = max(fixed, 0.0)
-            else:
-                fixed, slope = 0.0, extra["step_s"] / extra["batch"]
-            return Compute(1.0 / slope, fixed, int(extra["batch"]), f"measured ({path}, {model} {layout} eager)")
-    raise ValueError(f"{path}: no eager training row for model {model!r} layout {layout!r}")
+def _result_rows(paths: list[Path]) -> list[dict]:
+    return [row for path in paths for row in json.loads(Path(path).read_text()).get("rows", [])]
+
+
+def compute_from_results(paths: list[Path], model: str, layout: str, compiled: bool = False) -> Compute:
+    """Per-GPU compute from bench/gpu.sh's JSON files (the last file wins where several have a row). The eager
+    row's batch-search probes give t(b) = fixed + b/R; with `compiled`, R comes instead from the product's
+    compiled DeepSpeed engine row (or the plain compiled row) at its batch, keeping the eager fixed cost."""
+    rows = _result_rows(paths)
+    eager = [r for r in rows if (r.get("extra") or {}).get("model") == model and r["extra"].get("layout") == layout
+             and not r["extra"].get("compile") and not r["extra"].get("variant")]
+    if not eager:
+        raise ValueError(f"{', '.join(map(str, paths))}: no eager training row for model {model!r} layout {layout!r}")
+    extra = eager[-1]["extra"]
+    probes = [tuple(p) for p in extra.get("probes", [])]
+    if len({p[0] for p in probes}) >= 2:
+        fixed, slope = fit_line(probes[-3:])  # the large-batch end of the curve
+        fixed = max(fixed, 0.0)
+    else:
+        fixed, slope = 0.0, extra["step_s"] / extra["batch"]
+    source = f"measured ({model} {layout} eager)"
+    if compiled:
+        names = (f"{model} {layout} DeepSpeed ZeRO-2 engine compile", f"{model} {layout} compile")
+        found = [[r for r in rows if r.get("what") == name and r.get("extra")] for name in names]
+        row = next((match[-1] for match in found if match), None)  # the engine row if there is one
+        if row is None:
+            raise ValueError(f"no compiled training row for {model} {layout} in {', '.join(map(str, paths))}")
+        slope = (row["extra"]["step_s"] - fixed) / row["extra"]["batch"]
+        source = f"measured ({row['what']} at batch {row['extra']['batch']}; fixed cost from the eager probes)"
+    return Compute(1.0 / slope, fixed, int(extra["batch"]), source)
 
 
 def assumed_compute(model: str, layout: str) -> Compute:
@@ -200,13 +216,13 @@ def table(params: int, compute: Compute, links: Links, args: argparse.Namespace)
     return out
 
 
-def decode_note(path: Path | None) -> str:
-    if path is None:
+def decode_note(paths: list[Path]) -> str:
+    if not paths:
         return "no GPU decode measurement given (bench/gpu.sh's decode row)"
-    for row in json.loads(Path(path).read_text()).get("rows", []):
+    for row in reversed(_result_rows(paths)):
         if row.get("section") == "decode" and row.get("what", "").startswith("GPU") and row.get("measured"):
             return f"measured nvJPEG decode on one GPU: {row['measured']:,.0f} img/s (decode only, full-size photos)"
-    return f"{path} has no GPU decode row"
+    return "the results given have no GPU decode row"
 
 
 # ---- the 2-rank CPU check -------------------------------------------------------------------------------
@@ -375,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="crate_mae_base")
     p.add_argument("--layout", default="all", choices=("all", "visible"))
-    p.add_argument("--gpu-results", type=Path, help="gpu_results.json from bench/gpu.sh")
+    p.add_argument("--gpu-results", type=Path, nargs="+", default=[], help="gpu_results.json file(s) of bench/gpu.sh")
+    p.add_argument("--compiled", action="store_true", help="compute from the compiled (engine) row, not eager")
     p.add_argument("--step-ms", type=float, help="measured per-GPU step time at --micro-batch (instead of a file)")
     p.add_argument("--micro-batch", type=int, default=256)
     p.add_argument("--fixed-ms", type=float, default=None, help="per-micro-step overhead (default: fit or assumed)")
@@ -402,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         check_cpu(args.steps, repeats=args.repeats)
         return
     if args.gpu_results:
-        compute = compute_from_results(args.gpu_results, args.model, args.layout)
+        compute = compute_from_results(args.gpu_results, args.model, args.layout, args.compiled)
     elif args.step_ms:
         fixed = (args.fixed_ms or 0.0) / 1e3
         rate = args.micro_batch / (args.step_ms / 1e3 - fixed)

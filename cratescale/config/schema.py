@@ -63,7 +63,22 @@ class ParallelConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16"] = "bf16"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Recompute block activations in backward (memory for about one extra forward); see distributed/wrap.py.
     activation_checkpointing: bool = False
+    # torch.compile the model in place before DeepSpeed wraps it (first step pays the compile time).
+    compile: bool = False
+    # SDPA kernel on GPUs (distributed/wrap.py); cudnn measured fastest on an H100 (BENCHMARKS.md).
+    attention: Literal["auto", "flash", "cudnn", "efficient"] = "auto"
+    # Overlap the gradient reduction with backward (more bucket memory); null keeps DeepSpeed's default (off
+    # for ZeRO-1/2, on for ZeRO-3). One H100, world size 1: 4% slower (nothing to overlap there).
+    overlap_comm: bool | None = None
+
+    @model_validator(mode="after")
+    def _compile_needs_zero_le_2(self) -> "ParallelConfig":
+        if self.compile and self.zero_stage == 3:
+            raise ValueError("compile=true is supported with zero_stage 0-2 (ZeRO-3's parameter hooks break "
+                             "the compiled graph)")
+        return self
 
 
 class CheckpointConfig(Strict):

@@ -22,6 +22,8 @@ def deepspeed_config(job: JobConfig, world_size: int, load_universal: bool = Fal
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
+    if job.parallel.overlap_comm is not None:
+        config["zero_optimization"]["overlap_comm"] = job.parallel.overlap_comm
     if job.parallel.zero_stage == 3:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
     if job.optim.grad_clip is not None:

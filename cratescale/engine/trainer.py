@@ -14,6 +14,7 @@ import torch.distributed as dist
 from cratescale.checkpoint import CheckpointStore
 from cratescale.config import JobConfig, config_hash
 from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
+from cratescale.distributed.wrap import apply_activation_checkpointing, compile_model, select_attention_backend
 from cratescale.engine import optim
 from cratescale.engine.metrics import MetricsWriter, StepTimer, memory_gb, mfu
 from cratescale.engine.state import any_rank, collective_device, load_state, plan_resume, save_state
@@ -39,6 +40,16 @@ def build_model(job: JobConfig) -> torch.nn.Module:
     overrides = dict(job.model.overrides)
     overrides.setdefault("img_size", job.data.image_size)
     return create_model(job.model.name, **overrides)
+
+
+def wrap_for_training(model: torch.nn.Module, job: JobConfig) -> torch.nn.Module:
+    """What only training wants (export, planning and extraction take the plain model)."""
+    select_attention_backend(job.parallel.attention)
+    if job.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if job.parallel.compile:
+        compile_model(model)
+    return model
 
 
 def _open_sample_log(run_dir: Path, rank: int):
@@ -77,6 +88,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
 
         state_dict, _, _ = load_export(Path(job.checkpoint.start_fresh_from_weights))
         model.load_state_dict(state_dict)
+    wrap_for_training(model, job)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim.make_optimizer(model, job),
                                            config=deepspeed_config(job, world.world_size, plan.elastic))
     step = 0

@@ -56,7 +56,7 @@ def test_cpu_smoke_runs_every_section_and_writes_results(tmp_path):
     assert "| section | what | measured | unit | baseline | ratio | target | mfu | note |" in proc.stdout
     result = json.loads((out / "gpu_results.json").read_text())
     assert (out / "gpu_results.md").read_text().count("\n| ") >= 10
-    rows = {r["what"]: r for r in result["rows"]}
+    rows = {r["what"]: r for r in result["rows"] if r["section"] != "profile"}
     assert result["meta"]["peak_tflops"] > 0
     for key in ("vit_mae_debug all eager", "crate_mae_debug all eager", "crate_mae_debug visible eager"):
         assert rows[key]["measured"] > 0 and 0 < rows[key]["mfu"] < 1, rows[key]
@@ -70,7 +70,21 @@ def test_cpu_smoke_runs_every_section_and_writes_results(tmp_path):
         rows["CPU decode, 1 thread (torchvision)"]
     assert decode["measured"] > 0 and "4 of 4 decodable" in decode["note"]
     assert rows["GPU nvJPEG batched"]["note"].startswith("skipped")
-    assert rows["crate_mae_debug all compile"]["note"].startswith("skipped: cpu-smoke")
+    skipped = {r["section"]: r["note"] for r in result["rows"] if r["what"] == "(section)"}
+    assert skipped["train crate_mae_debug all compile"].startswith("skipped: cpu-smoke")
+    assert skipped["engine crate_mae_debug all compile"].startswith("skipped: cpu-smoke")
+    # the attention kernels were timed and one was selected for the training rows and the engine's job
+    attention = [r for r in result["rows"] if r["section"] == "attention"]
+    assert [r["what"] for r in attention[:3]] == [f"SDPA {k} fwd+bwd" for k in ("flash", "cudnn", "efficient")]
+    assert attention[-1]["note"] == result["meta"]["sdpa"] in ("flash", "cudnn", "efficient")
+    engine = rows["crate_mae_debug all DeepSpeed ZeRO-2 engine"]
+    assert engine["measured"] > 0 and engine["extra"]["batch"] == 8 and "job demo.yaml" in engine["note"]
+    # activation checkpointing runs at twice the eager batch (the recompute takes the same attention kernel)
+    assert rows["crate_mae_debug all eager act-ckpt"]["extra"]["batch"] == 16
+    assert rows["crate_mae_debug all eager autocast"]["measured"] > 0
+    profile = [r for r in result["rows"] if r["section"] == "profile"]
+    assert profile and profile[0]["measured"] > 0 and "aten::" in profile[0]["note"]
+    assert (out / "gpu_profile_crate_mae_debug_all_eager.txt").read_text().count("ms/step") > 5
 
 
 def _bench(tmp_path, **over) -> "gpu_bench.Bench":
@@ -78,6 +92,18 @@ def _bench(tmp_path, **over) -> "gpu_bench.Bench":
     for k, v in over.items():
         setattr(args, k, v)
     return gpu_bench.Bench(args)
+
+
+def test_only_runs_the_named_sections(tmp_path):
+    proc = subprocess.run([PY, "bench/gpu_bench.py", "--cpu-smoke", "--out-dir", str(tmp_path), "--only",
+                           "crate_mae_debug all eager"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu_results.json").read_text())["rows"]
+    sections = {r["section"] for r in rows}
+    assert {"env", "peak", "attention"} <= sections and "decode" not in sections and "checkpoint" not in sections
+    whats = {r["what"] for r in rows}
+    assert "crate_mae_debug all eager" in whats and "vit_mae_debug all eager" not in whats
 
 
 def test_section_time_box_error_and_deadline_keep_the_run_going(tmp_path):
@@ -173,12 +199,23 @@ def test_fit_and_compute_from_gpu_results(tmp_path):
     probes = [[b, 0.05 + b / 1000] for b in (32, 64, 128, 256)]
     rows = [{"extra": {"model": "crate_mae_base", "layout": "all", "compile": False, "batch": 256,
                        "step_s": 0.306, "probes": probes}}]
+    variant = {"extra": {**rows[0]["extra"], "variant": "autocast", "probes": [], "step_s": 9.0}}
     path = tmp_path / "gpu_results.json"
-    path.write_text(json.dumps({"rows": rows}))
-    c = scaling.compute_from_results(path, "crate_mae_base", "all")
+    path.write_text(json.dumps({"rows": rows + [variant]}))
+    c = scaling.compute_from_results([path], "crate_mae_base", "all")
     assert (c.rate, c.fixed_s, c.max_micro) == (pytest.approx(1000.0), pytest.approx(0.05), 256)
     with pytest.raises(ValueError, match="no eager training row"):
-        scaling.compute_from_results(path, "crate_mae_base", "visible")
+        scaling.compute_from_results([path], "crate_mae_base", "visible")
+    with pytest.raises(ValueError, match="no compiled training row"):
+        scaling.compute_from_results([path], "crate_mae_base", "all", compiled=True)
+    # compiled: the engine row (in a second file) wins over the plain compiled row; the eager fixed cost stays
+    compiled = [{"what": "crate_mae_base all compile", "extra": {"batch": 256, "step_s": 0.178}},
+                {"what": "crate_mae_base all DeepSpeed ZeRO-2 engine compile", "extra": {"batch": 256, "step_s": 0.2}}]
+    second = tmp_path / "run2.json"
+    second.write_text(json.dumps({"rows": compiled}))
+    c = scaling.compute_from_results([path, second], "crate_mae_base", "all", compiled=True)
+    assert (c.rate, c.fixed_s) == (pytest.approx(256 / 0.15), pytest.approx(0.05))
+    assert "engine compile" in c.source
 
 
 def test_scaling_table_flags_small_per_gpu_batches(capsys):

@@ -42,9 +42,9 @@ def section_attention(b: Bench) -> None:
               baseline=f"{flops / base / 1e12:.3g} (flash)" if base and name != "flash" else "",
               ratio=base / times[name] if base else None,
               note=f"({bsz}, {heads}, {n}, {p}) bf16, {times[name] * 1e3:.2f} ms")
-    chosen = min(times, key=times.get) if b.args.sdpa == "best" and times else b.args.sdpa
+    chosen = b.args.sdpa
     if chosen == "best":
-        chosen = "auto"
+        chosen = min(times, key=times.get) if times else "auto"
     select_attention_backend(chosen)
     b.meta["sdpa"] = chosen
     b.add("attention", "selected for the training rows", note=chosen)

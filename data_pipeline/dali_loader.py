@@ -16,7 +16,11 @@ _STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
 
 def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threads: int, device: str,
-                   py_workers: int, device_id: int | None = None):
+                   py_workers: int, device_id: int | None = None, hw_decoder_load: float = 0.65,
+                   prefetch_depth: int = 2):
+    """prefetch_depth: batches DALI prepares ahead (more hides decode jitter, costs one batch of memory each).
+    hw_decoder_load: with the mixed decoder, the share of images sent to the GPU's hardware JPEG engines
+    (A100/H100 NVJPG, outside the SMs); the rest take the CUDA path (Huffman on the CPU threads)."""
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
@@ -27,7 +31,7 @@ def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threa
     # cannot cross a fork; the feed then reloads the manifest in each worker.
     pipe = Pipeline(batch_size=batch_size, num_threads=max(1, num_threads),
                     device_id=device_id if device == "gpu" else None, py_num_workers=max(1, py_workers),
-                    py_start_method="spawn" if device == "gpu" else "fork", prefetch_queue_depth=2)
+                    py_start_method="spawn" if device == "gpu" else "fork", prefetch_queue_depth=prefetch_depth)
     train = feed.mode == "train"
     dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64, types.INT64, types.INT32]
     if train:
@@ -36,9 +40,9 @@ def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threa
         outs = fn.external_source(source=feed, batch=False, parallel=True, num_outputs=len(dtypes), dtype=dtypes,
                                   prefetch_queue_depth=2)
         data, anchor, shape, flip, sid, label, bad = outs[:7]
-        images = fn.decoders.image_slice(data, anchor, shape, device="mixed" if device == "gpu" else "cpu",
-                                         output_type=types.RGB, normalized_anchor=True, normalized_shape=True,
-                                         adjust_orientation=False)
+        mixed = {"device": "mixed", "hw_decoder_load": hw_decoder_load} if device == "gpu" else {"device": "cpu"}
+        images = fn.decoders.image_slice(data, anchor, shape, output_type=types.RGB, normalized_anchor=True,
+                                         normalized_shape=True, adjust_orientation=False, **mixed)
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
                            antialias=True)
         images = fn.crop_mirror_normalize(images, mirror=fn.reshape(flip, shape=[]), mean=_MEAN, std=_STD,
@@ -61,9 +65,9 @@ def _to_torch(tl) -> torch.Tensor:
 
 class DaliBackend:
     def __init__(self, feed: SampleFeed, batch_size: int, image_size: int, num_threads: int = 1,
-                 device: str = "cpu", py_workers: int = 1):
+                 device: str = "cpu", py_workers: int = 1, **pipeline_options):
         self.train = feed.mode == "train"
-        self.pipe = build_pipeline(feed, batch_size, image_size, num_threads, device, py_workers)
+        self.pipe = build_pipeline(feed, batch_size, image_size, num_threads, device, py_workers, **pipeline_options)
 
     def __iter__(self):
         while True:

@@ -70,11 +70,14 @@ class _MicroBatches(torch.utils.data.Dataset):
 
 
 class PilBackend:
-    def __init__(self, feed: SampleFeed, batch_size: int, image_size: int, num_threads: int = 1):
+    def __init__(self, feed: SampleFeed, batch_size: int, image_size: int, num_threads: int = 1,
+                 prefetch_depth: int = 2):
         workers = num_threads if num_threads > 1 else 0
+        # pinned batches make the trainer's .to(device, non_blocking=True) an asynchronous copy
         self._loader = torch.utils.data.DataLoader(
             _MicroBatches(feed, batch_size, image_size), batch_size=None, sampler=itertools.count(),
-            num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False)
+            num_workers=workers, prefetch_factor=prefetch_depth if workers else None, persistent_workers=False,
+            pin_memory=torch.cuda.is_available())
         self._iter = None
 
     def __iter__(self):

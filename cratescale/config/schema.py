@@ -30,6 +30,10 @@ class DataConfig(Strict):
     image_size: int = Field(32, gt=0)
     loader: Literal["auto", "dali", "pil"] = "auto"
     num_threads: int = Field(1, ge=1)
+    # DALI on GPUs: share of JPEGs for the hardware decoder (BENCHMARKS.md "Input pipeline plan"), and how many
+    # batches the pipeline prepares ahead of the training step.
+    hw_decoder_load: float = Field(0.75, ge=0.0, le=1.0)
+    prefetch_depth: int = Field(2, ge=1, le=8)
     val_per_class: int = Field(0, ge=0)
     reshard: int | None = Field(None, gt=0)
     shard_size: int = Field(1000, gt=0)

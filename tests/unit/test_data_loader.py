@@ -53,6 +53,14 @@ def test_dali_and_pil_agree(manifest):
 
 
 @needs_dali
+def test_dali_prefetch_depth_changes_how_far_ahead_not_what(manifest):
+    with _train(manifest, "dali") as shallow, _train(manifest, "dali", prefetch_depth=4) as deep:
+        assert deep._backend.pipe.prefetch_queue_depth == 4 and shallow._backend.pipe.prefetch_queue_depth == 2
+        for a, b in zip(_take(shallow, 3), _take(deep, 3)):
+            assert torch.equal(a["sample_ids"], b["sample_ids"]) and torch.equal(a["images"], b["images"])
+
+
+@needs_dali
 def test_dali_batches_identical_for_the_same_state(manifest):
     with _train(manifest, "dali") as a:
         run = _take(a, 4)
@@ -188,8 +196,10 @@ def test_auto_kind_and_argument_errors(manifest, monkeypatch):
 @pytest.mark.gpu
 @needs_dali
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_mixed_gpu_decoder_matches_cpu(manifest):
-    with _train(manifest, "dali", device="cpu") as c, _train(manifest, "dali", device="gpu") as g:
+@pytest.mark.parametrize("hw_decoder_load", [0.0, 0.9])  # CUDA path only, mostly the hardware JPEG engines
+def test_mixed_gpu_decoder_matches_cpu(manifest, hw_decoder_load):
+    with _train(manifest, "dali", device="cpu") as c, \
+            _train(manifest, "dali", device="gpu", hw_decoder_load=hw_decoder_load) as g:
         for a, b in zip(_take(c, 2), _take(g, 2)):
             assert b["images"].is_cuda and torch.equal(a["sample_ids"], b["sample_ids"])
             assert np.corrcoef(a["images"].flatten(), b["images"].cpu().flatten())[0, 1] > 0.99

@@ -1,0 +1,22 @@
+"""bench/scaling.py's check at the one scale this machine has: 2 real DeepSpeed ZeRO-2 ranks over gloo. Only
+what does not depend on timing is asserted: the traffic the model assumes is the traffic DeepSpeed sends."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def test_zero2_all_reduces_the_parameter_count_per_step(capsys):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("scaling_check", BENCH / "scaling_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    result = check.check_cpu(steps=2, repeats=1)
+    # one bucketed all-reduce of every gradient (+1: the overflow/norm scalar), as the model's 3 units assume
+    assert result["params"] == 3_704_640
+    assert result["params"] <= result["step_allreduce_elems"] <= result["params"] + 8
+    assert result["predicted_s"] > 0 and result["measured_s"] > 0 and result["one_rank_s"] > 0
+    assert "2-rank step vs model" in capsys.readouterr().out

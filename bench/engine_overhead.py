@@ -43,7 +43,8 @@ def measure_model(variant: str, steps: int, rounds: int, zero_extra: str = "{}")
     from cratescale.config import load_job
     from cratescale.distributed import deepspeed_config
     from cratescale.engine import optim
-    from cratescale.engine.trainer import _stop_agreed, build_model
+    from cratescale.engine.state import any_rank
+    from cratescale.engine.trainer import build_model
 
     job = load_job(REPO / "jobs" / "demo.yaml", MODELS[variant])
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -73,7 +74,7 @@ def measure_model(variant: str, steps: int, rounds: int, zero_extra: str = "{}")
     def ds_step(extras: bool = False) -> list[float]:
         t = [time.perf_counter()]
         if extras:  # trainer.py's per-step extras around the same engine calls
-            _stop_agreed(False)
+            any_rank(False)
             for group in engine.optimizer.param_groups:
                 group["lr"] = 1e-4
         loss, _, _ = engine(images, noise)
@@ -112,11 +113,12 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
-    from cratescale.distributed import init_distributed, world_from_env
+    from cratescale.distributed import exit_without_teardown, init_distributed, world_from_env
 
     init_distributed(world_from_env(), "gloo")  # the engine's own init (skips DeepSpeed's shm op build)
     out = {v: measure_model(v, args.steps, args.rounds, args.zero) for v in args.models.split(",")}
     print(json.dumps(out), flush=True)
+    exit_without_teardown(0)  # the ranks' intermittent native abort at teardown, see cratescale.distributed
 
 
 def launch(args: argparse.Namespace, world: int = 2, timeout: float = 300) -> dict:

@@ -32,6 +32,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(REPO))
+    from cratescale.distributed import exit_without_teardown
     from cratescale.models import create_model
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -83,6 +84,7 @@ def worker(args: argparse.Namespace) -> None:
                world=world, micro=args.micro, step_allreduce_elems=seen["elems"] // args.steps,
                step_allreduce_s=seen["seconds"] / args.steps)
     print(json.dumps(out), flush=True)
+    exit_without_teardown(0)  # the ranks' intermittent native abort at teardown, see cratescale.distributed
 
 
 def _count_all_reduce(seen: dict) -> None:

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import atexit
 import os
-import sys
 from pathlib import Path
 
 from cratescale.config import load_job
-from cratescale.distributed import shutdown_distributed, world_from_env
+from cratescale.distributed import exit_without_teardown, shutdown_distributed, world_from_env
 from cratescale.engine.trainer import train
 from cratescale.launch.preemption import PreemptionFlag, requeue_slurm_job
 
@@ -36,16 +35,7 @@ class TrainTask:
             if world.is_main and os.environ.get("SLURM_JOB_ID") and flag.wants_requeue:
                 requeue_slurm_job()
             # No result file: submitit (and our supervisor) must not take this for a finished job.
-            sys.stdout.flush()
-            os._exit(PREEMPTED_EXIT)
-        # Once submitit has written our result and returns, leave without C++ static teardown: a native
-        # thread still joinable there aborted a finished rank ("terminate called without an active
-        # exception"), which srun reports as a failed task of a completed job.
-        atexit.register(_exit_success)
+            exit_without_teardown(PREEMPTED_EXIT)
+        # Once submitit has written our result and returns (atexit), leave without C++ static teardown.
+        atexit.register(exit_without_teardown, 0)
         return {"status": outcome.status, "step": outcome.step, "rank": world.rank}
-
-
-def _exit_success() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -11,7 +11,6 @@ A also reloads each commit into a fresh engine at the same world size (native lo
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from tests.dist import ds_tiny
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import consolidate_fp32, export_weights, load_export
 from cratescale.checkpoint.universal import ensure_universal, load_into_engine, universal_dir
+from cratescale.distributed import exit_without_teardown
 
 pytestmark = pytest.mark.dist
 STAGES = (1, 2, 3)        # universal conversion needs ZeRO partitions
@@ -79,10 +79,7 @@ def _worker(rank: int, world: int, port: int, out: str, actions: list[tuple]) ->
 
     dist.barrier()
     dist.destroy_process_group()
-    # Leave without C++ static teardown, as the product's ranks do: a native thread still joinable there
-    # aborted a finished process now and then ("terminate called without an active exception").
-    sys.stdout.flush()
-    os._exit(0)
+    exit_without_teardown(0)  # as the product's ranks do
 
 
 def _spawn(world: int, out: Path, actions: list[tuple]) -> None:

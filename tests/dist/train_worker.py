@@ -4,12 +4,11 @@ The launcher sets RANK/WORLD_SIZE/MASTER_*; STOP_AFTER makes the stop flag rise 
 graceful preemption path, deterministic), so a run can be stopped and resumed at a known step.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
 from cratescale.config import load_job
-from cratescale.distributed import shutdown_distributed, world_from_env
+from cratescale.distributed import exit_without_teardown, shutdown_distributed, world_from_env
 from cratescale.engine.trainer import train
 
 
@@ -26,9 +25,7 @@ def main() -> None:
     outcome = train(job, Path(job.run_dir), Path(manifest), world_from_env(), 1e11, should_stop=should_stop)
     shutdown_distributed()
     print(json.dumps({"status": outcome.status, "step": outcome.step}), flush=True)
-    # As TrainTask does: leave without C++ static teardown, where a native thread still joinable aborted a
-    # finished rank now and then ("terminate called without an active exception").
-    os._exit(0)
+    exit_without_teardown(0)  # as TrainTask does
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         step = int(load_state(engine, plan, world.rank)["step"])
     if writer:
         writer.write({"kind": "start", "step": step, "world_size": world.world_size, "elastic": plan.elastic,
-                      "resumed": plan.commit is not None, "total_steps": total, "job_id": world.job_id})
+                      "resumed": plan.commit is not None, "total_steps": total, "job_id": world.job_id,
+                      "speed": job.parallel.model_dump(include={"compile", "activation_checkpointing", "attention"})})
 
     loader = make_train_loader(
         manifest, state=LoaderState.from_step(step, steps_per_epoch, sched.global_batch, job.seed),

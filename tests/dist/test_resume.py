@@ -55,3 +55,27 @@ def test_elastic_resume_continues_the_global_sequence(before, after, tmp_path, t
     starts = [json.loads(line) for line in (elastic / "metrics.jsonl").read_text().splitlines()
               if '"kind": "start"' in line]
     assert [(s["step"], s["world_size"], s["elastic"]) for s in starts] == [(0, before, False), (4, after, True)]
+
+
+def test_resume_with_speed_knobs_switched_on_continues_the_same_run(tmp_path, tiny_manifest):
+    """parallel.activation_checkpointing and parallel.compile through the real trainer: they are not part of
+    the config hash, so a run stopped without them resumes with them, consumes the same samples and ends
+    at the weights of the plain run (checkpointing recomputes exactly; compile reorders float sums)."""
+    plain, _, _ = train_run(tmp_path, "plain", tiny_manifest, 2)
+    switched, config, results = train_run(tmp_path, "switched", tiny_manifest, 2, stop_after=4)
+    assert all(r == {"status": "preempted", "step": 4} for r in results)
+    text = config.read_text()
+    assert "activation_checkpointing: false" in text and "  compile: false" in text
+    config.write_text(text.replace("activation_checkpointing: false", "activation_checkpointing: true")
+                      .replace("  compile: false", "  compile: true"))
+    results = run_ranks(config, tiny_manifest, 2)
+    assert all(r == {"status": "completed", "step": 8} for r in results)
+    assert consumed_samples(switched) == consumed_samples(plain)
+    starts = [json.loads(line) for line in (switched / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "start"' in line]
+    assert [(s["step"], s["speed"]["compile"], s["speed"]["activation_checkpointing"]) for s in starts] == \
+        [(0, False, False), (4, True, True)]
+    _, weights_plain = final_weights(plain)
+    _, weights_switched = final_weights(switched)
+    for key in weights_plain:
+        torch.testing.assert_close(weights_switched[key], weights_plain[key], rtol=1e-3, atol=1e-4, msg=key)

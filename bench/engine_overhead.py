@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_ranks import run_cpu_ranks  # noqa: E402
 TARGET = 1.15
 # model variants: overrides on top of jobs/demo.yaml (crate_mae_debug, 32 px, patch 8, micro-batch 32)
 MODELS = {
@@ -122,22 +122,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, world: int = 2, timeout: float = 300) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        cmd = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--rounds", str(args.rounds),
-               "--models", args.models, "--zero", args.zero]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    results = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"engine_overhead worker exited {proc.returncode}:\n{out[-3000:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = run_cpu_ranks(__file__, ["--steps", str(args.steps), "--rounds", str(args.rounds), "--models",
+                                       args.models, "--zero", args.zero], world, timeout)
     # the slowest rank sets the pace
     return {v: {loop: {k: max(r[v][loop][k] for r in results) for k in results[0][v][loop]}
                 for loop in results[0][v]} for v in results[0]}

@@ -9,12 +9,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_ranks import run_cpu_ranks  # noqa: E402
 from scaling import REPO, Compute, Links, fit_line, predict  # noqa: E402
 
 CHECK_MODEL = dict(embed_dim=384, decoder_embed_dim=384, num_heads=6, decoder_num_heads=6, depth=4, decoder_depth=4)
@@ -106,24 +106,7 @@ def _count_all_reduce(seen: dict) -> None:
 
 
 def run_ranks(world: int, micro: int, steps: int, timeout: float = 240) -> dict:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", "--micro", str(micro),
-                                       "--steps", str(steps)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"scaling worker exited {proc.returncode}:\n{out[-3000:]}")
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+    outs = run_cpu_ranks(__file__, ["--micro", str(micro), "--steps", str(steps)], world, timeout)
     return {k: max(o[k] for o in outs) if isinstance(outs[0][k], float) else outs[0][k] for k in outs[0]}
 
 

@@ -17,7 +17,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .tario import is_compressed_tar, iter_members, unsafe_member_reason
 
@@ -117,6 +117,23 @@ def _plan_tar_list(tars: list[str]) -> Plan:
     return Plan("class_tars", units)
 
 
+def _scan_members(path: str, plan: Plan, unwanted: Callable[[tarfile.TarInfo], str | None]) -> list[tuple]:
+    """(name, data offset, size) of the files in the tar at `path`, sorted by name; unsafe members and those
+    `unwanted` gives a reason for become rejects of `plan`, and so does damage that ends the scan early."""
+    kept, errors = [], []
+    with open(path, "rb") as f:
+        for info, off in iter_members(f, errors=errors):
+            if info.isdir():
+                continue
+            why = unsafe_member_reason(info) or unwanted(info)
+            if why:
+                plan.rejects.append(reject(path, info.name, why))
+            else:
+                kept.append((info.name, off, info.size))
+    plan.rejects += [reject(path, "", f"damaged archive, members after this point lost: {e}") for e in errors]
+    return sorted(kept)
+
+
 def _plan_tar(path: str, chunk: int | None) -> Plan:
     names = _peek_names(path)
     if any(n.endswith(".cls") for n in names):
@@ -124,20 +141,8 @@ def _plan_tar(path: str, chunk: int | None) -> Plan:
     if names and sum(n.endswith(".tar") for n in names) * 2 >= len(names):
         return _plan_tar_of_tars(path)
     plan = Plan("tar")
-    members, errors = [], []
-    with open(path, "rb") as f:
-        for info, off in iter_members(f, errors=errors):
-            if info.isdir():
-                continue
-            why = unsafe_member_reason(info)
-            if why is None and len(PurePosixPath(info.name).parts) < 2:
-                why = "no class folder: member at the archive root"
-            if why:
-                plan.rejects.append(reject(path, info.name, why))
-            else:
-                members.append((info.name, off, info.size))
-    plan.rejects += [reject(path, "", f"damaged archive, members after this point lost: {e}") for e in errors]
-    members.sort()
+    members = _scan_members(path, plan, lambda info: "no class folder: member at the archive root"
+                            if len(PurePosixPath(info.name).parts) < 2 else None)
     plan.units = [Unit(i, "tar_members", {"path": path, "members": c}, len(c))
                   for i, c in enumerate(_chunks(members, chunk))]
     return plan
@@ -146,20 +151,8 @@ def _plan_tar(path: str, chunk: int | None) -> Plan:
 def _plan_tar_of_tars(path: str) -> Plan:
     """Outer tar of per-class tars: inner data offsets are absolute offsets in the outer file."""
     plan = Plan("tar_of_tars")
-    inner, errors = [], []
-    with open(path, "rb") as f:
-        for info, off in iter_members(f, errors=errors):
-            if info.isdir():
-                continue
-            why = unsafe_member_reason(info)
-            if why is None and not info.name.endswith(".tar"):
-                why = "not an inner .tar in a tar-of-tars"
-            if why:
-                plan.rejects.append(reject(path, info.name, why))
-            else:
-                inner.append((info.name, off, info.size))
-    plan.rejects += [reject(path, "", f"damaged archive, members after this point lost: {e}") for e in errors]
-    inner.sort()
+    inner = _scan_members(path, plan, lambda info: None if info.name.endswith(".tar")
+                          else "not an inner .tar in a tar-of-tars")
     plan.units = [Unit(i, "inner_tar", {"path": path, "start": off, "length": size, "member": name,
                                         "class_name": PurePosixPath(name).name[:-4]})
                   for i, (name, off, size) in enumerate(inner)]

@@ -35,6 +35,15 @@ class MaskedAutoencoder(nn.Module):
     decoder_norm, decoder_pred, then call `_init_weights()`."""
 
     arch = ""
+    defaults: dict[str, Any] = {}  # every setting a subclass takes, with its default
+
+    @classmethod
+    def settings(cls, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The defaults with `overrides` applied; an unknown setting is an error that names the known ones."""
+        unknown = sorted(set(overrides) - set(cls.defaults))
+        if unknown:
+            raise ModelConfigError(f"{name}: unknown {cls.__name__} settings {unknown}; known: {sorted(cls.defaults)}")
+        return {**cls.defaults, **overrides, "name": name, "arch": cls.arch}
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import FINAL_LN_EPS, MaskedAutoencoder, ModelConfigError
+from .base import FINAL_LN_EPS, MaskedAutoencoder
 from .layers import CrateDecoderLayer, CrateEncoderLayer
 
 CRATE_DEFAULTS: dict[str, Any] = dict(
@@ -36,12 +36,10 @@ class CrateMAE(MaskedAutoencoder):
     """
 
     arch = "crate_mae"
+    defaults = CRATE_DEFAULTS
 
     def __init__(self, name: str = "crate_mae", **kwargs: Any) -> None:
-        unknown = sorted(set(kwargs) - set(CRATE_DEFAULTS))
-        if unknown:
-            raise ModelConfigError(f"{name}: unknown CrateMAE settings {unknown}; known: {sorted(CRATE_DEFAULTS)}")
-        c = {**CRATE_DEFAULTS, **kwargs, "name": name, "arch": self.arch}
+        c = self.settings(name, kwargs)
         super().__init__(c)
         d, dd = c["embed_dim"], c["decoder_embed_dim"]
         eta, lambd = float(c["eta"]), float(c["lambd"])

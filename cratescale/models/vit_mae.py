@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import FINAL_LN_EPS, MaskedAutoencoder, ModelConfigError
+from .base import FINAL_LN_EPS, MaskedAutoencoder
 from .layers import ViTBlock
 
 VIT_DEFAULTS: dict[str, Any] = dict(
@@ -37,12 +37,10 @@ class ViTMAE(MaskedAutoencoder):
     """
 
     arch = "vit_mae"
+    defaults = VIT_DEFAULTS
 
     def __init__(self, name: str = "vit_mae", **kwargs: Any) -> None:
-        unknown = sorted(set(kwargs) - set(VIT_DEFAULTS))
-        if unknown:
-            raise ModelConfigError(f"{name}: unknown ViTMAE settings {unknown}; known: {sorted(VIT_DEFAULTS)}")
-        c = {**VIT_DEFAULTS, **kwargs, "name": name, "arch": self.arch}
+        c = self.settings(name, kwargs)
         super().__init__(c)
         d, dd = c["embed_dim"], c["decoder_embed_dim"]
         ratio, bias, eps = float(c["mlp_ratio"]), bool(c["qkv_bias"]), float(c["block_norm_eps"])

@@ -70,6 +70,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
     import deepspeed
 
     run_dir = Path(run_dir)
+    entered = time.perf_counter()
     init_distributed(world, job.parallel.backend)
     sched = job.schedule
     steps_per_epoch = count_train_samples(manifest) // sched.global_batch
@@ -98,6 +99,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
     if writer:
         writer.write({"kind": "start", "step": step, "world_size": world.world_size, "elastic": plan.elastic,
                       "resumed": plan.commit is not None, "total_steps": total, "job_id": world.job_id,
+                      "setup_s": round(time.perf_counter() - entered, 3),  # process group, model, engine, resume
                       "speed": job.parallel.model_dump(include={"compile", "activation_checkpointing", "attention"})})
 
     loader = make_train_loader(
@@ -131,6 +133,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
     sample_log = _open_sample_log(run_dir, world.rank) if job.logging.sample_log else None
     timer, window_loss, window_steps = StepTimer(), 0.0, 0
     status = "completed"
+    first_step = step + 1
     while step < total:
         if any_rank(should_stop()):
             status = "preempted"
@@ -152,6 +155,9 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
             timer.images += batch["images"].shape[0] * world.world_size
         step += 1
         window_steps += 1
+        if writer and step == first_step:
+            # this process's first step: loader start-up and (with parallel.compile) the compile
+            writer.write({"kind": "first_step", "step": step, "seconds_since_start": time.perf_counter() - entered})
         if step % job.logging.every_steps == 0 or step == total:
             elapsed, wait, images = timer.window()
             loss_mean, wait_frac, bad_mean = _mean_over_ranks(

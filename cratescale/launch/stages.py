@@ -51,7 +51,8 @@ def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, deta
         raise StageError(f"pretrain: job {status['job_id']} ended {status['state']}: {error} "
                          f"(logs: {paths.submitit_dir})")
     console.log(f"pretrain: done at step {status['step']}, {status['restarts']} restarts, "
-                f"{status['lost_steps']} steps lost, {status['commits']} commits")
+                f"{status['lost_steps']} steps lost, {status['commits']} commits, first step after "
+                f"{status['first_step_s']} s")
     return status
 
 

@@ -41,13 +41,16 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         if row.get("kind") == "start" and row.get("resumed"):
             lost += max(0, last_step - row["step"])
         if "step" in row:
-            last_step = row["step"] if row.get("kind") != "start" else row["step"]
+            last_step = row["step"]
     ends = [r for r in rows if r.get("kind") == "end"]
+    firsts = [r for r in rows if r.get("kind") == "first_step"]
     return {"restarts": max(0, len(starts) - 1), "lost_steps": lost, "step": last_step,
             "total_steps": starts[-1]["total_steps"] if starts else None,
             "last": train[-1] if train else None, "finished": bool(ends) and ends[-1].get("status") == "completed",
             "preempted": sum(1 for e in ends if e.get("status") == "preempted"),
-            "commits": sum(1 for r in rows if r.get("kind") == "commit")}
+            "commits": sum(1 for r in rows if r.get("kind") == "commit"),
+            # rank 0's start of its latest process to its first step (process group, engine, loader, compile)
+            "first_step_s": round(firsts[-1]["seconds_since_start"], 1) if firsts else None}
 
 
 @ray.remote(num_cpus=0)

@@ -75,6 +75,10 @@ def test_resume_with_speed_knobs_switched_on_continues_the_same_run(tmp_path, ti
               if '"kind": "start"' in line]
     assert [(s["step"], s["speed"]["compile"], s["speed"]["activation_checkpointing"]) for s in starts] == \
         [(0, False, False), (4, True, True)]
+    firsts = [json.loads(line) for line in (switched / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "first_step"' in line]
+    assert [f["step"] for f in firsts] == [1, 5]  # one per process start, after its first step
+    assert all(f["seconds_since_start"] > s["setup_s"] > 0 for f, s in zip(firsts, starts))
     _, weights_plain = final_weights(plain)
     _, weights_switched = final_weights(switched)
     for key in weights_plain:

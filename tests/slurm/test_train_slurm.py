@@ -185,6 +185,7 @@ def test_slurm_run_completes_and_matches_local_run(tmp_path, tiny_manifest, refe
     assert starts[0]["world_size"] == 2
     summary = run_summary(run_dir)
     assert summary["finished"] and summary["restarts"] == 0 and summary["step"] == STEPS
+    assert summary["first_step_s"] > starts[0]["setup_s"] > 0  # start-up, measured where the rank ran
     assert_matches_reference(run_dir, reference)
 
 

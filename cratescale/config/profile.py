@@ -11,6 +11,13 @@ from cratescale.config.schema import Strict
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "cluster" / "profiles"
 
 
+class MeasuredStep(Strict):
+    """One GPU's training step time t(b) = fixed_ms + b / images_per_s, as bench/gpu.sh measures it."""
+    images_per_s: float = Field(..., gt=0)  # per GPU at large batch
+    fixed_ms: float = Field(0.0, ge=0)  # per micro-step, whatever the batch (launches, optimizer)
+    source: str = ""
+
+
 class ProfileConfig(Strict):
     name: str
     scheduler: Literal["slurm", "local"]
@@ -29,6 +36,8 @@ class ProfileConfig(Strict):
     peak_flops_per_gpu: float = Field(..., gt=0)
     interconnect_gbps: float = Field(100.0, gt=0)
     ray_interface: str = "lo"
+    # "<model>/<encoder_tokens>" -> the measured step on this cluster's GPU; --dry-run turns it into a time estimate
+    measured_step: dict[str, MeasuredStep] = Field(default_factory=dict)
 
 
 def profile_path(name: str) -> Path:

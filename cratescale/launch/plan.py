@@ -31,6 +31,7 @@ class Plan:
     peak_lr: float
     model_states_gb_per_gpu: float
     flops_per_image: float
+    layout: str
 
 
 def model_state_bytes(params: int, trainable: int, zero_stage: int, world: int, bf16: bool) -> float:
@@ -54,7 +55,27 @@ def make_plan(job: JobConfig, paths: RunPaths) -> Plan:
                                     job.parallel.precision == "bf16")
     return Plan(job.model.name, total, trainable, job.world_size, job.schedule.global_batch, job.schedule.micro_batch,
                 job.grad_accum, samples, steps_per_epoch, total_steps, optim.peak_lr(job), state_bytes / 2**30,
-                train_flops_per_image(model))
+                train_flops_per_image(model), model.encoder_tokens)
+
+
+def estimate_line(plan: Plan, profile: ProfileConfig) -> str | None:
+    """Compute-only time estimate from the profile's measured step (bench/scaling.py adds communication)."""
+    measured = profile.measured_step.get(f"{plan.model_name}/{plan.layout}")
+    if measured is None:
+        return None
+    micro_s = measured.fixed_ms / 1e3 + plan.micro_batch / measured.images_per_s
+    step_s = plan.grad_accum * micro_s
+    line = (f"estimate       {step_s * 1e3:.1f} ms per step (compute only), {plan.global_batch / step_s:,.0f} img/s "
+            f"on {plan.world_size} GPUs")
+    if plan.steps_per_epoch:
+        line += f", {plan.steps_per_epoch * step_s / 60:.1f} min per epoch"
+    if plan.total_steps:
+        line += f", {plan.total_steps * step_s / 3600:,.1f} h in all"
+    fixed_share = measured.fixed_ms / 1e3 / micro_s
+    if fixed_share > 0.25:
+        line += (f"; at {plan.micro_batch} images per GPU the fixed per-step cost is {fixed_share:.0%} of it "
+                 f"(fewer GPUs or a larger global batch use them better)")
+    return line + f"  [{measured.source or 'profile measured_step'}]"
 
 
 def render_plan(job: JobConfig, profile: ProfileConfig, paths: RunPaths) -> str:
@@ -76,6 +97,9 @@ def render_plan(job: JobConfig, profile: ProfileConfig, paths: RunPaths) -> str:
         f"({job.parallel.precision}), activations extra",
         "deepspeed      " + json.dumps(deepspeed_config(job, plan.world_size)),
     ]
+    estimate = estimate_line(plan, profile)
+    if estimate:
+        lines.insert(-1, estimate)
     if job.cluster.executor == "slurm":
         lines += ["sbatch script (what would be submitted):", sbatch_script(job, profile, paths.submitit_dir)]
     return "\n".join(lines)

@@ -69,6 +69,14 @@ def test_profiles_validate():
         load_profile("nope")
 
 
+def test_profile_measured_step_is_validated(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: x\nscheduler: slurm\npeak_flops_per_gpu: 1.0e+15\n"
+                    "measured_step:\n  crate_mae_base/all: {images_per_s: 0, fixed_ms: 5}\n")
+    with pytest.raises(ConfigError, match=r"measured_step\.crate_mae_base/all\.images_per_s"):
+        load_profile(str(path))
+
+
 def test_profile_missing_field(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("name: x\nscheduler: slurm\npartition: debug\n")

@@ -29,6 +29,27 @@ def test_imagenet21k_plan_numbers(tmp_path):
     assert "8 nodes x 8 = 64" in out and "global 4096 = micro 64 x accum 1 x 64 ranks" in out
     assert "3466 steps per epoch" in out  # 14,197,122 // 4096
     assert "#SBATCH --signal=USR2@" in out and "#SBATCH --ntasks-per-node=8" in out
+    # example_h100's measured step: 14.7 ms + 64 / 3744 img/s = 31.8 ms; 3466 steps an epoch
+    assert "estimate       31.8 ms per step (compute only), 128,829 img/s on 64 GPUs, 1.8 min per epoch" in out
+    assert "fixed per-step cost is 46%" in out
+
+
+def test_estimate_follows_the_batch_split_and_stays_out_without_a_measurement():
+    from cratescale.config import load_profile
+    from cratescale.launch.plan import Plan, estimate_line
+
+    profile = load_profile("example_h100")
+    plan = Plan("crate_mae_base", 1, 1, world_size=8, global_batch=4096, micro_batch=256, grad_accum=2,
+                train_samples=None, steps_per_epoch=None, total_steps=None, peak_lr=1e-3, model_states_gb_per_gpu=0,
+                flops_per_image=1.0, layout="all")
+    line = estimate_line(plan, profile)
+    step_ms = 2 * (14.7 + 256 / 3744 * 1e3)  # two micro-steps of 256
+    assert line.startswith(f"estimate       {step_ms:.1f} ms per step") and "fixed per-step" not in line
+    assert "min per epoch" not in line  # the sample count is unknown
+    plan.layout = "visible"  # measured separately: 10.9 ms + b / 6841
+    assert estimate_line(plan, profile).startswith(f"estimate       {2 * (10.9 + 256 / 6841 * 1e3):.1f} ms")
+    plan.model_name = "crate_mae_large"
+    assert estimate_line(plan, profile) is None
 
 
 @pytest.mark.parametrize("args, needle", [

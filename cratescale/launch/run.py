@@ -136,7 +136,7 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
 
 def show_status(run_dir: str) -> int:
     """Reattach: what the run did so far, from its own files (the job may be running anywhere)."""
-    from cratescale.launch.supervisor import run_summary
+    from cratescale.launch.progress import run_summary
 
     run = Path(run_dir)
     if not (run / "config.yaml").exists():

@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
 
 from cratescale.config import load_job, load_profile
-from cratescale.engine.metrics import read_metrics
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
 from cratescale.launch.paths import RunPaths
+from cratescale.launch.progress import RunProgress
 
 _DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "DEADLINE", "BOOT_FAIL"}
 # Ends that a resubmission may cure (kill -9, OOM killer, a lost node, a save that outlived the time limit).
@@ -29,28 +28,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def run_summary(run_dir: Path) -> dict[str, Any]:
-    """Progress, restarts and lost work, from the metrics the ranks wrote (works without the job)."""
-    rows = read_metrics(run_dir)
-    starts = [r for r in rows if r.get("kind") == "start"]
-    train = [r for r in rows if r.get("kind") == "train"]
-    lost, last_step = 0, 0
-    for row in rows:
-        if row.get("kind") == "start" and row.get("resumed"):
-            lost += max(0, last_step - row["step"])
-        if "step" in row:
-            last_step = row["step"]
-    ends = [r for r in rows if r.get("kind") == "end"]
-    firsts = [r for r in rows if r.get("kind") == "first_step"]
-    return {"restarts": max(0, len(starts) - 1), "lost_steps": lost, "step": last_step,
-            "total_steps": starts[-1]["total_steps"] if starts else None,
-            "last": train[-1] if train else None, "finished": bool(ends) and ends[-1].get("status") == "completed",
-            "preempted": sum(1 for e in ends if e.get("status") == "preempted"),
-            "commits": sum(1 for r in rows if r.get("kind") == "commit"),
-            # rank 0's start of its latest process to its first step (process group, engine, loader, compile)
-            "first_step_s": round(firsts[-1]["seconds_since_start"], 1) if firsts else None}
 
 
 @ray.remote(num_cpus=0)
@@ -65,6 +42,7 @@ class Supervisor:
         self.resubmits = 0
         self.stalled = 0
         self.progress_at_resubmit = -1
+        self.progress = RunProgress(self.paths.run_dir)
 
     def submit(self) -> str:
         executor = make_executor(self.job, self.profile, self.paths.submitit_dir / "%j")
@@ -112,7 +90,7 @@ class Supervisor:
 
     def poll(self) -> dict[str, Any]:
         state = self._state()
-        summary = run_summary(self.paths.run_dir)
+        summary = self.progress.update()
         if state in _CRASHED and not self._old_job_gone():
             state = "COMPLETING"  # look again at the next poll
         elif state in _CRASHED and self._may_resubmit(summary):

@@ -25,7 +25,7 @@ from cratescale.engine.metrics import read_metrics
 from cratescale.launch import slurm_tools
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
-from cratescale.launch.supervisor import run_summary
+from cratescale.launch.progress import run_summary
 from tests.dist.harness import assert_same_tree, consumed_samples, final_weights, start_ranks, write_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,64 @@
+"""A run's progress, restarts and lost work, read from the metrics its ranks write (no job needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class RunProgress:
+    """Folds metrics.jsonl in as it grows: each update reads only the lines written since the last one, so a
+    supervisor polling a months-long run every few seconds does not re-parse the whole file each time."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.offset = 0
+        self.starts = self.commits = self.preempted = self.lost = self.step = 0
+        self.total_steps: int | None = None
+        self.last_train: dict[str, Any] | None = None
+        self.last_end: str | None = None
+        self.first_step_s: float | None = None
+
+    def update(self) -> dict[str, Any]:
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+            whole = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next update
+            self.offset += len(whole)
+            for line in whole.splitlines():
+                try:
+                    self._fold(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill; the next ones are whole
+                    continue
+        return self.summary()
+
+    def _fold(self, row: dict[str, Any]) -> None:
+        kind = row.get("kind")
+        if kind == "start":
+            self.starts += 1
+            self.total_steps = row.get("total_steps")
+            if row.get("resumed"):
+                self.lost += max(0, self.step - row["step"])
+        elif kind == "train":
+            self.last_train = row
+        elif kind == "commit":
+            self.commits += 1
+        elif kind == "first_step":
+            # rank 0's start of its latest process to its first step (process group, engine, loader, compile)
+            self.first_step_s = round(row["seconds_since_start"], 1)
+        elif kind == "end":
+            self.last_end = row.get("status")
+            self.preempted += row.get("status") == "preempted"
+        if "step" in row:
+            self.step = row["step"]
+
+    def summary(self) -> dict[str, Any]:
+        return {"restarts": max(0, self.starts - 1), "lost_steps": self.lost, "step": self.step,
+                "total_steps": self.total_steps, "last": self.last_train, "finished": self.last_end == "completed",
+                "preempted": self.preempted, "commits": self.commits, "first_step_s": self.first_step_s}
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """Progress, restarts and lost work of a run, read once from its metrics."""
+    return RunProgress(run_dir).update()

@@ -1,0 +1,38 @@
+"""RunProgress: a run's summary folded in from metrics.jsonl as it grows, reading only new lines."""
+import json
+
+from cratescale.launch.progress import RunProgress, run_summary
+
+
+def _append(path, *rows, tail: str = "") -> None:
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def test_incremental_updates_match_one_read_and_wait_for_whole_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    progress = RunProgress(tmp_path)
+    assert progress.update()["step"] == 0  # no file yet
+    _append(path, {"kind": "start", "step": 0, "total_steps": 10, "resumed": False},
+            {"kind": "first_step", "step": 1, "seconds_since_start": 3.04},
+            {"kind": "train", "step": 4, "loss": 1.0}, {"kind": "commit", "step": 4},
+            {"kind": "train", "step": 6, "loss": 0.9}, tail='{"kind": "commit", "st')  # a line being written
+    mid = progress.update()
+    assert (mid["step"], mid["commits"], mid["last"]["loss"], mid["first_step_s"]) == (6, 1, 0.9, 3.0)
+    _append(path, tail='ep": 6}\n')  # its end arrives
+    _append(path, {"kind": "end", "step": 6, "status": "preempted"},
+            {"kind": "start", "step": 4, "total_steps": 10, "resumed": True},  # 2 steps lost since commit 4
+            {"kind": "train", "step": 10, "loss": 0.5}, {"kind": "end", "step": 10, "status": "completed"})
+    end = progress.update()
+    assert end == run_summary(tmp_path)  # the same as reading the whole file once
+    assert (end["restarts"], end["lost_steps"], end["preempted"], end["commits"]) == (1, 2, 1, 2)
+    assert end["finished"] and end["step"] == 10 and end["total_steps"] == 10
+
+
+def test_a_line_cut_by_a_kill_is_skipped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _append(path, {"kind": "start", "step": 0, "total_steps": 5}, tail='{"kind": "tra')
+    _append(path, {"kind": "train", "step": 2, "loss": 2.0})  # the next writer's line follows the cut one
+    _append(path, {"kind": "train", "step": 3, "loss": 1.5})
+    summary = run_summary(tmp_path)
+    assert summary["step"] == 3 and summary["last"]["loss"] == 1.5

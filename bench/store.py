@@ -21,15 +21,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cratescale.checkpoint.durable import fsync_path  # noqa: E402
 from cratescale.embeddings.store import EmbeddingStore, StoreInfo  # noqa: E402
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def bench(rows: int, dim: int, shard_rows: int, chunk_rows: int, root: Path) -> list[tuple]:
@@ -47,7 +40,7 @@ def bench(rows: int, dim: int, shard_rows: int, chunk_rows: int, root: Path) -> 
     for k, a, b in shards:
         p = npy / f"shard_{k:06d}.npy"
         np.save(p, data[a:b])
-        _fsync(p)
+        fsync_path(p)
     npy_write = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,27 +19,11 @@ import pytest
 from cratescale.checkpoint import CheckpointStore
 from tests.dist.harness import write_config
 from tests.faults.conftest import REPO, TINY_JOB
+from tests.tmpfs import mounted_tmpfs, resize_tmpfs
 
 pytestmark = pytest.mark.dist
 ERROR = "cratescale.checkpoint.commit.CheckpointWriteError: checkpoint step 3"
 ENOSPC = "OSError: [Errno 28] No space left on device"
-
-
-@contextmanager
-def tmpfs(path: Path, size: str):
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"mount -t tmpfs refused ({proc.stderr.strip()}); the injected ENOSPC tests cover this")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _grow(path: Path, size: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
 
 
 def _free(path: Path) -> int:
@@ -77,7 +60,7 @@ def test_trainer_checkpoint_on_a_full_tmpfs(tmp_path, fault_manifest, rank_serve
     # A commit of the tiny model is ~1.3 MB: two fit in 3 MiB, the third (before retention frees one) does not.
     config = write_config(TINY_JOB, run_dir, ["checkpoint.every_steps=1", "checkpoint.keep_last=2",
                                               "schedule.steps=8"])
-    with tmpfs(root, "3m"):
+    with mounted_tmpfs(root, "3m"):
         free_empty = _free(root)
         reader = Reader(root)
         reader.start()
@@ -99,7 +82,7 @@ def test_trainer_checkpoint_on_a_full_tmpfs(tmp_path, fault_manifest, rank_serve
         # The partial third save was ~1 MB: its space is back (only the two commits and ~pages of slack use it).
         assert _free(root) + sum(c.bytes for c in store.commits()) + (256 << 10) >= free_empty
         # Room again: the same job resumes from step 2 and finishes.
-        _grow(root, "16m")
+        resize_tmpfs(root, "16m")
         job = rank_server.start(config, fault_manifest, 2)
         assert job.wait() == [0, 0], job.output(0)
         assert job.result(0)["step"] == 8 and store.latest().step == 8
@@ -160,7 +143,7 @@ def test_embedding_store_on_a_full_tmpfs(small_export):
 
     root, manifest = small_export
     extract(root / "export", manifest, root / "ref", **OPTS)  # in-process: the same code as the CLI, no start-up
-    with tmpfs(root / "mnt", "240k") as mnt:   # the full store needs ~420 kB: room for about half
+    with mounted_tmpfs(root / "mnt", "240k") as mnt:   # the full store needs ~420 kB: room for about half
         full = _extract(root, manifest, mnt / "store")
         assert full.returncode == 2, full.stderr[-2000:]
         line = full.stderr.strip()
@@ -178,7 +161,7 @@ def test_embedding_store_on_a_full_tmpfs(small_export):
         assert sorted(os.listdir(mnt / "store" / "metadata")) == [f"shard_{k:06d}.parquet" for k in done]
         assert sorted(os.listdir(mnt / "store" / "commits")) == [f"shard_{k:06d}.json" for k in done]
         # Room again: the rerun completes the store, byte-identical to one written in one go.
-        _grow(mnt, "4m")
+        resize_tmpfs(mnt, "4m")
         extract(root / "export", manifest, mnt / "store", **OPTS)
         want = {str(p.relative_to(root / "ref")): p.read_bytes() for p in (root / "ref").rglob("*") if p.is_file()}
         got = {str(p.relative_to(mnt / "store")): p.read_bytes() for p in (mnt / "store").rglob("*") if p.is_file()}

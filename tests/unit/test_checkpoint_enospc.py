@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from cratescale.checkpoint import CheckpointStore, CheckpointWriteError
 from cratescale.checkpoint import commit as commit_mod
+from tests.tmpfs import mounted_tmpfs
 
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path):
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"mount -t tmpfs not permitted here: {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "fs", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def _free(path: Path) -> int:

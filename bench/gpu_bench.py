@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 from cratescale.models import create_model  # noqa: E402
 
 from gpu_decode import load_jpegs, prepare_data, section_decode  # noqa: E402,F401
-from gpu_harness import Bench, init_single_rank, markdown, sync  # noqa: E402
-from gpu_train import engine_row, make_step, section_attention, train_row  # noqa: E402
+from gpu_harness import Bench, markdown, sync  # noqa: E402
+from gpu_train import engine_row, engine_step, job_engine, make_step, section_attention, train_row  # noqa: E402
 
 
 def section_env(b: Bench) -> None:
@@ -105,48 +105,53 @@ def section_ckpt_torch(b: Bench) -> None:
                f"({', '.join(f'{t:.2f}s' for t in times)})")
 
 
+class _TimedStore:
+    """A CheckpointStore whose commits are timed, so a save splits into DeepSpeed's writes and our commit."""
+
+    def __init__(self, store) -> None:
+        self.store, self.commit_s = store, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    def commit(self, step: int, meta: dict):
+        t0 = time.perf_counter()
+        try:
+            return self.store.commit(step, meta)
+        finally:
+            self.commit_s.append(time.perf_counter() - t0)
+
+
 def section_ckpt_deepspeed(b: Bench) -> None:
+    """The trainer's own collective save (engine.state.save_state) of the job's engine, world size 1."""
     try:
-        import deepspeed
+        import deepspeed  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         b.add("checkpoint", "DeepSpeed ZeRO-2 via CheckpointStore", note=f"skipped: deepspeed does not import ({exc})")
         return
     from cratescale.checkpoint import CheckpointStore
+    from cratescale.engine.state import save_state
 
-    backend = init_single_rank(b)
     torch.manual_seed(0)
-    model = create_model(b.args.ckpt_model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-    images = torch.randn(2, 3, model.img_size, model.img_size, device=engine.device, dtype=torch.bfloat16)
-    loss, _, _ = engine(images, torch.rand(2, model.num_patches, device=engine.device))
-    engine.backward(loss)
-    engine.step()
-    store = CheckpointStore(Path(tempfile.mkdtemp(prefix="ckpt_ds_", dir=b.args.ckpt_dir)), keep_last=1)
+    size = create_model(b.args.ckpt_model).img_size
+    engine, _, _, backend = job_engine(b, b.args.ckpt_model, 2, size)
+    engine_step(engine, engine.module, 2)()  # fills AdamW's moments
+    store = _TimedStore(CheckpointStore(Path(tempfile.mkdtemp(prefix="ckpt_ds_", dir=b.args.ckpt_dir)), keep_last=1))
     results = []
     try:
-        _ds_saves(b, engine, store, results)
+        for step in range(1, b.args.ckpt_repeats + 1):
+            t0 = time.perf_counter()
+            commit = save_state(engine, store, step, {"bench": True}, rank=0)
+            results.append((time.perf_counter() - t0, store.commit_s[-1], commit.bytes))
     finally:
         shutil.rmtree(store.root, ignore_errors=True)
-    total, save_s, size = min(results)
-    b.add("checkpoint", f"DeepSpeed ZeRO-2 bf16 {b.args.ckpt_model} via CheckpointStore", measured=size / total / 1e9,
-          unit="GB/s", note=f"{size / 1e6:,.1f} MB, {backend}, best of {len(results)}: save_checkpoint {save_s:.2f}s + "
-                           f"commit (crc32+fsync+rename) {total - save_s:.2f}s")
+    total, commit_s, nbytes = min(results)
+    b.add("checkpoint", f"DeepSpeed ZeRO-2 bf16 {b.args.ckpt_model} via save_state + CheckpointStore",
+          measured=nbytes / total / 1e9, unit="GB/s",
+          note=f"{nbytes / 1e6:,.1f} MB, {backend}, best of {len(results)}: DeepSpeed writes {total - commit_s:.2f}s "
+               f"+ commit (crc32+fsync+rename) {commit_s:.2f}s")
     del engine
     torch.distributed.destroy_process_group()
-
-
-def _ds_saves(b: Bench, engine, store, results: list) -> None:
-    for step in range(1, b.args.ckpt_repeats + 1):
-        t0 = time.perf_counter()
-        path = store.begin(step)  # the trainer's collective protocol, world size 1
-        engine.save_checkpoint(str(path), tag="ds")
-        torch.save({"torch": torch.get_rng_state()}, path / "rank0_rng.pt")
-        t1 = time.perf_counter()
-        commit = store.commit(step, {"bench": True})
-        results.append((time.perf_counter() - t0, t1 - t0, commit.bytes))
 
 
 def sections(b: Bench) -> list[tuple[str, float, float, Callable[[], None]]]:

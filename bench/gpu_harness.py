@@ -5,9 +5,7 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import signal
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -120,20 +118,3 @@ def sync(device: torch.device) -> None:
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def init_single_rank(b: Bench) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    backend = "nccl" if b.device.type == "cuda" else "gloo"
-    if backend == "gloo":
-        import importlib  # the shared-memory op build (~30 s) is useless for gloo; see ENVIRONMENT.md
-
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
-    return backend

@@ -17,6 +17,9 @@ class MeasuredStep(Strict):
     fixed_ms: float = Field(0.0, ge=0)  # per micro-step, whatever the batch (launches, optimizer)
     source: str = ""
 
+    def micro_step_s(self, batch: int) -> float:
+        return self.fixed_ms / 1e3 + batch / self.images_per_s
+
 
 class ProfileConfig(Strict):
     name: str

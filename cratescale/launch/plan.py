@@ -63,7 +63,7 @@ def estimate_line(plan: Plan, profile: ProfileConfig) -> str | None:
     measured = profile.measured_step.get(f"{plan.model_name}/{plan.layout}")
     if measured is None:
         return None
-    micro_s = measured.fixed_ms / 1e3 + plan.micro_batch / measured.images_per_s
+    micro_s = measured.micro_step_s(plan.micro_batch)
     step_s = plan.grad_accum * micro_s
     line = (f"estimate       {step_s * 1e3:.1f} ms per step (compute only), {plan.global_batch / step_s:,.0f} img/s "
             f"on {plan.world_size} GPUs")

@@ -1,4 +1,4 @@
-"""bench/scaling.py's check at the one scale this machine has: 2 real DeepSpeed ZeRO-2 ranks over gloo. Only
+"""The 2-rank benchmarks (bench/scaling_check.py, bench/engine_overhead.py) on real DeepSpeed ZeRO-2 over gloo. Only
 what does not depend on timing is asserted: the traffic the model assumes is the traffic DeepSpeed sends."""
 from __future__ import annotations
 

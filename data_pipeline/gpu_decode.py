@@ -20,15 +20,16 @@ PROBE_TIMEOUT_S = 180.0  # spawn + CUDA context + pipeline build + two batches; 
 
 def choose_route(setting: str, device: str, probe: Callable[[], str | None]) -> dict:
     """The route record: {"setting", "device", "decode" ("roi" | "full"), "fallbacks", "reason"?}.
-    CPU pipelines always decode the window (libjpeg-turbo, not the GPU codec); "roi" / "full" force a route;
-    "auto" calls probe() (None: the crop-window decoder worked, else why not) and falls back to "full"."""
+    "roi" / "full" force a route (on the CPU too, where both run libjpeg-turbo); "auto" decodes the window on the
+    CPU and, on a GPU, calls probe() (None: the crop-window decoder worked, else why not), falling back to
+    "full" when it failed."""
     if setting not in GPU_DECODE:
         raise ValueError(f"gpu_decode must be one of {list(GPU_DECODE)}, got {setting!r}")
     route = {"setting": setting, "device": device, "decode": "roi", "fallbacks": 0}
-    if device != "gpu":
-        return route
     if setting != "auto":
         return {**route, "decode": setting}
+    if device != "gpu":
+        return route
     reason = probe()
     if reason is None:
         return route

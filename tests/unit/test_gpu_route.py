@@ -92,6 +92,7 @@ def _never():
 def test_route_rules():
     assert gpu_decode.choose_route("auto", "cpu", _never) == {"setting": "auto", "device": "cpu", "decode": "roi",
                                                               "fallbacks": 0}
+    assert gpu_decode.choose_route("full", "cpu", _never)["decode"] == "full"  # forced routes apply anywhere
     assert gpu_decode.choose_route("roi", "gpu", _never)["decode"] == "roi"
     assert gpu_decode.choose_route("full", "gpu", _never)["decode"] == "full"
     assert gpu_decode.choose_route("auto", "gpu", lambda: None) == {"setting": "auto", "device": "gpu",

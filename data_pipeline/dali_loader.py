@@ -93,6 +93,15 @@ def _cuda_target() -> tuple[torch.device, "torch.cuda.Stream"]:
     return device, torch.cuda.current_stream(device)
 
 
+def _copies_queued(tl) -> "torch.cuda.Event | None":
+    """For a GPU batch: an event on torch's stream after its copy (queued there, asynchronously), else None."""
+    if type(tl).__name__ != "TensorListGPU":
+        return None
+    event = torch.cuda.Event()
+    event.record(_cuda_target()[1])
+    return event
+
+
 def _to_torch(tl) -> torch.Tensor:
     """A dense DALI TensorList (CPU or GPU) as a torch tensor."""
     if type(tl).__name__ == "TensorListGPU":
@@ -117,7 +126,10 @@ class DaliBackend:
         self.pipe = build_pipeline(**args, decode=self.decode_route["decode"])
 
     def __iter__(self):
+        copied = None
         while True:
+            if copied is not None:  # the next run() may reuse the last outputs' memory: their copies must be done
+                copied.synchronize()
             outs = self.pipe.run()
             batch = {"images": _to_torch(outs[0]),
                      "labels": _to_torch(outs[2]).reshape(-1),
@@ -125,6 +137,7 @@ class DaliBackend:
             if self.train:
                 batch["mask_noise"] = _to_torch(outs[4])
             batch["bad"] = _to_torch(outs[3]).reshape(-1)
+            copied = _copies_queued(outs[0])
             yield batch
 
     def close(self) -> None:

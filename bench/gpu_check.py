@@ -6,10 +6,11 @@ about two minutes before any speed row, so a lent GPU finds these first.
 
 Checks, in order (each one row: pass / FAIL / skipped with the reason; a crash in one is its FAIL):
   binding      this rank's GPU (distributed/device.py) and nccl; a child with CUDA hidden and GPUs asked must stop
+  auto probe   what data.gpu_decode=auto picks on this GPU (the probe runs roi in a child: nvImageCodec #55);
+               if roi fails there, the checks below decode with full (a crash in this process would end them)
   mixed 0/0.75 DALI mixed decode at hw_decoder_load 0 (CUDA path) and 0.75 (mostly the hardware JPEG engines)
                against the CPU decoder, pixels of the same samples, on real JPEGs
   routes       data.gpu_decode roi (crop-window decoder, nvImageCodec) against full (decode + GPU slice)
-  auto probe   what data.gpu_decode=auto picks on this GPU (the probe runs roi in a child: nvImageCodec #55)
   grad_accum 2 training micro-steps (forward + backward between batches, so torch's allocator recycles blocks
                while batches arrive): each batch as the step saw it against the CPU route's pixels (the stream
                of the DALI -> torch hand-off)
@@ -52,6 +53,7 @@ class Checks:
         self.deadline = time.monotonic() + args.budget
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self._manifest: Path | None = None
+        self.roi_failed: str | None = None  # why the crop-window decoder failed its probe here, if it did
         from cratescale.models import create_model
 
         with torch.device("meta"):
@@ -172,11 +174,17 @@ class Checks:
         self.need_dali()
         n = self.args.n_batches
         cpu = self.batches("cpu", n)
-        gpu = self.batches(self.gpu, n, hw_decoder_load=load, gpu_decode="roi")
-        return self.compare(cpu, gpu, f"{self.gpu} hw_decoder_load {load} vs cpu")
+        gpu = self.batches(self.gpu, n, hw_decoder_load=load, gpu_decode=self.safe_route())
+        return self.compare(cpu, gpu, f"{self.gpu} {self.safe_route()} hw_decoder_load {load} vs cpu")
+
+    def safe_route(self) -> str:
+        """roi unless its probe failed here: run in this process, a crashing decoder would end the section."""
+        return "full" if self.roi_failed else "roi"
 
     def routes(self) -> str:
         self.need_dali()
+        if self.roi_failed:
+            raise Skip(f"the crop-window decoder failed its probe ({self.roi_failed}); auto uses full here")
         n = self.args.n_batches
         roi = self.batches(self.gpu, n, gpu_decode="roi")
         full = self.batches(self.gpu, n, gpu_decode="full")
@@ -194,7 +202,7 @@ class Checks:
                           world_size=1, start_step=0, num_patches=self.num_patches)
         args = dict(feed=feed, batch_size=a.batch, image_size=a.image_size, num_threads=2, device=self.gpu,
                     py_workers=1, device_id=0 if self.gpu == "gpu" else None)
-        reason = probe_crop_decode(args, timeout_s=90)
+        reason = self.roi_failed = probe_crop_decode(args, timeout_s=90)
         picked = "roi (crop-window decoder survived 2 batches)" if reason is None else \
             f"full (the crop-window decoder failed: {reason}; auto falls back, counted in the start record)"
         return f"{self.gpu}: auto picks {picked}"
@@ -221,7 +229,7 @@ class Checks:
 
         n = 2 * a.n_batches
         cpu = self.batches("cpu", n, accum=2)
-        gpu = self.batches(self.gpu, n, accum=2, step=step, gpu_decode="roi")
+        gpu = self.batches(self.gpu, n, accum=2, step=step, gpu_decode=self.safe_route())
         for g in gpu:  # the batch must not change under the step that reads it
             if not torch.equal(g["images"], g["after"]):
                 raise AssertionError("a batch changed while its training micro-step ran")
@@ -265,10 +273,10 @@ class Checks:
 def run(args: argparse.Namespace) -> Checks:
     c = Checks(args)
     c.run("binding", c.binding)
+    c.run("gpu_decode auto probe", c.auto_probe)  # first, in a child: the checks below decode in this process
     c.run("mixed decode hw_decoder_load 0", lambda: c.mixed(0.0))
     c.run("mixed decode hw_decoder_load 0.75", lambda: c.mixed(0.75))
     c.run("crop decode routes roi vs full", c.routes)
-    c.run("gpu_decode auto probe", c.auto_probe)
     c.run("grad_accum 2 pixels vs cpu route", c.grad_accum)
     if args.cpu_smoke and not args.extraction:
         c.rows.append({"check": "extraction 2 actors", "status": "skipped", "seconds": 0,

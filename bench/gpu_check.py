@@ -264,10 +264,12 @@ class Checks:
             num_cpus_per_actor=1, num_gpus_per_actor=per_actor, amp=None if self.args.cpu_smoke else "bf16",
             threads_per_actor=2)
         pids = sorted({r.get("pid") for r in records})
-        devices = sorted({str(r.get("device", "?")) for r in records})
-        if len(pids) < 2:
-            raise AssertionError(f"{len(records)} shards ran on {len(pids)} actor process(es), expected 2")
-        return f"2 actors, {field}={per_actor} ({gpus} GPU(s)), {len(records)} shards, actor devices {devices}"
+        devices = sorted({str(r.get("device", "not recorded")) for r in records})
+        if per_actor and any(d.startswith("cpu") for d in devices):
+            raise AssertionError(f"actors given {per_actor} GPU each ran on {devices}")
+        # every shard is committed (run_extraction raises otherwise); Ray may give both tasks to one actor
+        return (f"2 actors, {field}={per_actor} ({gpus} GPU(s)): {len(records)} shards on {len(pids)} actor "
+                f"process(es), devices {devices}")
 
 
 def run(args: argparse.Namespace) -> Checks:

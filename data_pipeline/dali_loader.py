@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .feed import SampleFeed
-from .gpu_decode import choose_route, describe, probe_crop_decode
+from .gpu_decode import choose_route, describe, probe_once
 
 _MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 _STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -120,7 +120,7 @@ class DaliBackend:
         if device == "gpu" and args.get("device_id") is None:
             args["device_id"] = torch.cuda.current_device()  # the probe's child must use this rank's GPU
         # {"setting", "device", "decode", "fallbacks", "reason"?}: goes into the run's start record
-        self.decode_route = choose_route(gpu_decode, device, lambda: probe_crop_decode(args))
+        self.decode_route = choose_route(gpu_decode, device, lambda: probe_once(args))
         if self.decode_route["fallbacks"]:
             print(describe(self.decode_route), file=sys.stderr, flush=True)
         self.pipe = build_pipeline(**args, decode=self.decode_route["decode"])

@@ -87,6 +87,17 @@ def _probe_crop_decode(pipeline_args: dict, batches: int) -> None:
         close_pipeline(pipe)
 
 
+_PROBED: dict[int | None, str | None] = {}
+
+
+def probe_once(pipeline_args: dict) -> str | None:
+    """probe_crop_decode, once per GPU per process: extraction and evaluation build a loader per shard."""
+    device_id = pipeline_args.get("device_id")
+    if device_id not in _PROBED:
+        _PROBED[device_id] = probe_crop_decode(pipeline_args)
+    return _PROBED[device_id]
+
+
 def probe_crop_decode(pipeline_args: dict, batches: int = PROBE_BATCHES,
                       timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """Run the crop-window pipeline (build_pipeline's keyword arguments, decode="roi") for `batches` batches in

@@ -105,6 +105,15 @@ def test_route_rules():
         gpu_decode.choose_route("fast", "gpu", _never)
 
 
+def test_the_probe_runs_once_per_gpu_per_process(monkeypatch):
+    """Extraction and evaluation build a loader per shard: only the first one on a GPU pays the probe."""
+    calls = []
+    monkeypatch.setattr(gpu_decode, "_PROBED", {})
+    monkeypatch.setattr(gpu_decode, "probe_crop_decode", lambda args: calls.append(args["device_id"]) or "crashed")
+    assert [gpu_decode.probe_once({"device_id": d}) for d in (0, 0, 1, 0)] == ["crashed"] * 4
+    assert calls == [0, 1]
+
+
 def test_isolated_probe_survives_a_segfault_and_reports_errors_in_one_line():
     assert gpu_decode.run_isolated(probe_targets.ok, (), 60) is None
     assert gpu_decode.run_isolated(probe_targets.segfault, (), 60) == "killed by SIGSEGV"

@@ -1,37 +1,57 @@
 """DALI backend: parallel external source (our SampleFeed) -> image_slice decode -> resize -> normalize.
 
-The feed runs in `py_workers` spawned processes and returns encoded bytes plus the per-sample
+The feed runs in `py_workers` worker processes and returns encoded bytes plus the per-sample
 window and flip; DALI decodes only the window (ROI decode) on the CPU ("cpu") or with nvJPEG
-("gpu" -> "mixed" decoder), resizes to image_size and normalises to CHW float32.
+("gpu" -> "mixed" decoder), resizes to image_size and normalises to CHW float32. On the GPU the
+route (crop-window decode, or full decode + slice) is chosen by gpu_decode.py.
 """
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import torch
 
 from .feed import SampleFeed
+from .gpu_decode import choose_route, describe, probe_once
 
 _MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 _STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
 
+def worker_start_method(device: str, driver_initialised: bool) -> str:
+    """How the feed's Python workers start. fork, like torch's DataLoader (no re-import of __main__, so scripts
+    without a main guard, notebooks and stdin work; the loaded manifest is inherited), unless this process holds
+    CUDA: DALI's pool refuses fork once the CUDA driver is initialised, which torch.cuda.is_available() alone
+    does (a CPU pipeline for evaluation on a GPU node). spawn then; the feed reloads the manifest per worker."""
+    return "spawn" if device == "gpu" or driver_initialised else "fork"
+
+
+def _driver_initialised() -> bool:
+    from nvidia.dali import backend
+
+    return bool(backend.IsDriverInitialized())  # the same test DALI's worker pool makes before a fork
+
+
 def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threads: int, device: str,
                    py_workers: int, device_id: int | None = None, hw_decoder_load: float = 0.65,
-                   prefetch_depth: int = 2):
+                   prefetch_depth: int = 2, decode: str = "roi"):
     """prefetch_depth: batches DALI prepares ahead (more hides decode jitter, costs one batch of memory each).
     hw_decoder_load: with the mixed decoder, the share of images sent to the GPU's hardware JPEG engines
-    (A100/H100 NVJPG, outside the SMs); the rest take the CUDA path (Huffman on the CPU threads)."""
+    (A100/H100 NVJPG, outside the SMs); the rest take the CUDA path (Huffman on the CPU threads).
+    decode: "roi" decodes only the crop window (fn.decoders.image_slice); "full" decodes the whole image and
+    slices the window out after (on the GPU with device "gpu"), the route around a crashing ROI decoder."""
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
+    if decode not in ("roi", "full"):
+        raise ValueError(f"build_pipeline: decode must be 'roi' or 'full', got {decode!r}")
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
-    # CPU: fork, like torch's DataLoader (no re-import of __main__, so scripts without a main guard,
-    # notebooks and stdin work; the loaded manifest is inherited). GPU: spawn, as a CUDA context
-    # cannot cross a fork; the feed then reloads the manifest in each worker.
     pipe = Pipeline(batch_size=batch_size, num_threads=max(1, num_threads),
                     device_id=device_id if device == "gpu" else None, py_num_workers=max(1, py_workers),
-                    py_start_method="spawn" if device == "gpu" else "fork", prefetch_queue_depth=prefetch_depth)
+                    py_start_method=worker_start_method(device, _driver_initialised()),
+                    prefetch_queue_depth=prefetch_depth)
     train = feed.mode == "train"
     dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64, types.INT64, types.INT32]
     if train:
@@ -41,8 +61,13 @@ def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threa
                                   prefetch_queue_depth=2)
         data, anchor, shape, flip, sid, label, bad = outs[:7]
         mixed = {"device": "mixed", "hw_decoder_load": hw_decoder_load} if device == "gpu" else {"device": "cpu"}
-        images = fn.decoders.image_slice(data, anchor, shape, output_type=types.RGB, normalized_anchor=True,
-                                         normalized_shape=True, adjust_orientation=False, **mixed)
+        window = {"normalized_anchor": True, "normalized_shape": True}
+        if decode == "roi":
+            images = fn.decoders.image_slice(data, anchor, shape, output_type=types.RGB, adjust_orientation=False,
+                                             **window, **mixed)
+        else:
+            images = fn.decoders.image(data, output_type=types.RGB, adjust_orientation=False, **mixed)
+            images = fn.slice(images, anchor, shape, **window)  # the same window, same (x, y) order
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
                            antialias=True)
         images = fn.crop_mirror_normalize(images, mirror=fn.reshape(flip, shape=[]), mean=_MEAN, std=_STD,
@@ -52,25 +77,59 @@ def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threa
     return pipe
 
 
+def gpu_to_torch(batch, feed_ndarray, device: torch.device, stream) -> torch.Tensor:
+    """Copy a DALI GPU batch into a new torch tensor on `stream`, which must be torch's current stream: torch's
+    allocator may hand `out` a block that kernels queued on that stream still read (saved activations in
+    backward), and only a copy ordered on the same stream waits for them. Without cuda_stream, feed_ndarray
+    copies on DALI's own stream: silent corruption with grad_accum > 1."""
+    t = batch.as_tensor()
+    out = torch.empty(t.shape(), dtype=torch.float32, device=device)
+    feed_ndarray(t, out, cuda_stream=stream)
+    return out
+
+
+def _cuda_target() -> tuple[torch.device, "torch.cuda.Stream"]:
+    device = torch.device("cuda", torch.cuda.current_device())
+    return device, torch.cuda.current_stream(device)
+
+
+def _copies_queued(tl) -> "torch.cuda.Event | None":
+    """For a GPU batch: an event on torch's stream after its copy (queued there, asynchronously), else None."""
+    if type(tl).__name__ != "TensorListGPU":
+        return None
+    event = torch.cuda.Event()
+    event.record(_cuda_target()[1])
+    return event
+
+
 def _to_torch(tl) -> torch.Tensor:
     """A dense DALI TensorList (CPU or GPU) as a torch tensor."""
-    if hasattr(tl, "as_cpu") and type(tl).__name__ == "TensorListGPU":
+    if type(tl).__name__ == "TensorListGPU":
         from nvidia.dali.plugin.pytorch import feed_ndarray
-        t = tl.as_tensor()
-        out = torch.empty(t.shape(), dtype=torch.float32, device=torch.device("cuda", torch.cuda.current_device()))
-        feed_ndarray(t, out)
-        return out
+
+        return gpu_to_torch(tl, feed_ndarray, *_cuda_target())
     return torch.from_numpy(np.array(tl.as_tensor()))
 
 
 class DaliBackend:
     def __init__(self, feed: SampleFeed, batch_size: int, image_size: int, num_threads: int = 1,
-                 device: str = "cpu", py_workers: int = 1, **pipeline_options):
+                 device: str = "cpu", py_workers: int = 1, gpu_decode: str = "auto", **pipeline_options):
         self.train = feed.mode == "train"
-        self.pipe = build_pipeline(feed, batch_size, image_size, num_threads, device, py_workers, **pipeline_options)
+        args = dict(feed=feed, batch_size=batch_size, image_size=image_size, num_threads=num_threads,
+                    device=device, py_workers=py_workers, **pipeline_options)
+        if device == "gpu" and args.get("device_id") is None:
+            args["device_id"] = torch.cuda.current_device()  # the probe's child must use this rank's GPU
+        # {"setting", "device", "decode", "fallbacks", "reason"?}: goes into the run's start record
+        self.decode_route = choose_route(gpu_decode, device, lambda: probe_once(args))
+        if self.decode_route["fallbacks"]:
+            print(describe(self.decode_route), file=sys.stderr, flush=True)
+        self.pipe = build_pipeline(**args, decode=self.decode_route["decode"])
 
     def __iter__(self):
+        copied = None
         while True:
+            if copied is not None:  # the next run() may reuse the last outputs' memory: their copies must be done
+                copied.synchronize()
             outs = self.pipe.run()
             batch = {"images": _to_torch(outs[0]),
                      "labels": _to_torch(outs[2]).reshape(-1),
@@ -78,15 +137,19 @@ class DaliBackend:
             if self.train:
                 batch["mask_noise"] = _to_torch(outs[4])
             batch["bad"] = _to_torch(outs[3]).reshape(-1)
+            copied = _copies_queued(outs[0])
             yield batch
 
     def close(self) -> None:
         """Stop the pipeline and its Python workers now rather than at garbage collection."""
         pipe, self.pipe = getattr(self, "pipe", None), None
-        if pipe is None:
-            return
-        pool = getattr(pipe, "_py_pool", None)
-        if hasattr(pipe, "_shutdown"):
-            pipe._shutdown()
-        if pool is not None:
-            pool.close()
+        if pipe is not None:
+            close_pipeline(pipe)
+
+
+def close_pipeline(pipe) -> None:
+    pool = getattr(pipe, "_py_pool", None)
+    if hasattr(pipe, "_shutdown"):
+        pipe._shutdown()
+    if pool is not None:
+        pool.close()

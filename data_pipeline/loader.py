@@ -52,11 +52,12 @@ def resolve_device(device: str | None) -> str:
 
 
 def _backend(kind: str, feed: SampleFeed, batch_size: int, image_size: int, num_threads: int,
-             device: str | None, py_workers: int, hw_decoder_load: float = 0.65, prefetch_depth: int = 2):
+             device: str | None, py_workers: int, hw_decoder_load: float = 0.65, prefetch_depth: int = 2,
+             gpu_decode: str = "auto"):
     if resolve_kind(kind) == "dali":
         from .dali_loader import DaliBackend
         return DaliBackend(feed, batch_size, image_size, num_threads, resolve_device(device), py_workers,
-                           hw_decoder_load=hw_decoder_load, prefetch_depth=prefetch_depth)
+                           gpu_decode=gpu_decode, hw_decoder_load=hw_decoder_load, prefetch_depth=prefetch_depth)
     from .pil_loader import PilBackend
     return PilBackend(feed, batch_size, image_size, num_threads, prefetch_depth)
 
@@ -82,6 +83,11 @@ class TrainLoader:
         self.micro_batches += 1
         return batch
 
+    @property
+    def decode_route(self) -> dict:
+        """How images are decoded (dali_loader / gpu_decode.choose_route); PIL decodes on the CPU."""
+        return getattr(self._backend, "decode_route", {"device": "cpu", "decode": "pil", "fallbacks": 0})
+
     def state(self) -> LoaderState:
         step = self.start_step + self.micro_batches // self.grad_accum
         epoch, g = divmod(step, self.steps_per_epoch)
@@ -100,9 +106,11 @@ class TrainLoader:
 def make_train_loader(manifest_path, *, state: LoaderState, rank: int, world_size: int, global_batch: int,
                       micro_batch: int, image_size: int, num_patches: int, kind: str = "dali",
                       num_threads: int = 1, split: str = "train", device: str | None = None,
-                      py_workers: int = 1, hw_decoder_load: float = 0.65, prefetch_depth: int = 2) -> TrainLoader:
-    """Per-rank train micro-batches continuing from `state` (see module docstring). hw_decoder_load and
-    prefetch_depth go to DALI (dali_loader.build_pipeline); the PIL backend takes prefetch_depth per worker."""
+                      py_workers: int = 1, hw_decoder_load: float = 0.65, prefetch_depth: int = 2,
+                      gpu_decode: str = "auto") -> TrainLoader:
+    """Per-rank train micro-batches continuing from `state` (see module docstring). hw_decoder_load,
+    prefetch_depth and gpu_decode (data_pipeline/gpu_decode.py) go to DALI; the PIL backend takes
+    prefetch_depth per worker."""
     if world_size <= 0 or not 0 <= rank < world_size:
         raise SamplerError(f"make_train_loader: bad rank={rank} for world_size={world_size}")
     if global_batch % world_size or (global_batch // world_size) % micro_batch:
@@ -117,7 +125,7 @@ def make_train_loader(manifest_path, *, state: LoaderState, rank: int, world_siz
                       rank=rank, world_size=world_size, start_step=start, num_patches=num_patches)
     feed._ma, feed._sampler = ma, sampler  # reuse in this process; workers reload lazily
     backend = _backend(kind, feed, micro_batch, image_size, num_threads, device, py_workers,
-                       hw_decoder_load=hw_decoder_load, prefetch_depth=prefetch_depth)
+                       hw_decoder_load=hw_decoder_load, prefetch_depth=prefetch_depth, gpu_decode=gpu_decode)
     return TrainLoader(backend, feed, sampler, global_batch // world_size // micro_batch, start)
 
 

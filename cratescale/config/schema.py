@@ -34,6 +34,9 @@ class DataConfig(Strict):
     # batches the pipeline prepares ahead of the training step.
     hw_decoder_load: float = Field(0.75, ge=0.0, le=1.0)
     prefetch_depth: int = Field(2, ge=1, le=8)
+    # GPU JPEG decode route: roi (crop-window decoder), full (whole image + GPU slice), or auto (roi if it
+    # survives a two-batch probe in a child process at start-up, else full; data_pipeline/gpu_decode.py).
+    gpu_decode: Literal["auto", "roi", "full"] = "auto"
     val_per_class: int = Field(0, ge=0)
     reshard: int | None = Field(None, gt=0)
     shard_size: int = Field(1000, gt=0)

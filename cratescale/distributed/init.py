@@ -8,13 +8,18 @@ import sys
 
 import torch
 
+from cratescale.distributed.device import bind_gpu, check_cuda
 from cratescale.distributed.world import WorldInfo
 
 
-def pick_backend(requested: str = "auto") -> str:
+def pick_backend(requested: str = "auto", env: dict[str, str] | None = None) -> str:
+    """nccl where CUDA is usable, else gloo; stops (device.GpuSetupError, one line) instead of falling back to
+    gloo when the allocation asked for GPUs or nccl was asked for and this process has no CUDA."""
+    cuda = torch.cuda.is_available()
+    check_cuda(requested, dict(os.environ) if env is None else env, cuda)
     if requested != "auto":
         return requested
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if cuda else "gloo"
 
 
 def init_distributed(world: WorldInfo, backend: str = "auto", timeout_s: int = 600) -> str:
@@ -26,8 +31,8 @@ def init_distributed(world: WorldInfo, backend: str = "auto", timeout_s: int = 6
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # DeepSpeed JIT-compiles a shared-memory op (~30 s) at its first init; gloo does not need it.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    elif torch.cuda.is_available():
-        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+    else:
+        os.environ["LOCAL_RANK"] = str(bind_gpu(world.local_rank))  # DeepSpeed's engine takes it as the device
     import deepspeed
 
     if not torch.distributed.is_initialized():

@@ -71,7 +71,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
 
     run_dir = Path(run_dir)
     entered = time.perf_counter()
-    init_distributed(world, job.parallel.backend)
+    backend = init_distributed(world, job.parallel.backend)
     sched = job.schedule
     steps_per_epoch = count_train_samples(manifest) // sched.global_batch
     if steps_per_epoch < 1:
@@ -96,18 +96,26 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
     writer = MetricsWriter(run_dir, job.logging.tensorboard) if world.is_main else None
     if plan.commit is not None:
         step = int(load_state(engine, plan, world.rank)["step"])
-    if writer:
-        writer.write({"kind": "start", "step": step, "world_size": world.world_size, "elastic": plan.elastic,
-                      "resumed": plan.commit is not None, "total_steps": total, "job_id": world.job_id,
-                      "setup_s": round(time.perf_counter() - entered, 3),  # process group, model, engine, resume
-                      "speed": job.parallel.model_dump(include={"compile", "activation_checkpointing", "attention"})})
-
     loader = make_train_loader(
         manifest, state=LoaderState.from_step(step, steps_per_epoch, sched.global_batch, job.seed),
         rank=world.rank, world_size=world.world_size, global_batch=sched.global_batch,
         micro_batch=sched.micro_batch, image_size=job.data.image_size, num_patches=model.num_patches,
         kind=job.data.loader, num_threads=job.data.num_threads, hw_decoder_load=job.data.hw_decoder_load,
-        prefetch_depth=job.data.prefetch_depth)
+        prefetch_depth=job.data.prefetch_depth, gpu_decode=job.data.gpu_decode,
+        device="gpu" if backend == "nccl" else "cpu")  # follows the checked backend: never a quiet CPU route
+    route = {**loader.decode_route, "fallbacks": round(_mean_over_ranks([loader.decode_route["fallbacks"]])[0]
+                                                       * world.world_size)}  # summed over ranks
+    if writer:
+        writer.write({"kind": "start", "step": step, "world_size": world.world_size, "elastic": plan.elastic,
+                      "resumed": plan.commit is not None, "total_steps": total, "job_id": world.job_id,
+                      # process group, model, engine, resume, loader
+                      "setup_s": round(time.perf_counter() - entered, 3),
+                      "speed": job.parallel.model_dump(include={"compile", "activation_checkpointing", "attention"}),
+                      "gpu_decode": route})
+        if route["fallbacks"]:
+            print(f"[cratescale] data.gpu_decode: {route['fallbacks']} rank(s) fell back to full decode + GPU "
+                  f"slice (rank 0: {route.get('reason', 'ok')})", flush=True)
+
     batches = iter(loader)
     accum = job.grad_accum
     dtype = torch.bfloat16 if job.parallel.precision == "bf16" else torch.float32

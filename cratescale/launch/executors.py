@@ -30,6 +30,8 @@ def slurm_parameters(job: JobConfig, profile: ProfileConfig) -> dict[str, Any]:
         "signal_delay_s": profile.signal_lead_s,
         "setup": [f"export {key}={shlex.quote(value)}" for key, value in sorted(profile.env.items())],
     }
+    if profile.gpus_per_node:  # ranks stop at start-up when they see no CUDA (distributed/device.py)
+        params["setup"].append(f"export CRATESCALE_EXPECT_GPUS={profile.gpus_per_node}")
     optional = {"gpus_per_node": profile.gpus_per_node or None, "account": profile.account, "qos": profile.qos,
                 "constraint": profile.constraint, "mem": f"{int(profile.mem_gb)}GB" if profile.mem_gb else None}
     params.update({key: value for key, value in optional.items() if value is not None})

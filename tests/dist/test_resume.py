@@ -55,6 +55,8 @@ def test_elastic_resume_continues_the_global_sequence(before, after, tmp_path, t
     starts = [json.loads(line) for line in (elastic / "metrics.jsonl").read_text().splitlines()
               if '"kind": "start"' in line]
     assert [(s["step"], s["world_size"], s["elastic"]) for s in starts] == [(0, before, False), (4, after, True)]
+    # the decode route of a CPU run, no GPU probe, no fallback (data.gpu_decode, issue 15)
+    assert all(s["gpu_decode"]["device"] == "cpu" and s["gpu_decode"]["fallbacks"] == 0 for s in starts), starts
 
 
 def test_resume_with_speed_knobs_switched_on_continues_the_same_run(tmp_path, tiny_manifest):

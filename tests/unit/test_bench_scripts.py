@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -149,6 +150,42 @@ def test_gpu_sh_runs_the_smoke_through_its_wrapper(tmp_path):
     md = (tmp_path / "out" / "gpu_results.md").read_text()
     assert "| env | machine |" in md and "left of the global budget" in md
     assert "| decode | (section) |" in md  # skipped, with its reason, not missing
+    # the correctness section ran first: the CUDA-hidden stop checked, the DALI checks skipped for want of JPEGs
+    check = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| binding | pass |" in check and "| mixed decode hw_decoder_load 0 | skipped |" in check
+    assert proc.stdout.index("[gpu_check]") < proc.stdout.index("| section | what |")
+
+
+def test_gpu_check_smoke_runs_the_correctness_section_on_real_photos(tmp_path):
+    """bench/gpu_check.py --cpu-smoke: every check but Ray extraction runs its code with the CPU routes on both
+    sides (the GPU side is what bench/gpu.sh's first section measures on a lent GPU)."""
+    from tests.unit.data_fixtures import imagenet_folder
+
+    photos = imagenet_folder(tmp_path / "photos", n=10)
+    proc = subprocess.run([PY, "bench/gpu_check.py", "--cpu-smoke", "--data", str(photos), "--out-dir",
+                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = {r["check"]: r for r in json.loads((tmp_path / "out" / "gpu_check.json").read_text())["rows"]}
+    assert [r for r in rows.values() if r["status"] != "pass"] == [rows["extraction 2 actors"]]
+    assert "CUDA hidden stops: SLURM_GPUS_ON_NODE=1 asks for GPUs" in rows["binding"]["note"]
+    assert rows["crop decode routes roi vs full"]["note"].startswith("cpu roi vs full+slice: 2 batches")
+    assert "auto picks roi" in rows["gpu_decode auto probe"]["note"]
+    assert "grad_accum 2 on cpu vs the cpu route: 4 batches" in rows["grad_accum 2 pixels vs cpu route"]["note"]
+
+
+def test_gpu_check_a_mismatch_or_crash_is_a_fail_row(tmp_path):
+    gpu_check = _load("gpu_check")
+    c = gpu_check.Checks(gpu_check.parse_args(["--cpu-smoke", "--out-dir", str(tmp_path)]))
+    ids, pixels = torch.arange(4), torch.zeros(4, 3, 8, 8)
+    same = [{"sample_ids": ids, "images": pixels + torch.rand(4, 3, 8, 8)}]
+    c.run("same", lambda: c.compare(same, same, "same"))
+    c.run("shifted", lambda: c.compare(same, [{"sample_ids": ids, "images": same[0]["images"] + 0.2}], "shifted"))
+    c.run("other samples", lambda: c.compare(same, [{"sample_ids": ids + 1, "images": pixels}], "ids"))
+    c.run("crash", lambda: 1 / 0)
+    status = [(r["check"], r["status"]) for r in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]]
+    assert status == [("same", "pass"), ("shifted", "FAIL"), ("other samples", "FAIL"), ("crash", "FAIL")]
+    assert "mean abs diff 0.2000 (<= 0.05)" in c.rows[1]["note"] and "different samples" in c.rows[2]["note"]
 
 
 # ---- scaling.py --------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
 # CheckpointStore); batched nvJPEG decode. Sections run in priority order under one deadline.
 # Results: a markdown table on stdout, and $OUT/gpu_results.{md,json} + $OUT/gpu_profile_*.txt when $OUT is
 # set (rewritten after every row, so a killed run still leaves partial results). Code: bench/gpu_bench.py,
-# gpu_train.py, gpu_decode.py, gpu_harness.py.
+# gpu_train.py, gpu_decode.py, gpu_harness.py, gpu_kernels.py (the MSSA Triton kernel, CUDA graphs at small
+# per-GPU batches, patch embedding and strided-view rows).
 #
 # The device machine has torch, torchvision, triton, pyarrow, pyyaml, numpy, psutil, ninja, msgpack, einops,
 # py-cpuinfo, tqdm; not deepspeed, pydantic or hjson (Ray and DALI are not needed here). Prepare, on this

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from cratescale.distributed.wrap import apply_activation_checkpointing, select_attention_backend
+from cratescale.distributed.wrap import apply_activation_checkpointing, apply_mssa_kernel, select_attention_backend
 from cratescale.models import create_model, param_counts, train_flops_per_image
 from gpu_harness import Bench, cleanup, is_oom, sync
 
@@ -112,9 +112,11 @@ def find_batch(b: Bench, make: Callable[[int], Callable[[], None]], start: int, 
     return best, probes
 
 
-def _model_and_optimizer(b: Bench, name: str, layout: str, autocast: bool, act_ckpt: bool):
+def _model_and_optimizer(b: Bench, name: str, layout: str, autocast: bool, act_ckpt: bool, mssa_kernel: bool = False):
     torch.manual_seed(0)
     model = create_model(name, encoder_tokens=layout).to(b.device)
+    if mssa_kernel:
+        apply_mssa_kernel(model)
     if not autocast:
         model = model.to(torch.bfloat16)
     if act_ckpt:
@@ -126,9 +128,10 @@ def _model_and_optimizer(b: Bench, name: str, layout: str, autocast: bool, act_c
 
 
 def train_row(b: Bench, name: str, layout: str, compiled: bool, variant: str = "", profile: bool = False) -> None:
-    """variant: "" (bf16 weights), "autocast", or "act-ckpt" (bf16 weights + activation checkpointing, at
-    twice the eager batch)."""
-    model, opt = _model_and_optimizer(b, name, layout, variant == "autocast", variant == "act-ckpt")
+    """variant: "" (bf16 weights), "autocast", "act-ckpt" (bf16 weights + activation checkpointing, at
+    twice the eager batch) or "mssa_triton" (bf16 weights, MSSA takes the q = k = v Triton kernel)."""
+    model, opt = _model_and_optimizer(b, name, layout, variant == "autocast", variant == "act-ckpt",
+                                      variant == "mssa_triton")
     flops = train_flops_per_image(model)
     fwd = torch.compile(model) if compiled else model
 
@@ -179,6 +182,8 @@ def add_rate_row(b: Bench, what: str, rate: float, flops: float, baseline, note:
 
 def baseline_for(b: Bench, name: str, layout: str, compiled: bool, variant: str):
     """What a row is compared with (a b.train key), the target of measured/baseline, and the label."""
+    if variant == "mssa_triton":
+        return (name, layout, compiled, ""), ">= 1.0", "same, SDPA"
     if variant:
         return (name, layout, compiled, ""), None, "same, bf16 weights, no checkpointing"
     if compiled:
@@ -287,7 +292,7 @@ def engine_row(b: Bench, compiled: bool, overrides: tuple[str, ...] = ()) -> Non
     flops = train_flops_per_image(model)
     what = f"{name} all DeepSpeed ZeRO-2 engine" + (" compile" if compiled else "") + "".join(
         f" {o}" for o in overrides)
-    res = {"batch": batch, "step_s": per_step, "images_per_s": batch / per_step, "first_step_s": first_s}
+    res = {"batch": batch, "img_size": model.img_size, "step_s": per_step, "images_per_s": batch / per_step, "first_step_s": first_s}
     b.train[(name, "all", compiled, "engine" + ",".join(overrides))] = res
     add_rate_row(b, what, batch / per_step, flops,
                  ((name, "all", compiled, ""), ">= 0.9", "plain torch step, same model/batch/mode"),

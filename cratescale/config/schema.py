@@ -75,7 +75,11 @@ class ParallelConfig(Strict):
     # torch.compile the model in place before DeepSpeed wraps it (first step pays the compile time).
     compile: bool = False
     # SDPA kernel on GPUs (distributed/wrap.py); cudnn measured fastest on an H100 (BENCHMARKS.md).
-    attention: Literal["auto", "flash", "cudnn", "efficient"] = "auto"
+    # mssa_triton: CRATE's MSSA takes the q = k = v Triton kernel (cratescale/kernels/mssa_triton.py).
+    attention: Literal["auto", "flash", "cudnn", "efficient", "mssa_triton"] = "auto"
+    # torch.compile mode with compile=true; "reduce-overhead" captures CUDA graphs (the fixed per-step cost at
+    # small per-GPU batches, BENCHMARKS.md "GPU").
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # Overlap the gradient reduction with backward (more bucket memory); null keeps DeepSpeed's default (off
     # for ZeRO-1/2, on for ZeRO-3). One H100, world size 1: 4% slower (nothing to overlap there).
     overlap_comm: bool | None = None

@@ -4,6 +4,7 @@ checkpoints and exports do not see them."""
 from __future__ import annotations
 
 import functools
+import os
 from typing import Iterable
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 BLOCK_LISTS = ("blocks", "decoder_blocks")
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "mssa_triton")
 
 
 def select_attention_backend(name: str) -> None:
@@ -21,12 +22,28 @@ def select_attention_backend(name: str) -> None:
     one saves differently shaped tensors and the recompute check fails)."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {name!r}: expected one of {ATTENTION_BACKENDS}")
-    if name == "auto":
+    if name in ("auto", "mssa_triton"):  # mssa_triton: MSSA takes its own kernel, the rest torch's choice
         return
     torch.backends.cuda.enable_flash_sdp(name == "flash")
     torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
     torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
     torch.backends.cuda.enable_math_sdp(True)
+
+
+def apply_mssa_kernel(model: nn.Module) -> int:
+    """Give every MSSA the q = k = v Triton kernel (cratescale/kernels/mssa_triton.py). Needs a CUDA device, or
+    Triton's interpreter (TRITON_INTERPRET=1, how CI runs it on the CPU). Returns how many MSSA modules took it."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("parallel.attention=mssa_triton: needs a CUDA device (or TRITON_INTERPRET=1 to run the "
+                         f"kernel in Triton's interpreter); torch {torch.__version__} sees no GPU")
+    from cratescale.kernels.mssa_triton import mssa_self_attention
+
+    modules = [m for m in model.modules() if hasattr(m, "self_attention")]
+    if not modules:
+        raise ValueError(f"parallel.attention=mssa_triton: {type(model).__name__} has no MSSA layer")
+    for module in modules:
+        module.self_attention = mssa_self_attention
+    return len(modules)
 
 
 def _checkpointed(forward):

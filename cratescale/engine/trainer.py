@@ -14,7 +14,8 @@ import torch.distributed as dist
 from cratescale.checkpoint import CheckpointStore
 from cratescale.config import JobConfig, config_hash
 from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
-from cratescale.distributed.wrap import apply_activation_checkpointing, compile_model, select_attention_backend
+from cratescale.distributed.wrap import (apply_activation_checkpointing, apply_mssa_kernel, compile_model,
+                                        select_attention_backend)
 from cratescale.engine import optim
 from cratescale.engine.metrics import MetricsWriter, StepTimer, memory_gb, mfu
 from cratescale.engine.state import any_rank, collective_device, load_state, plan_resume, save_state
@@ -45,10 +46,12 @@ def build_model(job: JobConfig) -> torch.nn.Module:
 def wrap_for_training(model: torch.nn.Module, job: JobConfig) -> torch.nn.Module:
     """What only training wants (export, planning and extraction take the plain model)."""
     select_attention_backend(job.parallel.attention)
+    if job.parallel.attention == "mssa_triton":
+        apply_mssa_kernel(model)
     if job.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     if job.parallel.compile:
-        compile_model(model)
+        compile_model(model, None if job.parallel.compile_mode == "default" else job.parallel.compile_mode)
     return model
 
 
@@ -110,7 +113,8 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
                       "resumed": plan.commit is not None, "total_steps": total, "job_id": world.job_id,
                       # process group, model, engine, resume, loader
                       "setup_s": round(time.perf_counter() - entered, 3),
-                      "speed": job.parallel.model_dump(include={"compile", "activation_checkpointing", "attention"}),
+                      "speed": job.parallel.model_dump(include={"compile", "compile_mode", "activation_checkpointing",
+                                                                                "attention"}),
                       "gpu_decode": route})
         if route["fallbacks"]:
             print(f"[cratescale] data.gpu_decode: {route['fallbacks']} rank(s) fell back to full decode + GPU "

@@ -7,7 +7,7 @@ runs on CPU, on GPU (where F.scaled_dot_product_attention picks flash attention,
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,18 +43,23 @@ class MSSA(nn.Module):
         self.head_dim = dim // num_heads
         self.u = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=True)
+        # A kernel for softmax(w w^T / sqrt(p)) w that training may set from outside (one that knows q = k = v);
+        # None: `attend`. Not a parameter or buffer, so checkpoints and exports do not see it.
+        self.self_attention: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         b, n, d = x.shape
         w = self.u(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, K, n, p), a strided view
-        if w.device.type == "cpu" or return_attention:
-            # the explicit matmul path reads one head-major copy faster; SDPA's kernels take the strided view
+        if (w.device.type == "cpu" and self.self_attention is None) or return_attention:
+            # the explicit matmul path reads one head-major copy faster; the kernels take the strided view
             w = w.contiguous()
         attn = None
         if return_attention:
             # Explicit maps are only needed for diagnostics; training takes the fused kernel below.
             attn = torch.softmax((w @ w.transpose(-1, -2)) * self.head_dim**-0.5, dim=-1)
             o = attn @ w
+        elif self.self_attention is not None:
+            o = self.self_attention(w)
         else:
             o = attend(w, w, w)
         o = self.proj(o.transpose(1, 2).reshape(b, n, d))

@@ -83,6 +83,14 @@ def test_cpu_smoke_runs_every_section_and_writes_results(tmp_path):
     # activation checkpointing runs at twice the eager batch (the recompute takes the same attention kernel)
     assert rows["crate_mae_debug all eager act-ckpt"]["extra"]["batch"] == 16
     assert rows["crate_mae_debug all eager autocast"]["measured"] > 0
+    # issue 20's rows: the MSSA kernel (Triton's interpreter here), small batches, patch embedding, strided view
+    kernel = [r for r in result["rows"] if r["section"] == "mssa kernel"]
+    assert len(kernel) == 2 and all(r["measured"] > 0 for r in kernel), kernel
+    assert skipped["train crate_mae_debug all eager mssa_triton"].startswith("skipped: cpu-smoke (Triton")
+    small = [r for r in result["rows"] if r["section"] == "small batch"]
+    assert [r["what"].split()[-5] for r in small] == ["default,", "reduce-overhead,"]
+    assert all(r["measured"] > 0 and r["ratio"] > 0 for r in small)
+    assert {r["what"].split()[0] for r in result["rows"] if r["section"] == "patch embed"} == {"GEMM", "MSSA"}
     profile = [r for r in result["rows"] if r["section"] == "profile"]
     assert profile and profile[0]["measured"] > 0 and "aten::" in profile[0]["note"]
     assert (out / "gpu_profile_crate_mae_debug_all_eager.txt").read_text().count("ms/step") > 5

@@ -8,8 +8,9 @@ REPO = Path(__file__).resolve().parents[2]
 # package -> cratescale packages it may import (besides itself)
 ALLOWED = {
     "models": set(),
+    "kernels": set(),  # Triton kernels that training hands to the models from outside (distributed/wrap.py)
     "config": set(),
-    "distributed": {"config"},
+    "distributed": {"config", "kernels"},
     "checkpoint": {"config"},
     "engine": {"models", "distributed", "checkpoint", "config"},
     "embeddings": {"models", "distributed", "checkpoint", "config"},
@@ -45,6 +46,11 @@ def test_import_direction():
                 if package == "models" and (parts[0] not in MODEL_ALLOWED_ROOTS | {"cratescale"}
                                             or name.startswith(MODEL_FORBIDDEN)):
                     problems.append(f"{path.relative_to(REPO)} (models are torch-only) imports {name}")
+    for path in sorted((REPO / "cratescale" / "kernels").rglob("*.py")):
+        for name in imported_modules(path):
+            if name.split(".")[0] not in {"torch", "triton", *sys.stdlib_module_names} or \
+                    name.startswith(MODEL_FORBIDDEN):
+                problems.append(f"{path.relative_to(REPO)} (kernels are torch + triton only) imports {name}")
     for path in sorted((REPO / "data_pipeline").rglob("*.py")):
         for name in imported_modules(path):
             if name.split(".")[0] == "cratescale" or name.startswith("torch.distributed"):

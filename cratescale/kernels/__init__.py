@@ -1,0 +1,1 @@
+"""Triton kernels that training hands to the models from outside (distributed/wrap.py)."""

@@ -178,5 +178,6 @@ def export_commit(commit: Commit, out_dir: Path | str, model_config: dict[str, A
     found = consolidate(commit)
     config = model_config if model_config is not None else meta.get("model_config", {})
     provenance = {"step": commit.step, "run_name": meta.get("run_name"), "config_hash": meta.get("config_hash"),
-                  "checkpoint": str(commit.path), "samples_seen": meta.get("samples_seen"), **training_provenance(found)}
+                  "checkpoint": str(commit.path), "samples_seen": meta.get("samples_seen"),
+                  **training_provenance(found)}
     return export_weights(found.state_dict, config, provenance, out_dir, overwrite=overwrite)

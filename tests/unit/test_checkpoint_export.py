@@ -126,4 +126,5 @@ def test_unknown_checkpoint_layout_is_an_error_listing_the_files(tmp_path: Path,
 
 def test_bf16_layout_is_recognised_by_its_prefix(tmp_path: Path) -> None:
     layout = ds_layout(_tag_dir(tmp_path, BF16_Z3))
-    assert (layout.partitioned, layout.zero3, layout.precision, layout.ranks, layout.stages) == (True, True, "bf16", 2, "3")
+    assert (layout.partitioned, layout.zero3, layout.precision, layout.ranks) == (True, True, "bf16", 2)
+    assert layout.stages == "3"

@@ -1,7 +1,8 @@
-"""Kill-loop soak: SIGKILL a real 2-rank training (gloo, ZeRO-2, tiny CRATE-MAE, a commit every step with
-keep_last=1) N times at random moments, restart it each time, then compare it bitwise with an uninterrupted run.
+"""Kill-loop soak: SIGKILL a real 2-rank training (gloo, ZeRO-2, tiny CRATE-MAE, DALI CPU + bf16 as the jobs run
+by default, a commit every step with keep_last=1) N times at random moments, restart it each time, then compare
+it bitwise with an uninterrupted run.
 
-    .venv/bin/python bench/soak.py [--kills 200] [--seed 0] [--root DIR]
+    .venv/bin/python bench/soak.py [--kills 200] [--seed 0] [--root DIR] [--loader dali|pil] [--precision bf16|fp32]
 
 Kill moments (seeded, cycled evenly): start-up, mid-step, the instant step_N.tmp appears, and planted points
 of the commit protocol (COMMITTED written but not renamed, renamed but pointer not moved, mid-retention
@@ -48,12 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default=None, help="work directory (default: a fresh temp dir, removed after)")
+    # The jobs' production settings by default (issue 13): DALI (CPU here) and bf16; pil/fp32 for comparison.
+    ap.add_argument("--loader", choices=["dali", "pil"], default="dali")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     args = ap.parse_args(argv)
     root = Path(args.root or tempfile.mkdtemp(prefix="cratescale-soak-"))
     # About 1.5 steps of progress per kill; three times that leaves the kills room, the rest trains uninterrupted.
     steps = 3 * args.kills + 20
     overrides = ["checkpoint.every_steps=1", "checkpoint.keep_last=1", f"schedule.steps={steps}",
-                 "logging.every_steps=10"]
+                 "logging.every_steps=10", f"data.loader={args.loader}", f"parallel.precision={args.precision}"]
+    print(f"soak: {args.kills} kills, {steps} steps, loader {args.loader}, precision {args.precision}", flush=True)
     from data_pipeline.ingest import ingest
 
     manifest = Path(ingest("synthetic://shapes?n=192&classes=4&size=32&seed=1", root / "data", workers=0,

@@ -2,7 +2,9 @@
 
 Layout:  out_dir/weights.zarr/<state-dict key>   one array per tensor (floating tensors as float32)
          out_dir/export.json                     format, model_config, provenance, tensors [name, shape,
-                                                 dtype, crc32 of the C-order little-endian bytes]
+                                                 dtype, crc32 of the C-order little-endian bytes]; the
+                                                 provenance says what the run trained in (precision: bf16 |
+                                                 fp32) and that the weights are its fp32 master weights
 The export is built in `out_dir.tmp` and renamed, so a visible `out_dir` is always complete.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import shutil
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,6 +23,7 @@ import torch
 import zarr
 
 from cratescale.checkpoint.commit import Commit, CheckpointError
+from cratescale.checkpoint.layout import ds_layout
 from cratescale.checkpoint.universal import DS_TAG
 
 FORMAT = "cratescale-weights"
@@ -122,32 +126,58 @@ def load_export(out_dir: Path | str) -> tuple[dict[str, torch.Tensor], dict[str,
 
 def _stage0_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"consolidate: no DeepSpeed model states in {tag_dir}")
     # Our own checkpoint, written by this run's DeepSpeed engine (DeepSpeed's format needs full unpickling).
     module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]  # trusted: own DS checkpoint
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    low = sorted(k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32)
+    if low:
+        # ZeRO-0 under bf16 keeps the fp32 master copy in its optimizer state as unnamed flat groups: the
+        # module here is the bf16-rounded copy, which must not pass for fp32 weights.
+        raise ExportError(f"consolidate: {files[0]} holds {module[low[0]].dtype} weights ({low[0]}, ...) and no "
+                          f"ZeRO optimizer partitions with the fp32 master weights; export a bf16 run trained "
+                          f"with ZeRO 1-3 (parallel.zero_stage), or an fp32 run")
+    return dict(module)
 
 
-def consolidate_fp32(commit: Commit) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a committed DeepSpeed checkpoint (ZeRO 1-3 via zero_to_fp32; ZeRO-0 from
-    the model states, which then hold the full weights)."""
+@dataclass(frozen=True)
+class Consolidated:
+    state_dict: dict[str, torch.Tensor]  # fp32 master weights (plus buffers), full tensors
+    precision: str                       # what the run trained in: "bf16" | "fp32"
+    zero_stages: str                     # "0", "1-2" or "3" (1 and 2 share one layout)
+
+
+def consolidate(commit: Commit) -> Consolidated:
+    """The full fp32 master weights of a committed DeepSpeed checkpoint: ZeRO 1-3 (fp32 or bf16) through
+    DeepSpeed's own zero_to_fp32 over the optimizer partitions, ZeRO-0 fp32 from the model states. The layout
+    is read from the file names (checkpoint/layout.py); one it does not know is an error listing the files."""
     tag_dir = commit.path / DS_TAG
     if not tag_dir.is_dir():
         raise FileNotFoundError(f"consolidate: checkpoint step {commit.step} has no {tag_dir}")
-    if not any(tag_dir.glob("zero_pp_rank_*optim_states.pt")):
-        return _stage0_state_dict(tag_dir)
+    layout = ds_layout(tag_dir)
+    if not layout.partitioned:
+        return Consolidated(_stage0_state_dict(tag_dir), "fp32", layout.stages)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(commit.path), tag=DS_TAG)
-    return {k: v.contiguous() for k, v in state.items()}
+    return Consolidated({k: v.contiguous() for k, v in state.items()}, str(layout.precision), layout.stages)
+
+
+def consolidate_fp32(commit: Commit) -> dict[str, torch.Tensor]:
+    """`consolidate(commit).state_dict`."""
+    return consolidate(commit).state_dict
+
+
+def training_provenance(found: Consolidated) -> dict[str, str]:
+    """What export.json says about the weights' origin."""
+    return {"precision": found.precision, "zero_stages": found.zero_stages, "weights": "fp32 master"}
 
 
 def export_commit(commit: Commit, out_dir: Path | str, model_config: dict[str, Any] | None = None,
                   overwrite: bool = False) -> Path:
     """consolidate_fp32 + export_weights with provenance from the commit's meta."""
     meta = commit.meta
+    found = consolidate(commit)
     config = model_config if model_config is not None else meta.get("model_config", {})
     provenance = {"step": commit.step, "run_name": meta.get("run_name"), "config_hash": meta.get("config_hash"),
-                  "checkpoint": str(commit.path), "samples_seen": meta.get("samples_seen")}
-    return export_weights(consolidate_fp32(commit), config, provenance, out_dir, overwrite=overwrite)
+                  "checkpoint": str(commit.path), "samples_seen": meta.get("samples_seen"),
+                  **training_provenance(found)}
+    return export_weights(found.state_dict, config, provenance, out_dir, overwrite=overwrite)

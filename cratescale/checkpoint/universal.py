@@ -31,6 +31,7 @@ import torch
 
 from cratescale.checkpoint.commit import Commit, CheckpointError
 from cratescale.checkpoint.durable import fsync_path
+from cratescale.checkpoint.layout import ds_layout
 
 DS_TAG = "ds"             # the DeepSpeed tag every rank saves under: step_N/ds/
 UNIVERSAL_TAG = DS_TAG    # the converted tag inside step_N.universal/
@@ -82,8 +83,11 @@ def ensure_universal(commit: Commit, workers: int = 1) -> Path:
     lock, each converts into its own tmp dir and only the first rename wins, so the cache is never mixed.
     """
     src = commit.path / DS_TAG
-    if not any(src.glob("*model_states.pt")):
+    if not src.is_dir():
         raise FileNotFoundError(f"checkpoint step {commit.step}: no DeepSpeed checkpoint in {src}")
+    if not ds_layout(src).partitioned:  # raises LayoutError listing the files when the layout is unknown
+        raise UniversalConversionError(f"checkpoint step {commit.step}: {src} is a ZeRO-0 checkpoint (no optimizer "
+                                       f"partitions); ds_to_universal converts ZeRO 1-3 only")
     out = universal_dir(commit)
     with _lock(out.with_name(f"{out.name}.lock")):
         if not _is_complete(out):

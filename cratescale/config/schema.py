@@ -83,6 +83,10 @@ class ParallelConfig(Strict):
     # Overlap the gradient reduction with backward (more bucket memory); null keeps DeepSpeed's default (off
     # for ZeRO-1/2, on for ZeRO-3). One H100, world size 1: 4% slower (nothing to overlap there).
     overlap_comm: bool | None = None
+    # Under precision bf16, where the reconstruction target (and its norm_pix statistics) come from: "fp32", the
+    # loader's fp32 pixels (the model casts its own input to bf16), or "bf16", the bf16-cast input (the behaviour
+    # before issue 12). Measured on a shortened cifar10 recipe in BENCHMARKS.md.
+    bf16_target: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
     def _compile_needs_zero_le_2(self) -> "ParallelConfig":

@@ -122,7 +122,10 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
 
     batches = iter(loader)
     accum = job.grad_accum
-    dtype = torch.bfloat16 if job.parallel.precision == "bf16" else torch.float32
+    # The model casts its input to its own dtype; the pixels it is given are also the loss's target, so a bf16
+    # run hands over fp32 pixels unless parallel.bf16_target asks for the bf16-quantised target.
+    bf16_input = job.parallel.precision == "bf16" and job.parallel.bf16_target == "bf16"
+    dtype = torch.bfloat16 if bf16_input else torch.float32
     flops_per_image = train_flops_per_image(model)
 
     last_commit = step if plan.commit is not None else -1

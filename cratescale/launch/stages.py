@@ -9,7 +9,7 @@ import ray
 from rich.console import Console
 
 from cratescale.checkpoint import CheckpointStore
-from cratescale.checkpoint.export import consolidate_fp32, export_weights
+from cratescale.checkpoint.export import consolidate, export_weights, training_provenance
 from cratescale.config import JobConfig, ProfileConfig, config_hash
 from cratescale.launch.display import TrainingDisplay
 from cratescale.launch.paths import RunPaths
@@ -71,14 +71,14 @@ def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Pat
     commit = CheckpointStore(paths.checkpoints).latest()
     if commit is None:
         raise StageError(f"export: no committed checkpoint in {paths.checkpoints}")
-    state_dict = consolidate_fp32(commit)
+    found = consolidate(commit)
     model = build_model(job)
-    model.load_state_dict(state_dict)
+    model.load_state_dict(found.state_dict)
     provenance = {"run": job.name, "step": commit.step, "config_hash": config_hash(job), "time": time.time(),
-                  "checkpoint": str(commit.path)}
+                  "checkpoint": str(commit.path), **training_provenance(found)}
     export_weights(model.state_dict(), model.config, provenance, paths.export)
     _save_reconstructions(job, paths, model)
-    console.log(f"export: step {commit.step} -> {paths.export}")
+    console.log(f"export: step {commit.step} ({found.precision} run, fp32 master weights) -> {paths.export}")
     return paths.export
 
 

@@ -112,6 +112,12 @@ class MaskedAutoencoder(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != want:
             raise ModelInputError(f"{self.config['name']}: images have shape {tuple(images.shape)}, expected (B, *{want})")
 
+    def _model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in the patch embedding's dtype: a model cast to bf16 (DeepSpeed's bf16 mode) takes fp32 pixels,
+        while `forward_loss` reconstructs the pixels as given (issue 12: the target and its norm_pix statistics
+        stay fp32 unless the caller casts the images itself). A no-op in fp32 and under autocast."""
+        return images.to(self.patch_embed.proj.weight.dtype)
+
     # ----------------------------------------------------------------- token assembly
     def _with_cls(self, patches: torch.Tensor, cls_pos: torch.Tensor) -> torch.Tensor:
         cls = (self.cls_token + cls_pos).expand(patches.shape[0], -1, -1).to(patches.dtype)
@@ -119,7 +125,7 @@ class MaskedAutoencoder(nn.Module):
 
     def _tokens_all(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """All 1+L tokens with positions; removed patches (mask=1) replaced by the mask token."""
-        x = self.patch_embed(images)
+        x = self.patch_embed(self._model_input(images))
         if mask is not None:
             # Same values as the reference's concat + gather unshuffle, without the copies.
             x = torch.where(mask.unsqueeze(-1).bool(), self.mask_token, x)
@@ -128,7 +134,7 @@ class MaskedAutoencoder(nn.Module):
         return self._with_cls(x, self.pos_embed[:, :1])
 
     def _tokens_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(images) + self.pos_embed[:, 1:]
+        x = self.patch_embed(self._model_input(images)) + self.pos_embed[:, 1:]
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self._with_cls(x, self.pos_embed[:, :1])
 
@@ -154,7 +160,8 @@ class MaskedAutoencoder(nn.Module):
         return self.decoder_pred(x[:, 1:])  # cls dropped before the prediction head
 
     def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-patch MSE over pixel values, averaged over masked patches only (at least fp32)."""
+        """Per-patch MSE over pixel values, averaged over masked patches only (at least fp32). The target is
+        `images` at the precision the caller passed: fp32 pixels give an fp32 target even for a bf16 model."""
         dtype = torch.promote_types(pred.dtype, torch.float32)  # fp32 under autocast, fp64 stays fp64
         target = self.patchify(images).to(dtype)
         if self.norm_pix_loss:
@@ -165,7 +172,8 @@ class MaskedAutoencoder(nn.Module):
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None):
-        """images (B, C, H, W) normalized; noise (B, L) in [0, 1) -> (loss, pred (B, L, p*p*C), mask (B, L))."""
+        """images (B, C, H, W) normalized; noise (B, L) in [0, 1) -> (loss, pred (B, L, p*p*C), mask (B, L)).
+        The encoder takes the images in its own dtype; the loss's target keeps theirs (see _model_input)."""
         self._check_images(images)
         b = images.shape[0]
         if noise is None:

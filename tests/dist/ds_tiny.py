@@ -32,7 +32,7 @@ def init_dist(rank: int, world: int, port: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def make_engine(stage: int, world: int, load_universal: bool = False):
+def make_engine(stage: int, world: int, load_universal: bool = False, bf16: bool = False):
     import deepspeed
 
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def make_engine(stage: int, world: int, load_universal: bool = False):
     config = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": MICRO,
               "gradient_accumulation_steps": GLOBAL_BATCH // (MICRO * world),
               "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
-              "checkpoint": {"load_universal": load_universal}}
+              "checkpoint": {"load_universal": load_universal}, "bf16": {"enabled": bf16}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
@@ -53,7 +53,9 @@ def train_step(engine, step: int, rank: int, world: int) -> None:
     x, y = torch.randn(GLOBAL_BATCH, DIM_IN, generator=g), torch.randn(GLOBAL_BATCH, DIM_OUT, generator=g)
     per_rank = GLOBAL_BATCH // world
     for i in range(rank * per_rank, (rank + 1) * per_rank, MICRO):
-        loss = nn.functional.mse_loss(engine(x[i:i + MICRO]), y[i:i + MICRO])
+        # Inputs in the module's dtype (a bf16 engine casts the module, not its inputs); the loss in fp32.
+        out = engine(x[i:i + MICRO].to(next(engine.module.parameters()).dtype))
+        loss = nn.functional.mse_loss(out.float(), y[i:i + MICRO])
         engine.backward(loss)
         engine.step()
 

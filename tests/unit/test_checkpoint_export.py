@@ -1,4 +1,5 @@
-"""Weights export: zarr v3 group + export.json round trip (bitwise), tamper detection, no pickle on load."""
+"""Weights export: zarr v3 group + export.json round trip (bitwise), tamper detection, no pickle on load; the
+DeepSpeed layout reader refuses what it does not know (real layouts: tests/dist/test_layouts.py)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,9 @@ import pytest
 import torch
 import zarr
 
-from cratescale.checkpoint.export import ExportError, export_weights, load_export
+from cratescale.checkpoint import Commit
+from cratescale.checkpoint.export import ExportError, consolidate, export_weights, load_export
+from cratescale.checkpoint.layout import LayoutError, ds_layout
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -89,3 +92,39 @@ def test_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         export_weights({"a": torch.zeros(2)}, {"obj": object()}, PROV, tmp_path / "z")
     assert np.array_equal(load_export(tmp_path / "y")[0]["a"].numpy(), np.ones(2, np.float32))
+
+
+def _tag_dir(tmp_path: Path, names: list[str]) -> Path:
+    tag = tmp_path / "step_000000004" / "ds"
+    tag.mkdir(parents=True)
+    for name in names:
+        (tag / name).write_bytes(b"")
+    return tag
+
+
+BF16_Z3 = ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+           "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+
+
+@pytest.mark.parametrize("names, why", [
+    ([*BF16_Z3, "expert_0_mp_rank_00_model_states.pt"], r"unrecognised DeepSpeed file\(s\) \['expert_0_mp_rank"),
+    (BF16_Z3[:1] + ["zero_pp_rank_1_mp_rank_00_optim_states.pt"] + BF16_Z3[2:], "a mix of bf16 and fp32"),
+    (BF16_Z3[1:], r"partitions of ranks \[1\] do not form a whole run"),
+    (BF16_Z3[:2], "no DeepSpeed model states"),
+    (BF16_Z3[2:], "ZeRO-3 model states without optimizer partitions"),
+    ([*BF16_Z3, "mp_rank_00_model_states.pt"], "both full"),
+])
+def test_unknown_checkpoint_layout_is_an_error_listing_the_files(tmp_path: Path, names: list[str], why: str) -> None:
+    """An unrecognised layout is never read as some other one (the ZeRO-0 path read bf16 module weights)."""
+    tag = _tag_dir(tmp_path, names)
+    with pytest.raises(LayoutError, match=why) as info:
+        ds_layout(tag)
+    assert str(tag) in str(info.value) and all(n in str(info.value) for n in names)
+    with pytest.raises(LayoutError, match=why):
+        consolidate(Commit(4, tag.parent, {}))
+
+
+def test_bf16_layout_is_recognised_by_its_prefix(tmp_path: Path) -> None:
+    layout = ds_layout(_tag_dir(tmp_path, BF16_Z3))
+    assert (layout.partitioned, layout.zero3, layout.precision, layout.ranks) == (True, True, "bf16", 2)
+    assert layout.stages == "3"

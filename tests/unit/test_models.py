@@ -280,3 +280,20 @@ def test_bf16_weights_forward_backward(name):
     assert abs(loss.item() - loss32) <= 0.05 * loss32
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_bf16_model_reconstructs_the_fp32_pixels_it_is_given(norm_pix):
+    """Issue 12: a bf16 model (DeepSpeed's bf16 mode) takes fp32 pixels, casts its own input, and its loss target
+    (and the norm_pix statistics) are the fp32 pixels; bf16-cast pixels still give the quantised target."""
+    torch.manual_seed(5)
+    m = create_model("crate_mae_debug", norm_pix_loss=norm_pix).bfloat16()
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    loss32, pred32, mask = m(x, noise)
+    loss16, pred16, _ = m(x.bfloat16(), noise)
+    assert torch.equal(pred32, pred16)  # the encoder sees the same bf16 input either way
+    assert torch.equal(loss32, m.forward_loss(x, pred32, mask))
+    assert torch.equal(loss16, m.forward_loss(x.bfloat16(), pred16, mask))
+    assert loss32.item() != loss16.item()  # the target is what differs
+    enc32, enc16 = m.encode(x), m.encode(x.bfloat16())
+    assert torch.equal(enc32["cls"], enc16["cls"])

@@ -33,13 +33,13 @@ def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threa
                     device_id=device_id if device == "gpu" else None, py_num_workers=max(1, py_workers),
                     py_start_method="spawn" if device == "gpu" else "fork", prefetch_queue_depth=prefetch_depth)
     train = feed.mode == "train"
-    dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64, types.INT64, types.INT32]
+    dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64, types.INT64, types.INT32, types.INT64]
     if train:
         dtypes.append(types.FLOAT)
     with pipe:
         outs = fn.external_source(source=feed, batch=False, parallel=True, num_outputs=len(dtypes), dtype=dtypes,
                                   prefetch_queue_depth=2)
-        data, anchor, shape, flip, sid, label, bad = outs[:7]
+        data, anchor, shape, flip, sid, label, bad, bad_row = outs[:8]
         mixed = {"device": "mixed", "hw_decoder_load": hw_decoder_load} if device == "gpu" else {"device": "cpu"}
         images = fn.decoders.image_slice(data, anchor, shape, output_type=types.RGB, normalized_anchor=True,
                                          normalized_shape=True, adjust_orientation=False, **mixed)
@@ -47,7 +47,7 @@ def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threa
                            antialias=True)
         images = fn.crop_mirror_normalize(images, mirror=fn.reshape(flip, shape=[]), mean=_MEAN, std=_STD,
                                           dtype=types.FLOAT, output_layout="CHW")
-        pipe.set_outputs(images, sid, label, bad, *(outs[7:] if train else []))
+        pipe.set_outputs(images, sid, label, bad, bad_row, *(outs[8:] if train else []))
     pipe.build()
     return pipe
 
@@ -76,8 +76,9 @@ class DaliBackend:
                      "labels": _to_torch(outs[2]).reshape(-1),
                      "sample_ids": _to_torch(outs[1]).reshape(-1)}
             if self.train:
-                batch["mask_noise"] = _to_torch(outs[4])
+                batch["mask_noise"] = _to_torch(outs[5])
             batch["bad"] = _to_torch(outs[3]).reshape(-1)
+            batch["bad_row"] = _to_torch(outs[4]).reshape(-1)
             yield batch
 
     def close(self) -> None:

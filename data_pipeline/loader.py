@@ -109,9 +109,9 @@ class BadSamples:
         self.examples: list[str] = []
 
     def record(self, bad, bad_row) -> None:
-        codes = np.asarray(bad).reshape(-1)
+        codes, rows = np.asarray(bad).reshape(-1), np.asarray(bad_row).reshape(-1)
         for i in np.flatnonzero(codes):
-            code, row = int(codes[i]), int(np.asarray(bad_row).reshape(-1)[i])
+            code, row = int(codes[i]), int(rows[i])
             self.count += 1
             self.lost += bool(code & NO_REPLACEMENT)
             if len(self.examples) < self.KEEP and row >= 0:
@@ -122,10 +122,9 @@ class BadSamples:
 class TrainLoader:
     """Iterator of per-rank micro-batch dicts; tracks LoaderState and replaced (bad) samples."""
 
-    def __init__(self, backend, feed: SampleFeed, sampler: GlobalSampler, accum: int, start_step: int,
-                 decoder: DecoderChoice):
+    def __init__(self, backend, feed: SampleFeed, sampler: GlobalSampler, accum: int, start_step: int):
         self._backend, self._it = backend, iter(backend)
-        self.feed, self.sampler, self.decoder = feed, sampler, decoder
+        self.feed, self.sampler = feed, sampler
         self.grad_accum = accum
         self.steps_per_epoch = sampler.steps_per_epoch
         self.start_step = start_step
@@ -179,10 +178,9 @@ def make_train_loader(manifest_path, *, state: LoaderState, rank: int, world_siz
     feed = SampleFeed(str(manifest_path), mode="train", seed=state.seed, split=split, global_batch=global_batch,
                       rank=rank, world_size=world_size, start_step=start, num_patches=num_patches)
     feed._ma, feed._sampler = ma, sampler  # reuse in this process; workers reload lazily
-    choice = choose_decoder(kind, device)
-    backend = _backend(choice, feed, micro_batch, image_size, num_threads, py_workers,
+    backend = _backend(choose_decoder(kind, device), feed, micro_batch, image_size, num_threads, py_workers,
                        hw_decoder_load=hw_decoder_load, prefetch_depth=prefetch_depth)
-    return TrainLoader(backend, feed, sampler, global_batch // world_size // micro_batch, start, choice)
+    return TrainLoader(backend, feed, sampler, global_batch // world_size // micro_batch, start)
 
 
 class EvalLoader:

@@ -118,15 +118,15 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
                       "setup_s": round(time.perf_counter() - entered, 3),  # process group, model, engine, resume
                       "speed": job.parallel.model_dump(include={"compile", "activation_checkpointing", "attention"}),
                       "decoder": decoder.identity, "decoder_why": decoder.why, "decoder_changed_from": decoder_was})
-        changed = f"; resumed from a run decoded by {decoder_was} (checkpoint.allow_decoder_change)" if decoder_was else ""
-        print(f"[cratescale] decoder: {decoder.identity} ({decoder.why}){changed}", flush=True)
+        was = f"; resumed from a run decoded by {decoder_was} (checkpoint.allow_decoder_change)" if decoder_was else ""
+        print(f"[cratescale] decoder: {decoder.identity} ({decoder.why}){was}", flush=True)
 
     loader = make_train_loader(
         manifest, state=LoaderState.from_step(step, steps_per_epoch, sched.global_batch, job.seed),
         rank=world.rank, world_size=world.world_size, global_batch=sched.global_batch,
         micro_batch=sched.micro_batch, image_size=job.data.image_size, num_patches=model.num_patches,
-        kind=decoder.kind, num_threads=job.data.num_threads, hw_decoder_load=job.data.hw_decoder_load,
-        prefetch_depth=job.data.prefetch_depth)
+        kind=decoder.kind, device=decoder.device, num_threads=job.data.num_threads,
+        hw_decoder_load=job.data.hw_decoder_load, prefetch_depth=job.data.prefetch_depth)
     batches = iter(loader)
     accum = job.grad_accum
     dtype = torch.bfloat16 if job.parallel.precision == "bf16" else torch.float32

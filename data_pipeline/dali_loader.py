@@ -53,13 +53,13 @@ def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threa
                     py_start_method=worker_start_method(device, _driver_initialised()),
                     prefetch_queue_depth=prefetch_depth)
     train = feed.mode == "train"
-    dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64, types.INT64, types.INT32]
+    dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64, types.INT64, types.INT32, types.INT64]
     if train:
         dtypes.append(types.FLOAT)
     with pipe:
         outs = fn.external_source(source=feed, batch=False, parallel=True, num_outputs=len(dtypes), dtype=dtypes,
                                   prefetch_queue_depth=2)
-        data, anchor, shape, flip, sid, label, bad = outs[:7]
+        data, anchor, shape, flip, sid, label, bad, bad_row = outs[:8]
         mixed = {"device": "mixed", "hw_decoder_load": hw_decoder_load} if device == "gpu" else {"device": "cpu"}
         window = {"normalized_anchor": True, "normalized_shape": True}
         if decode == "roi":
@@ -72,7 +72,7 @@ def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threa
                            antialias=True)
         images = fn.crop_mirror_normalize(images, mirror=fn.reshape(flip, shape=[]), mean=_MEAN, std=_STD,
                                           dtype=types.FLOAT, output_layout="CHW")
-        pipe.set_outputs(images, sid, label, bad, *(outs[7:] if train else []))
+        pipe.set_outputs(images, sid, label, bad, bad_row, *(outs[8:] if train else []))
     pipe.build()
     return pipe
 
@@ -135,8 +135,9 @@ class DaliBackend:
                      "labels": _to_torch(outs[2]).reshape(-1),
                      "sample_ids": _to_torch(outs[1]).reshape(-1)}
             if self.train:
-                batch["mask_noise"] = _to_torch(outs[4])
+                batch["mask_noise"] = _to_torch(outs[5])
             batch["bad"] = _to_torch(outs[3]).reshape(-1)
+            batch["bad_row"] = _to_torch(outs[4]).reshape(-1)
             copied = _copies_queued(outs[0])
             yield batch
 

@@ -10,6 +10,12 @@ sample is the sampler's permutation of epoch s // steps_per_epoch at position
 (s % steps_per_epoch) * B + rank * B/W + j. A sample whose bytes fail the cheap check is replaced
 by the next position of the same epoch permutation (wrapping), independent of W.
 Eval mode: n -> rows[n] (clamped at the end: the caller trims), centre window, no flip.
+
+Every sample carries `bad` (0, or why it failed: READ_ERROR / DECODE_ERROR, plus NO_REPLACEMENT when
+nothing decodable was found) and `bad_row` (the manifest row that failed, -1 if none), so the caller can
+count, name the paths and stop. A sample with NO_REPLACEMENT (train) or any bad code (eval) carries FILLER
+bytes only so the decoder's batch keeps its shape: the trainer stops before such a batch reaches the model,
+extraction stores NaN for it. Nothing is ever trained or embedded from FILLER.
 """
 from __future__ import annotations
 
@@ -26,15 +32,22 @@ from .sampler import GlobalSampler
 from .validate import quick_jpeg_ok
 
 MAX_REPLACEMENTS = 64
+READ_ERROR, DECODE_ERROR, NO_REPLACEMENT = 1, 2, 4  # `bad` codes; NO_REPLACEMENT is or-ed onto a reason
 
 
-def _placeholder_jpeg() -> bytes:
+def bad_reason(code: int) -> str:
+    """What a `bad` code says, in words."""
+    reason = "read error" if code & READ_ERROR else "decode error"
+    return reason + (", no decodable replacement" if code & NO_REPLACEMENT else "")
+
+
+def _filler_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (124, 116, 104)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
-PLACEHOLDER = _placeholder_jpeg()
+FILLER = _filler_jpeg()  # decoder input for a marked sample; see the module docstring
 
 
 class SampleFeed:
@@ -85,53 +98,60 @@ class SampleFeed:
         self._step_cache = (step, p)
         return p
 
-    def _read_checked(self, row: int) -> bytes | None:
+    def _read_checked(self, row: int) -> tuple[bytes | None, int]:
+        """(bytes, 0), or (None, READ_ERROR) when they cannot be read whole, (None, DECODE_ERROR) when they
+        fail the cheap JPEG check."""
         path, offset, size = self.manifest.location(row)
         try:
             data = self._reader.read(path, offset, size)
         except OSError:
-            return None
-        return data if quick_jpeg_ok(data, size) else None
+            return None, READ_ERROR
+        if len(data) != size:  # truncated or replaced since ingest: what the manifest recorded is gone
+            return None, READ_ERROR
+        return (data, 0) if quick_jpeg_ok(data, size) else (None, DECODE_ERROR)
 
     def train_sample(self, n: int, failed: bool = False) -> dict:
         """The rank's n-th sample; `failed`: its bytes did not decode, give the replacement."""
         step, j = self.start_step + n // self.per_rank, n % self.per_rank
         p = self._step_params(step)
         ma, row = self.manifest, int(p["rows"][j])
-        data = None if failed else self._read_checked(row)
+        data, code = (None, DECODE_ERROR) if failed else self._read_checked(row)
         if data is not None:
             return {"data": data, "anchor": p["anchor"][j], "shape": p["shape"][j], "flip": p["flip"][j],
-                    "sample_id": ma.sample_id[row], "label": ma.label[row], "noise": p["mask_noise"][j], "bad": 0}
-        return self._replacement(p["epoch"], p["position"] + j)
+                    "sample_id": ma.sample_id[row], "label": ma.label[row], "noise": p["mask_noise"][j], "bad": 0,
+                    "bad_row": -1}
+        return self._replacement(p["epoch"], p["position"] + j, code, row)
 
-    def _replacement(self, epoch: int, position: int) -> dict:
-        """Next decodable sample after `position` in this epoch's permutation (W-independent)."""
+    def _replacement(self, epoch: int, position: int, code: int, bad_row: int) -> dict:
+        """Next decodable sample after `position` in this epoch's permutation (W-independent); FILLER marked
+        NO_REPLACEMENT when none of the next MAX_REPLACEMENTS is."""
         ma, perm = self.manifest, self.sampler.permutation(epoch)
         for k in range(1, MAX_REPLACEMENTS + 1):
             row = int(ma.rows[perm[(position + k) % len(perm)]])
-            data = self._read_checked(row)
+            data, _ = self._read_checked(row)
             if data is not None:
                 break
         else:
-            data = PLACEHOLDER
+            data, code = FILLER, code | NO_REPLACEMENT
         sid = ma.sample_id[row]
         p = train_params(self.seed, epoch, np.array([sid]), ma.width[[row]], ma.height[[row]], self.num_patches)
-        if data is PLACEHOLDER:
+        if data is FILLER:  # the whole 16 px frame: a window sized for the real image could round to 0 px
             p["anchor"][:], p["shape"][:] = 0.0, 1.0
         return {"data": data, "anchor": p["anchor"][0], "shape": p["shape"][0], "flip": p["flip"][0],
-                "sample_id": sid, "label": ma.label[row], "noise": p["mask_noise"][0], "bad": 1}
+                "sample_id": sid, "label": ma.label[row], "noise": p["mask_noise"][0], "bad": code,
+                "bad_row": bad_row}
 
     # -- eval ----------------------------------------------------------------------------
     def eval_sample(self, n: int, failed: bool = False) -> dict:
         ma = self.manifest
         row = int(self.eval_rows[min(n, len(self.eval_rows) - 1)])
         anchor, shape = center_window(ma.width[[row]], ma.height[[row]])
-        data = None if failed else self._read_checked(row)
-        bad = int(data is None)
-        if bad:  # keep the row's id and label so results stay aligned; the image is a flat placeholder
-            data, anchor[:], shape[:] = PLACEHOLDER, 0.0, 1.0
+        data, bad = (None, DECODE_ERROR) if failed else self._read_checked(row)
+        if bad:  # keep the row's id and label so results stay aligned; the caller marks the row invalid
+            data, anchor[:], shape[:] = FILLER, 0.0, 1.0
         return {"data": data, "anchor": anchor[0], "shape": shape[0], "flip": np.int32(0),
-                "sample_id": ma.sample_id[row], "label": ma.label[row], "noise": None, "bad": bad}
+                "sample_id": ma.sample_id[row], "label": ma.label[row], "noise": None, "bad": bad,
+                "bad_row": row if bad else -1}
 
     def sample(self, n: int, failed: bool = False) -> dict:
         """Sample n; with failed=True the deterministic replacement a decoder falls back to."""
@@ -142,7 +162,8 @@ class SampleFeed:
         s = self.sample(int(sample_info.idx_in_epoch))
         out = (np.frombuffer(s["data"], dtype=np.uint8), np.asarray(s["anchor"], np.float32),
                np.asarray(s["shape"], np.float32), np.array([s["flip"]], np.int32),
-               np.array([s["sample_id"]], np.int64), np.array([s["label"]], np.int64), np.array([s["bad"]], np.int32))
+               np.array([s["sample_id"]], np.int64), np.array([s["label"]], np.int64), np.array([s["bad"]], np.int32),
+               np.array([s["bad_row"]], np.int64))
         if self.mode == "train":
             out += (np.asarray(s["noise"], np.float32),)
         return out

@@ -12,11 +12,12 @@ next global batch on any world size. Infinite across epochs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from .feed import SampleFeed
+from .feed import NO_REPLACEMENT, SampleFeed, bad_reason
 from .manifest import ManifestArrays
 from .sampler import GlobalSampler, LoaderState, SamplerError
 
@@ -24,22 +25,57 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def dali_available() -> bool:
+def dali_import_error() -> str | None:
+    """None when nvidia.dali imports, else the import error in one line (shown to the user, not swallowed)."""
     try:
         import nvidia.dali  # noqa: F401
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as exc:  # noqa: BLE001 - a broken install raises more than ImportError (OSError, ...)
+        return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def dali_available() -> bool:
+    return dali_import_error() is None
+
+
+@dataclass(frozen=True)
+class DecoderChoice:
+    """Which decoder makes the pixels and why. Decoders give different pixels (DALI's and PIL's resize and
+    IDCT differ), so `identity` is recorded with every checkpoint and compared on resume."""
+    kind: str             # "dali" | "pil"
+    device: str | None    # DALI: "cpu" | "gpu" (the "mixed" nvJPEG decoder); PIL: None
+    identity: str         # "DALI 2.4.0 cpu", "DALI 2.4.0 mixed", "PIL 13.0.0 libjpeg-turbo 3.2.0"
+    why: str              # "data.loader=dali", "auto: nvidia.dali imports", "auto: nvidia.dali not importable (...)"
+
+
+def _pil_identity() -> str:
+    import PIL
+    from PIL import features
+
+    jpeg = features.version("libjpeg_turbo")
+    return f"PIL {PIL.__version__} " + (f"libjpeg-turbo {jpeg}" if jpeg else f"libjpeg {features.version('jpg')}")
+
+
+def choose_decoder(kind: str, device: str | None = None) -> DecoderChoice:
+    """Resolve `data.loader` (auto | dali | pil) to a decoder; 'dali' without DALI is an error naming why."""
+    if kind not in ("auto", "dali", "pil"):
+        raise ValueError(f"loader kind must be 'dali', 'pil' or 'auto', got {kind!r}")
+    error = None if kind == "pil" else dali_import_error()
+    if kind == "dali" and error:
+        raise ValueError(f"loader kind 'dali' asked for but nvidia.dali is not importable ({error}); "
+                         f"use kind='pil' or 'auto'")
+    if kind == "pil" or error:
+        why = "data.loader=pil" if kind == "pil" else f"auto: nvidia.dali not importable ({error})"
+        return DecoderChoice("pil", None, _pil_identity(), why)
+    import nvidia.dali
+
+    dev = resolve_device(device)
+    why = "data.loader=dali" if kind == "dali" else "auto: nvidia.dali imports"
+    return DecoderChoice("dali", dev, f"DALI {nvidia.dali.__version__} {'mixed' if dev == 'gpu' else 'cpu'}", why)
 
 
 def resolve_kind(kind: str) -> str:
-    if kind == "auto":
-        return "dali" if dali_available() else "pil"
-    if kind not in ("dali", "pil"):
-        raise ValueError(f"loader kind must be 'dali', 'pil' or 'auto', got {kind!r}")
-    if kind == "dali" and not dali_available():
-        raise ValueError("loader kind 'dali' asked for but nvidia.dali is not importable; use kind='pil' or 'auto'")
-    return kind
+    return choose_decoder(kind, "cpu").kind
 
 
 def resolve_device(device: str | None) -> str:
@@ -51,15 +87,36 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def _backend(kind: str, feed: SampleFeed, batch_size: int, image_size: int, num_threads: int,
-             device: str | None, py_workers: int, hw_decoder_load: float = 0.65, prefetch_depth: int = 2,
-             gpu_decode: str = "auto"):
-    if resolve_kind(kind) == "dali":
+def _backend(choice: DecoderChoice, feed: SampleFeed, batch_size: int, image_size: int, num_threads: int,
+             py_workers: int, hw_decoder_load: float = 0.65, prefetch_depth: int = 2, gpu_decode: str = "auto"):
+    if choice.kind == "dali":
         from .dali_loader import DaliBackend
-        return DaliBackend(feed, batch_size, image_size, num_threads, resolve_device(device), py_workers,
+        return DaliBackend(feed, batch_size, image_size, num_threads, choice.device, py_workers,
                            gpu_decode=gpu_decode, hw_decoder_load=hw_decoder_load, prefetch_depth=prefetch_depth)
     from .pil_loader import PilBackend
     return PilBackend(feed, batch_size, image_size, num_threads, prefetch_depth)
+
+
+class BadSamples:
+    """This rank's samples that failed to read or decode: how many, how many found no replacement, and the
+    first few as 'path (reason)' (tar members as 'shard@offset')."""
+    KEEP = 5
+
+    def __init__(self, manifest: ManifestArrays):
+        self._manifest = manifest
+        self.count = 0
+        self.lost = 0  # no decodable replacement: these batches must never reach the model
+        self.examples: list[str] = []
+
+    def record(self, bad, bad_row) -> None:
+        codes, rows = np.asarray(bad).reshape(-1), np.asarray(bad_row).reshape(-1)
+        for i in np.flatnonzero(codes):
+            code, row = int(codes[i]), int(rows[i])
+            self.count += 1
+            self.lost += bool(code & NO_REPLACEMENT)
+            if len(self.examples) < self.KEEP and row >= 0:
+                path, offset, _ = self._manifest.location(row)
+                self.examples.append(f"{path if offset < 0 else f'{path}@{offset}'} ({bad_reason(code)})")
 
 
 class TrainLoader:
@@ -72,14 +129,18 @@ class TrainLoader:
         self.steps_per_epoch = sampler.steps_per_epoch
         self.start_step = start_step
         self.micro_batches = 0
-        self.bad_samples = 0
+        self.bad = BadSamples(feed.manifest)
+
+    @property
+    def bad_samples(self) -> int:
+        return self.bad.count
 
     def __iter__(self) -> "TrainLoader":
         return self
 
     def __next__(self) -> dict:
         batch = next(self._it)
-        self.bad_samples += int(batch.pop("bad").sum())
+        self.bad.record(batch.pop("bad"), batch.pop("bad_row"))
         self.micro_batches += 1
         return batch
 
@@ -124,20 +185,25 @@ def make_train_loader(manifest_path, *, state: LoaderState, rank: int, world_siz
     feed = SampleFeed(str(manifest_path), mode="train", seed=state.seed, split=split, global_batch=global_batch,
                       rank=rank, world_size=world_size, start_step=start, num_patches=num_patches)
     feed._ma, feed._sampler = ma, sampler  # reuse in this process; workers reload lazily
-    backend = _backend(kind, feed, micro_batch, image_size, num_threads, device, py_workers,
+    backend = _backend(choose_decoder(kind, device), feed, micro_batch, image_size, num_threads, py_workers,
                        hw_decoder_load=hw_decoder_load, prefetch_depth=prefetch_depth, gpu_decode=gpu_decode)
     return TrainLoader(backend, feed, sampler, global_batch // world_size // micro_batch, start)
 
 
 class EvalLoader:
-    """Finite iterator over `rows` in order, batch_size each (last one smaller), no mask noise."""
+    """Finite iterator over `rows` in order, batch_size each (last one smaller), no mask noise. A row that
+    could not be read or decoded keeps its place with `valid` False (its image is filler: leave it out)."""
 
-    def __init__(self, backend, n: int, batch_size: int):
+    def __init__(self, backend, n: int, batch_size: int, manifest: ManifestArrays):
         self._backend, self._it = backend, iter(backend)
         self.n, self.batch_size = n, batch_size
         self.batches = math.ceil(n / batch_size)
         self.done = 0
-        self.bad_samples = 0
+        self.bad = BadSamples(manifest)
+
+    @property
+    def bad_samples(self) -> int:
+        return self.bad.count
 
     def __len__(self) -> int:
         return self.batches
@@ -154,7 +220,8 @@ class EvalLoader:
         self.done += 1
         if keep < self.batch_size:  # the feed clamps past the end; drop the padding
             batch = {k: v[:keep] for k, v in batch.items()}
-        self.bad_samples += int(batch.pop("bad").sum())
+        batch["valid"] = batch["bad"] == 0
+        self.bad.record(batch.pop("bad"), batch.pop("bad_row"))
         return batch
 
     def close(self) -> None:
@@ -173,5 +240,5 @@ def make_eval_loader(manifest_path, rows: np.ndarray, batch_size: int, image_siz
         raise ValueError(f"make_eval_loader: row indices must be in [0, {ma.total_rows}) for {manifest_path}")
     feed = SampleFeed(str(manifest_path), mode="eval", rows=rows)
     feed._ma = ma
-    return EvalLoader(_backend(kind, feed, batch_size, image_size, num_threads, device, py_workers), len(rows),
-                      batch_size)
+    backend = _backend(choose_decoder(kind, device), feed, batch_size, image_size, num_threads, py_workers)
+    return EvalLoader(backend, len(rows), batch_size, ma)

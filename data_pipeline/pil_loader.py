@@ -63,7 +63,8 @@ class _MicroBatches(torch.utils.data.Dataset):
         out = {"images": normalize(torch.from_numpy(images)),
                "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.int64),
                "sample_ids": torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.int64),
-               "bad": torch.tensor([int(s["bad"]) for s in samples], dtype=torch.int32)}
+               "bad": torch.tensor([int(s["bad"]) for s in samples], dtype=torch.int32),
+               "bad_row": torch.tensor([int(s["bad_row"]) for s in samples], dtype=torch.int64)}
         if self.feed.mode == "train":
             out["mask_noise"] = torch.from_numpy(np.stack([s["noise"] for s in samples]).astype(np.float32))
         return out

@@ -40,6 +40,11 @@ class DataConfig(Strict):
     val_per_class: int = Field(0, ge=0)
     reshard: int | None = Field(None, gt=0)
     shard_size: int = Field(1000, gt=0)
+    # Bad-data budget (engine/data_budget.py): the run stops with one line when unreadable samples exceed this
+    # fraction of the samples seen, or most of the last bad_window_steps steps' samples, or one finds no
+    # decodable replacement.
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    bad_window_steps: int = Field(10, ge=1)
 
 
 class OptimConfig(Strict):
@@ -103,6 +108,8 @@ class CheckpointConfig(Strict):
     # Resume from a checkpoint of another run/model/global batch by loading only its weights.
     start_fresh_from_weights: str | None = None
     allow_config_change: bool = False
+    # Resume under another decoder (DALI cpu / mixed, PIL, other versions): its pixels differ from the saved run's.
+    allow_decoder_change: bool = False
 
 
 class ClusterConfig(Strict):

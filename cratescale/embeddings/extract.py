@@ -10,7 +10,8 @@ two writers, and a killed run resumes at the first uncommitted shard. `actors=0`
 this process (no Ray).
 
 Store row r holds manifest row `rows[r]`, where rows = manifest rows of `split` (all rows if None), in
-manifest order.
+manifest order. A row whose image could not be read or decoded keeps its place with `valid` False in the
+metadata and NaN features (never the features of a stand-in image); evaluation leaves it out.
 """
 from __future__ import annotations
 
@@ -130,18 +131,17 @@ class ShardWorker:
         rows = np.concatenate([self.rows[a:b] for a, b in spans])
         loader = make_eval_loader(self.manifest_path, rows, self.batch_size, self.image_size,
                                   kind=self.loader_kind)
-        records, parts, ids, t0, t_enc = [], {}, [], time.perf_counter(), 0.0
+        records, parts, valid, t0, t_enc = [], {}, [], time.perf_counter(), 0.0
         try:
-            for i, images, sample_ids, last in _shard_batches(loader, [b - a for a, b in spans],
-                                                              self.batch_size):
+            for i, images, ok, last in _shard_batches(loader, [b - a for a, b in spans], self.batch_size):
                 t = time.perf_counter()
                 for name, v in self.encode(images).items():
                     parts.setdefault(name, []).append(v)
                 t_enc += time.perf_counter() - t
-                ids.append(sample_ids.cpu().numpy())
+                valid.append(ok.cpu().numpy())
                 if last:
-                    records.append(self._commit(ks[i], spans[i], parts, np.concatenate(ids), t0, t_enc))
-                    parts, ids, t0, t_enc = {}, [], time.perf_counter(), 0.0
+                    records.append(self._commit(ks[i], spans[i], parts, np.concatenate(valid), t0, t_enc))
+                    parts, valid, t0, t_enc = {}, [], time.perf_counter(), 0.0
         finally:
             loader.close()  # we stop at the last row, before the loader's own end-of-data close
         return records
@@ -150,17 +150,19 @@ class ShardWorker:
         records = self.run_shards([k])
         return records[0] if records else None
 
-    def _commit(self, k: int, span: tuple[int, int], parts: dict, got: np.ndarray, t0: float,
+    def _commit(self, k: int, span: tuple[int, int], parts: dict, valid: np.ndarray, t0: float,
                 t_enc: float) -> dict:
         rows = self.rows[span[0]:span[1]]
         m = self.meta.iloc[rows]
         feats = {name: torch.cat(v).numpy() for name, v in parts.items()}
+        for f in feats.values():
+            f[~valid] = np.nan  # the encoder saw filler bytes there, not the sample
         metadata = pd.DataFrame({"sample_id": m["sample_id"].to_numpy(), "key": _sample_keys(m),
                                  "label": m["label"].to_numpy().astype(np.int32),
-                                 "split": m["split"].astype(str).to_numpy()})
+                                 "split": m["split"].astype(str).to_numpy(), "valid": valid})
         self.store.write_shard(k, feats, metadata)
         return {"shard": k, "rows": len(rows), "seconds": time.perf_counter() - t0, "encode_seconds": t_enc,
-                "replaced": int((got != m["sample_id"].to_numpy()).sum()), "pid": os.getpid()}
+                "invalid": int((~valid).sum()), "pid": os.getpid()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data UDF: each input row is a task, "shards" = comma-separated shard indices."""
@@ -169,7 +171,7 @@ class ShardWorker:
                 for key in RECORD_KEYS}
 
 
-RECORD_KEYS = ("shard", "rows", "seconds", "encode_seconds", "replaced", "pid")
+RECORD_KEYS = ("shard", "rows", "seconds", "encode_seconds", "invalid", "pid")
 
 
 def _parse_group(group: Any) -> list[int]:
@@ -178,10 +180,10 @@ def _parse_group(group: Any) -> list[int]:
 
 def _shard_batches(loader: Iterable[dict], lengths: Sequence[int], size: int):
     """Re-cut loader batches into batches of <= `size` that restart at every shard start and never cross a
-    shard end. Yields (shard position, images, sample_ids, is_last_batch_of_shard)."""
+    shard end. Yields (shard position, images, valid, is_last_batch_of_shard)."""
     it = iter(loader)
     xs: list[torch.Tensor] = []
-    sids: list[torch.Tensor] = []
+    oks: list[torch.Tensor] = []  # each row's `valid` flag
     have = 0
     for i, n in enumerate(lengths):
         left = n
@@ -193,12 +195,12 @@ def _shard_batches(loader: Iterable[dict], lengths: Sequence[int], size: int):
                 except StopIteration:
                     raise ExtractionError(f"extract: the loader ended {want - have} images early") from None
                 xs.append(b["images"])
-                sids.append(b["sample_ids"])
+                oks.append(b["valid"])
                 have += len(b["images"])
-            x, sid = torch.cat(xs), torch.cat(sids)
+            x, ok = torch.cat(xs), torch.cat(oks)
             left -= want
-            yield i, x[:want], sid[:want], left == 0
-            xs, sids, have = [x[want:]], [sid[want:]], have - want
+            yield i, x[:want], ok[:want], left == 0
+            xs, oks, have = [x[want:]], [ok[want:]], have - want
 
 
 def group_shards(todo: Sequence[int], actors: int, shards_per_task: int = 0) -> list[list[int]]:

@@ -5,7 +5,8 @@ Layout of `<store>/`:
   features.zarr/<name>         zarr v3 array [N, d] per feature ("cls", "mean", "layer_3_cls", ...),
                                chunks (chunk_rows, d) inside shards (shard_rows, d), blosc-zstd level 1 (same ratio as
                                level 3 on features, 3x faster), NaN fill
-  metadata/shard_<k>.parquet   sample_id, key, label, split, row (one file per shard: names never collide)
+  metadata/shard_<k>.parquet   sample_id, key, label, split, valid, row (one file per shard: names never collide);
+                               valid=False: the image could not be read or decoded, its features are NaN
   commits/shard_<k>.json       {"shard", "rows", "crc32": {name: crc32 of the shard's raw bytes}}, written last
 
 One writer per shard, always (two writers on one zarr shard lose chunks, zarr-python#3682): a writer
@@ -42,9 +43,11 @@ import zarr
 from cratescale.checkpoint.durable import fsync_path, write_file_durable
 
 FORMAT_VERSION = 1
-META_COLUMNS = ("sample_id", "key", "label", "split", "row")
+META_COLUMNS = ("sample_id", "key", "label", "split", "valid", "row")
+_META_DTYPES = ("int64", "object", "int32", "object", "bool", "int64")
 _META_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("label", pa.int32()),
-                          ("split", pa.string()), ("row", pa.int64())])
+                          ("split", pa.string()), ("valid", pa.bool_()), ("row", pa.int64())])
+_META_DEFAULTS = {"valid": True}  # a writer that does not say: every row decoded (also stores from before)
 
 
 class StoreError(ValueError):
@@ -100,6 +103,12 @@ class StoreInfo:
         if self.chunk_rows <= 0 or self.shard_rows <= 0 or self.shard_rows % self.chunk_rows:
             raise StoreError(f"shard_rows ({self.shard_rows}) must be a positive multiple of "
                              f"chunk_rows ({self.chunk_rows})")
+
+
+def _with_defaults(meta: pd.DataFrame) -> pd.DataFrame:
+    """The metadata columns in order, optional ones filled with their default where absent."""
+    meta = meta.assign(**{c: v for c, v in _META_DEFAULTS.items() if c not in meta.columns})
+    return meta[[c for c in META_COLUMNS if c in meta.columns]].copy()
 
 
 def crc32_of(a: np.ndarray) -> int:
@@ -255,13 +264,12 @@ class EmbeddingStore:
                 tmp.unlink(missing_ok=True)
 
     def _shard_metadata(self, k: int, metadata: pd.DataFrame, start: int, n: int) -> pd.DataFrame:
-        missing = [c for c in META_COLUMNS if c != "row" and c not in metadata.columns]
+        need = [c for c in META_COLUMNS if c != "row" and c not in _META_DEFAULTS]
+        missing = [c for c in need if c not in metadata.columns]
         if missing or len(metadata) != n:
-            raise StoreError(f"shard {k}: metadata needs {n} rows with columns {META_COLUMNS[:-1]}, "
+            raise StoreError(f"shard {k}: metadata needs {n} rows with columns {need}, "
                              f"got {len(metadata)} rows, missing {missing}")
-        meta = metadata[[c for c in META_COLUMNS if c != "row"]].reset_index(drop=True).copy()
-        meta["row"] = np.arange(start, start + n, dtype=np.int64)
-        return meta
+        return _with_defaults(metadata.reset_index(drop=True)).assign(row=np.arange(start, start + n, dtype=np.int64))
 
     # ---- reading --------------------------------------------------------------------------------
     def read(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
@@ -277,11 +285,10 @@ class EmbeddingStore:
     def metadata(self, committed_only: bool = True) -> pd.DataFrame:
         """All metadata rows sorted by row (only committed shards by default)."""
         shards = sorted(self.committed()) if committed_only else range(self.info.num_shards)
-        parts = [pq.read_table(self.metadata_path(k)).to_pandas() for k in shards
+        parts = [_with_defaults(pq.read_table(self.metadata_path(k)).to_pandas()) for k in shards
                  if self.metadata_path(k).is_file()]
         if not parts:
-            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in
-                                 zip(META_COLUMNS, ("int64", "object", "int32", "object", "int64"))})
+            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(META_COLUMNS, _META_DTYPES)})
         return pd.concat(parts, ignore_index=True).sort_values("row", ignore_index=True)
 
     def verify(self) -> list[int]:

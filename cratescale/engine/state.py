@@ -51,6 +51,20 @@ def plan_resume(store: CheckpointStore, config_hash: str, global_batch: int, wor
     return ResumePlan(commit, meta.get("world_size") != world_size)
 
 
+def check_decoder(commit: Commit | None, identity: str, why: str, allow_change: bool) -> str | None:
+    """Refuse to resume a run under another decoder than the one its samples were decoded with (DALI and PIL,
+    cpu and mixed, other versions give other pixels). Returns the saved decoder when it differs and the job
+    allows the change (for the start record), else None. Checkpoints from before the record pass."""
+    saved = None if commit is None else commit.meta.get("decoder")
+    if saved is None or saved == identity:
+        return None
+    if not allow_change:
+        raise ResumeError(f"{commit.path}: its samples were decoded by {saved}, this job decodes with {identity} "
+                          f"({why}); pixels differ between decoders. Use checkpoint.allow_decoder_change=true "
+                          f"to continue anyway, or run where the same decoder is installed")
+    return saved
+
+
 def _rng_state() -> dict[str, Any]:
     """Every RNG stream as tensors and plain values only, so loading it needs no pickle (weights_only)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()

@@ -17,10 +17,11 @@ from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
 from cratescale.distributed.wrap import (apply_activation_checkpointing, apply_mssa_kernel, compile_model,
                                         select_attention_backend)
 from cratescale.engine import optim
+from cratescale.engine.data_budget import BadDataBudget, BadDataError
 from cratescale.engine.metrics import MetricsWriter, StepTimer, memory_gb, mfu
-from cratescale.engine.state import any_rank, collective_device, load_state, plan_resume, save_state
+from cratescale.engine.state import any_rank, check_decoder, collective_device, load_state, plan_resume, save_state
 from cratescale.models import create_model, train_flops_per_image
-from data_pipeline.loader import make_train_loader
+from data_pipeline.loader import choose_decoder, make_train_loader
 from data_pipeline.sampler import LoaderState
 
 
@@ -68,6 +69,19 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _check_data(budget: BadDataBudget, loader, writer: MetricsWriter | None, step: int) -> None:
+    """Every rank agrees on the step's bad samples; past the budget every rank raises here together, before
+    the step trains and with the last commit untouched. The one line goes to metrics.jsonl and the console."""
+    try:
+        budget.check(loader.bad)
+    except BadDataError as exc:
+        if writer:
+            writer.write({"kind": "end", "step": step, "status": "bad_data", "error": str(exc)})
+            writer.close()
+            print(f"[cratescale] {exc}", flush=True)
+        raise
+
+
 def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_flops: float,
           should_stop: Callable[[], bool] = lambda: False) -> TrainOutcome:
     import deepspeed
@@ -86,6 +100,8 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
     store = CheckpointStore(run_dir / "checkpoints", job.checkpoint.keep_last, job.checkpoint.keep_every)
     chash = config_hash(job)
     plan = plan_resume(store, chash, sched.global_batch, world.world_size, job.checkpoint.allow_config_change)
+    decoder = choose_decoder(job.data.loader, "gpu" if backend == "nccl" else "cpu")  # never a quiet CPU route
+    decoder_was = check_decoder(plan.commit, decoder.identity, decoder.why, job.checkpoint.allow_decoder_change)
     model = build_model(job)
     if plan.commit is None and job.checkpoint.start_fresh_from_weights:
         from cratescale.checkpoint.export import load_export
@@ -103,9 +119,9 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         manifest, state=LoaderState.from_step(step, steps_per_epoch, sched.global_batch, job.seed),
         rank=world.rank, world_size=world.world_size, global_batch=sched.global_batch,
         micro_batch=sched.micro_batch, image_size=job.data.image_size, num_patches=model.num_patches,
-        kind=job.data.loader, num_threads=job.data.num_threads, hw_decoder_load=job.data.hw_decoder_load,
-        prefetch_depth=job.data.prefetch_depth, gpu_decode=job.data.gpu_decode,
-        device="gpu" if backend == "nccl" else "cpu")  # follows the checked backend: never a quiet CPU route
+        kind=decoder.kind, device=decoder.device, num_threads=job.data.num_threads,
+        hw_decoder_load=job.data.hw_decoder_load, prefetch_depth=job.data.prefetch_depth,
+        gpu_decode=job.data.gpu_decode)
     route = {**loader.decode_route, "fallbacks": round(_mean_over_ranks([loader.decode_route["fallbacks"]])[0]
                                                        * world.world_size)}  # summed over ranks
     if writer:
@@ -114,8 +130,11 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
                       # process group, model, engine, resume, loader
                       "setup_s": round(time.perf_counter() - entered, 3),
                       "speed": job.parallel.model_dump(include={"compile", "compile_mode", "activation_checkpointing",
-                                                                                "attention"}),
+                                                                "attention"}),
+                      "decoder": decoder.identity, "decoder_why": decoder.why, "decoder_changed_from": decoder_was,
                       "gpu_decode": route})
+        was = f"; resumed from a run decoded by {decoder_was} (checkpoint.allow_decoder_change)" if decoder_was else ""
+        print(f"[cratescale] decoder: {decoder.identity} ({decoder.why}){was}", flush=True)
         if route["fallbacks"]:
             print(f"[cratescale] data.gpu_decode: {route['fallbacks']} rank(s) fell back to full decode + GPU "
                   f"slice (rank 0: {route.get('reason', 'ok')})", flush=True)
@@ -136,6 +155,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
             return
         meta = {"step": at_step, "samples_seen": at_step * sched.global_batch, "world_size": world.world_size,
                 "global_batch": sched.global_batch, "config_hash": chash, "job_name": job.name,
+                "decoder": decoder.identity,
                 "loader_state": LoaderState.from_step(at_step, steps_per_epoch, sched.global_batch,
                                                       job.seed).to_dict()}
         t0 = time.perf_counter()
@@ -147,6 +167,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
 
     sample_log = _open_sample_log(run_dir, world.rank) if job.logging.sample_log else None
     timer, window_loss, window_steps = StepTimer(), 0.0, 0
+    budget = BadDataBudget(job.data.max_bad_fraction, job.data.bad_window_steps, sched.global_batch)
     status = "completed"
     first_step = step + 1
     while step < total:
@@ -156,10 +177,11 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         lr = optim.lr_at(step, peak, warmup, total)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            timer.data_wait += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(accum)]  # the step's data, checked before any of it trains
+        timer.data_wait += time.perf_counter() - t0
+        _check_data(budget, loader, writer, step)
+        for batch in micro_batches:
             images = batch["images"].to(engine.device, dtype, non_blocking=True)
             loss, _, _ = engine(images, batch["mask_noise"].to(engine.device, non_blocking=True))
             engine.backward(loss)
@@ -175,14 +197,13 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
             writer.write({"kind": "first_step", "step": step, "seconds_since_start": time.perf_counter() - entered})
         if step % job.logging.every_steps == 0 or step == total:
             elapsed, wait, images = timer.window()
-            loss_mean, wait_frac, bad_mean = _mean_over_ranks(
-                [float(window_loss) / window_steps, wait / elapsed, float(getattr(loader, "bad_samples", 0))])
+            loss_mean, wait_frac = _mean_over_ranks([float(window_loss) / window_steps, wait / elapsed])
             rate = images / elapsed
             if writer:
                 record = {"kind": "train", "step": step, "loss": loss_mean, "lr": lr, "images_per_s": rate,
                           "data_wait": wait_frac, "mfu": mfu(rate, flops_per_image, peak_flops, world.world_size),
                           "memory_gb": memory_gb(), "epoch": step / steps_per_epoch,
-                          "bad_samples": round(bad_mean * world.world_size)}  # summed over ranks
+                          "bad_samples": budget.total}  # summed over ranks
                 writer.write(record)
                 print(f"[cratescale] step {step}/{total} loss {loss_mean:.4f} lr {lr:.2e} {rate:.0f} img/s "
                       f"wait {wait_frac:.0%}", flush=True)

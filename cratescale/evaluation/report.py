@@ -22,16 +22,19 @@ from cratescale.evaluation.knn import knn_eval
 from cratescale.evaluation.probe import linear_probe
 
 
-def load_split(store: EmbeddingStore, feature: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 (n, d), labels (n,)) of one split, committed shards only."""
+def load_split(store: EmbeddingStore, feature: str, split: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(features float32 (n, d), labels (n,), rows left out) of one split, committed shards only. Rows whose
+    image could not be read or decoded at extraction (valid False, NaN features) are left out and counted."""
     meta = store.metadata()
-    rows = meta.loc[meta.split == split, "row"].to_numpy()
+    of_split = meta.loc[meta.split == split]
+    rows = np.sort(of_split.loc[of_split.valid, "row"].to_numpy())
     if len(rows) == 0:
         have = sorted(meta.split.unique()) if len(meta) else []
-        raise ValueError(f"{store.root}: no committed rows of split {split!r} (splits present: {have})")
-    x = store.read(feature, np.sort(rows)).astype(np.float32)
-    y = meta.set_index("row").loc[np.sort(rows), "label"].to_numpy().astype(np.int64)
-    return x, y
+        raise ValueError(f"{store.root}: no committed rows of split {split!r} with a decoded image "
+                         f"({len(of_split)} rows, splits present: {have})")
+    x = store.read(feature, rows).astype(np.float32)
+    y = meta.set_index("row").loc[rows, "label"].to_numpy().astype(np.int64)
+    return x, y, len(of_split) - len(rows)
 
 
 def evaluate_store(store_dir: Path | str, *, features: Sequence[str] = ("cls",), train_split: str = "train",
@@ -44,11 +47,17 @@ def evaluate_store(store_dir: Path | str, *, features: Sequence[str] = ("cls",),
                          f"committed; finish the extraction first")
     results: dict[str, dict[str, Any]] = {}
     for feature in features:
-        tr_x, tr_y = load_split(store, feature, train_split)
-        te_x, te_y = load_split(store, feature, test_split)
-        results[f"{feature}/knn"] = knn_eval(tr_x, tr_y, te_x, te_y, k=knn_k, temperature=knn_temperature)
+        tr_x, tr_y, tr_out = load_split(store, feature, train_split)
+        te_x, te_y, te_out = load_split(store, feature, test_split)
+        left_out = {train_split: tr_out, test_split: te_out}
+        results[f"{feature}/knn"] = {**knn_eval(tr_x, tr_y, te_x, te_y, k=knn_k, temperature=knn_temperature),
+                                     "left_out": left_out}
         if probe:
-            results[f"{feature}/linear_probe"] = linear_probe(tr_x, tr_y, te_x, te_y, seed=seed)
+            results[f"{feature}/linear_probe"] = {**linear_probe(tr_x, tr_y, te_x, te_y, seed=seed),
+                                                  "left_out": left_out}
+    if tr_out or te_out:
+        print(f"[cratescale] evaluate: left out {tr_out} {train_split} and {te_out} {test_split} rows whose image "
+              f"could not be decoded at extraction (valid=False in {store.root / 'metadata'})", flush=True)
     return results
 
 

@@ -1,7 +1,9 @@
 """DALI (CPU) and PIL loaders on real ImageNet photos: agreement, determinism, resume, bad files."""
 from __future__ import annotations
 
+import re
 import shutil
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -181,9 +183,13 @@ def test_eval_loader_keeps_order_and_last_batch(manifest, kind):
 
 def test_auto_kind_and_argument_errors(manifest, monkeypatch):
     assert loader_mod.resolve_kind("auto") == ("dali" if loader_mod.dali_available() else "pil")
-    monkeypatch.setattr(loader_mod, "dali_available", lambda: False)
-    assert loader_mod.resolve_kind("auto") == "pil"
-    with pytest.raises(ValueError, match="not importable"):
+    # A broken DALI install: the import error is what `auto` reports as its reason, not swallowed.
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now raises ImportError
+    choice = loader_mod.choose_decoder("auto")
+    assert choice.kind == "pil" and choice.identity.startswith("PIL ")
+    halted = "ModuleNotFoundError: import of nvidia.dali halted; None in sys.modules"
+    assert choice.why == f"auto: nvidia.dali not importable ({halted})"
+    with pytest.raises(ValueError, match=re.escape(f"not importable ({halted})")):
         loader_mod.resolve_kind("dali")
     with pytest.raises(SamplerError, match="must equal micro_batch"):
         _train(manifest, "pil", global_batch=8, micro_batch=3)

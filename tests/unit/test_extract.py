@@ -191,12 +191,49 @@ def test_grouping_does_not_change_the_bytes(setup):
 
 
 def test_shard_batches_and_groups():
-    loader = [{"images": torch.arange(i, min(i + 4, 11)).float(), "sample_ids": torch.arange(i, min(i + 4, 11))}
-              for i in range(0, 11, 4)]                                  # 11 rows in batches of 4
-    got = [(i, sid.tolist(), last) for i, _, sid, last in _shard_batches(loader, [5, 6], 3)]
-    assert got == [(0, [0, 1, 2], False), (0, [3, 4], True), (1, [5, 6, 7], False), (1, [8, 9, 10], True)]
+    loader = [{"images": torch.arange(i, min(i + 4, 11)).float(), "valid": torch.arange(i, min(i + 4, 11)) != 6}
+              for i in range(0, 11, 4)]                                  # 11 rows in batches of 4, row 6 invalid
+    got = [(i, x.tolist(), ok.tolist(), last) for i, x, ok, last in _shard_batches(loader, [5, 6], 3)]
+    assert got == [(0, [0, 1, 2], [True] * 3, False), (0, [3, 4], [True] * 2, True),
+                   (1, [5, 6, 7], [True, False, True], False), (1, [8, 9, 10], [True] * 3, True)]
     with pytest.raises(RuntimeError, match="early"):
         list(_shard_batches(loader, [5, 7], 3))
     assert group_shards([0, 1, 2, 3, 4], actors=2) == [[0, 1], [2, 3], [4]]
     assert group_shards(list(range(100)), actors=2)[0] == list(range(8))  # capped at 8 shards a task
     assert group_shards([3, 9], actors=0, shards_per_task=5) == [[3, 9]]
+
+
+def test_undecodable_rows_are_marked_nan_and_left_out_by_evaluate(setup, tmp_path, capsys):
+    """Two files damaged after ingest (one train, one val row): extraction stores NaN and valid=False for them
+    (never the features of a stand-in image), evaluate leaves them out and says how many."""
+    import pyarrow.parquet as pq
+
+    from cratescale.embeddings.extract import run_extraction
+    from cratescale.evaluation.report import evaluate_store
+
+    root, manifest = setup
+    rows = pq.read_table(manifest).to_pylist()
+    bad = [next(i for i, r in enumerate(rows) if r["split"] == s) for s in ("train", "val")]
+    for i in bad:
+        copy = tmp_path / f"{i}.tar"
+        data = bytearray(Path(rows[i]["path"]).read_bytes())
+        data[rows[i]["offset"]:rows[i]["offset"] + rows[i]["size"]] = b"\0" * rows[i]["size"]
+        copy.write_bytes(bytes(data))
+        rows[i]["path"] = str(copy)
+    damaged = tmp_path / "manifest.parquet"
+    pq.write_table(pq.read_table(manifest).from_pylist(rows, schema=pq.read_schema(manifest)), damaged)
+    store_dir, records = run_extraction(root / "export", damaged, tmp_path / "store", features=("cls",), layers=(),
+                                        dtype="float32", actors=0, image_size=None, ray_address=None, split=None,
+                                        num_cpus_per_actor=1, num_gpus_per_actor=0, amp=None, threads_per_actor=None,
+                                        **OPTS)
+    assert sum(r["invalid"] for r in records) == 2
+    store = EmbeddingStore(store_dir)
+    meta = store.metadata()
+    assert meta.loc[~meta.valid, "row"].tolist() == bad  # all rows: store row == manifest row
+    cls = store.read("cls")
+    assert np.isnan(cls[bad]).all() and not np.isnan(np.delete(cls, bad, axis=0)).any()
+    results = evaluate_store(store_dir, features=("cls",), probe=False)
+    assert results["cls/knn"]["left_out"] == {"train": 1, "val": 1}
+    assert (results["cls/knn"]["n_train"], results["cls/knn"]["n_test"]) == (31, 7)
+    assert "left out 1 train and 1 val rows whose image could not be decoded" in capsys.readouterr().out
+

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from cratescale.checkpoint import CheckpointStore
-from cratescale.config import JobConfig, config_hash
+from cratescale.config import JobConfig, identity_hash, job_identity, schedule_note
 from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
 from cratescale.distributed.wrap import apply_activation_checkpointing, compile_model, select_attention_backend
 from cratescale.engine import optim
@@ -20,6 +20,7 @@ from cratescale.engine.metrics import MetricsWriter, StepTimer, memory_gb, mfu
 from cratescale.engine.state import any_rank, collective_device, load_state, plan_resume, save_state
 from cratescale.models import create_model, train_flops_per_image
 from data_pipeline.loader import make_train_loader
+from data_pipeline.manifest import manifest_fingerprint
 from data_pipeline.sampler import LoaderState
 
 
@@ -81,8 +82,10 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
     peak = optim.peak_lr(job)
 
     store = CheckpointStore(run_dir / "checkpoints", job.checkpoint.keep_last, job.checkpoint.keep_every)
-    chash = config_hash(job)
-    plan = plan_resume(store, chash, sched.global_batch, world.world_size, job.checkpoint.allow_config_change)
+    identity = job_identity(job, manifest_fingerprint(manifest))
+    chash = identity_hash(identity)
+    plan = plan_resume(store, identity, sched.global_batch, world.world_size, job.checkpoint.allow_config_change)
+    note = schedule_note(plan.commit.meta, total, warmup) if plan.commit is not None else None
     model = build_model(job)
     if plan.commit is None and job.checkpoint.start_fresh_from_weights:
         from cratescale.checkpoint.export import load_export
@@ -100,7 +103,10 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         writer.write({"kind": "start", "step": step, "world_size": world.world_size, "elastic": plan.elastic,
                       "resumed": plan.commit is not None, "total_steps": total, "job_id": world.job_id,
                       "setup_s": round(time.perf_counter() - entered, 3),  # process group, model, engine, resume
-                      "speed": job.parallel.model_dump(include={"compile", "activation_checkpointing", "attention"})})
+                      "speed": job.parallel.model_dump(include={"compile", "activation_checkpointing", "attention"}),
+                      "schedule_note": note})
+        if note:
+            print(f"[cratescale] {note}", flush=True)
 
     loader = make_train_loader(
         manifest, state=LoaderState.from_step(step, steps_per_epoch, sched.global_batch, job.seed),
@@ -120,7 +126,8 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         if at_step == last_commit:
             return
         meta = {"step": at_step, "samples_seen": at_step * sched.global_batch, "world_size": world.world_size,
-                "global_batch": sched.global_batch, "config_hash": chash, "job_name": job.name,
+                "global_batch": sched.global_batch, "config_hash": chash, "identity": identity,
+                "total_steps": total, "warmup_steps": warmup, "job_name": job.name,
                 "loader_state": LoaderState.from_step(at_step, steps_per_epoch, sched.global_batch,
                                                       job.seed).to_dict()}
         t0 = time.perf_counter()

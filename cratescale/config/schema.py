@@ -43,8 +43,8 @@ class DataConfig(Strict):
     val_per_class: int = Field(0, ge=0)
     reshard: int | None = Field(None, gt=0)
     shard_size: int = Field(1000, gt=0)
-    # Ingest tasks in flight: one per CPU of the Ray cluster the launcher runs in ("auto"), or a number.
-    ingest_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # Ingest tasks in flight: one per CPU of the Ray cluster the launcher runs in ("auto"), a number, or 0 (inline).
+    ingest_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
 
 
 class OptimConfig(Strict):

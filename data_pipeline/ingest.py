@@ -161,8 +161,8 @@ def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shar
             bar.update(tid, completed=done, rate=done / max(time.perf_counter() - ready[0], 1e-9),
                        bad=len(plan.rejects) + len(rejects))
 
-        workers = _run_units(plan.stream if plan.stream is not None else plan.units, opts, workers, ray_address, on_result,
-                   on_ready)
+        units = plan.stream if plan.stream is not None else plan.units
+        workers = _run_units(units, opts, workers, ray_address, on_result, on_ready)
     rejects = plan.rejects + rejects
     rejected_path = write_rejected(rejects, out)
     table = build_table(parts, val_per_class)

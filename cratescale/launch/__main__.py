@@ -1,4 +1,4 @@
-"""python -m cratescale.launch JOB.yaml [key=value ...] [--dry-run]  |  python -m cratescale.launch status RUN_DIR [--json]"""
+"""python -m cratescale.launch JOB.yaml [key=value ...] [--dry-run]  |  ... status RUN_DIR [--json]"""
 from __future__ import annotations
 
 import argparse

@@ -84,8 +84,8 @@ def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Pat
     state_dict = consolidate_fp32(commit)
     model = build_model(job)
     model.load_state_dict(state_dict)
-    provenance = {"run": job.name, "step": commit.step, "config_hash": commit.meta.get("config_hash"), "time": time.time(),
-                  "checkpoint": str(commit.path)}
+    provenance = {"run": job.name, "step": commit.step, "config_hash": commit.meta.get("config_hash"),
+                  "time": time.time(), "checkpoint": str(commit.path)}
     export_weights(model.state_dict(), model.config, provenance, paths.export)
     _save_reconstructions(job, paths, model)
     console.log(f"export: step {commit.step} -> {paths.export}")

@@ -83,7 +83,8 @@ def synthetic_rows(n: int, classes: int = 21841, per_shard: int = 1000) -> pa.Ta
     keys = pa.array([f"{names[c]}/{names[c]}_{i}.JPEG" for i, c in enumerate(cls)])
     return pa.table({"path": paths, "offset": (np.arange(n) % per_shard) * 110_000 + 1536,
                      "size": rng.integers(20_000, 200_000, n), "class_name": pa.array(names[cls]),
-                     "key": keys, "width": np.full(n, 500, np.int32), "height": np.full(n, 375, np.int32)},
+                     "key": keys, "width": np.full(n, 500, np.int32), "height": np.full(n, 375, np.int32),
+                     "crc32": rng.integers(0, 2**32, n)},
                     schema=ROWS_SCHEMA)
 
 

@@ -5,9 +5,11 @@
 
 SOURCE: an ImageFolder directory, a tar (.tar/.tar.gz/.tgz) of one, an ImageNet-21k tar-of-tars,
 a directory of per-class tars, webdataset shards (a directory or glob of .tar), or
-synthetic://shapes?n=..&classes=..&size=..&seed=... Work fans out over Ray tasks (a local Ray
-capped at 2 CPUs and 256 MB of object store unless --ray-address names a cluster, or one already
-runs in this process); --workers 0 runs the same task code inline without Ray.
+synthetic://shapes?n=..&classes=..&size=..&seed=... Work fans out over Ray tasks (a local Ray with
+256 MB of object store unless --ray-address names a cluster, or one already runs in this process),
+as many in flight as the Ray cluster has CPUs (--workers auto, the default) or --workers N;
+--workers 0 runs the same task code inline without Ray.
+The manifest records the source, its directory and a content fingerprint (see manifest.py).
 A rerun into the same OUT writes identical bytes (sorted rows, stable shard names, atomic renames).
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 from .manifest import build_table, write_manifest, write_rejected
 from .sources import LISTING_CHUNK, Plan, SourceError, Unit, plan_source
@@ -42,17 +44,22 @@ class IngestResult:
     reasons: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     startup_seconds: float = 0.0  # starting Ray (0 when inline or Ray was already running)
+    workers: int = 0  # tasks in flight (0: inline)
 
     def summary(self) -> str:
         rate = (self.samples + self.rejected_count) / max(self.seconds - self.startup_seconds, 1e-9)
         lines = [f"ingested {self.samples} samples in {self.classes} classes from a {self.source_kind} source "
-                 f"in {self.seconds:.1f} s ({self.startup_seconds:.1f} s starting Ray, then {rate:.0f} files/s)",
+                 f"in {self.seconds:.1f} s ({self.startup_seconds:.1f} s starting Ray, then {rate:.0f} files/s, "
+                 f"{self.workers or 'no'} Ray tasks in flight)",
                  f"manifest: {self.manifest}", f"rejected: {self.rejected_count} -> {self.rejected}"]
         lines += [f"  {n:6d}  {reason}" for reason, n in self.reasons.most_common(10)]
         return "\n".join(lines)
 
 
-def _start_ray(ray_address: str | None, workers: int):
+Workers = int | Literal["auto"]
+
+
+def _start_ray(ray_address: str | None, workers: Workers):
     import ray
     if ray.is_initialized():
         return ray, False
@@ -63,19 +70,26 @@ def _start_ray(ray_address: str | None, workers: int):
     else:
         from data_pipeline.local_ray import start_local_ray
 
-        start_local_ray(num_cpus=max(2, workers))
+        start_local_ray(num_cpus=None if workers == "auto" else max(2, workers))  # None: this machine's cores
     return ray, True
 
 
-def _run_units(units: Iterable[Unit], opts: IngestOptions, workers: int, ray_address: str | None,
-               on_result: Callable[[Unit, dict], None], on_ready: Callable[[], None]) -> None:
-    """Run process_unit over `units`, at most `workers` in flight (inline when workers == 0)."""
-    if workers <= 0:
+def cluster_cpus(ray) -> int:
+    """The CPUs of the Ray cluster this process is connected to (all nodes of an allocation)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _run_units(units: Iterable[Unit], opts: IngestOptions, workers: Workers, ray_address: str | None,
+               on_result: Callable[[Unit, dict], None], on_ready: Callable[[], None]) -> int:
+    """Run process_unit over `units`, at most `workers` in flight (inline when workers == 0; one per CPU of the
+    Ray cluster when "auto"). Returns the number in flight (0: inline)."""
+    if workers != "auto" and workers <= 0:
         on_ready()
         for u in units:
             on_result(u, process_unit(u, opts))
-        return
+        return 0
     ray, started = _start_ray(ray_address, workers)
+    workers = cluster_cpus(ray) if workers == "auto" else workers
     on_ready()
     try:
         task = ray.remote(num_cpus=1)(process_unit)
@@ -91,6 +105,7 @@ def _run_units(units: Iterable[Unit], opts: IngestOptions, workers: int, ray_add
             drain(workers - 1)
             inflight[task.remote(u, opts)] = u
         drain(0)
+        return workers
     finally:
         if started:
             ray.shutdown()
@@ -115,12 +130,14 @@ def _remove_stale_shards(out: Path, keep: set[str]) -> None:
 
 
 def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shard_size: int = 512,
-               val_per_class: int = 0, ray_address: str | None = None, workers: int = 2,
+               val_per_class: int = 0, ray_address: str | None = None, workers: Workers = "auto",
                max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 90, progress: bool = True) -> IngestResult:
     """Ingest `source` into `out`; see the module docstring."""
     t0 = time.perf_counter()
-    if shard_size <= 0 or val_per_class < 0 or (reshard is not None and reshard < 8):
-        raise ValueError(f"ingest: bad options shard_size={shard_size} val_per_class={val_per_class} reshard={reshard}")
+    if shard_size <= 0 or val_per_class < 0 or (reshard is not None and reshard < 8) or \
+            (workers != "auto" and (not isinstance(workers, int) or workers < 0)):
+        raise ValueError(f"ingest: bad options shard_size={shard_size} val_per_class={val_per_class} "
+                         f"reshard={reshard} workers={workers!r}")
     out = Path(os.path.abspath(out))
     out.mkdir(parents=True, exist_ok=True)
     opts = IngestOptions(str(out), reshard, shard_size, max_pixels, quality)
@@ -144,19 +161,19 @@ def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shar
             bar.update(tid, completed=done, rate=done / max(time.perf_counter() - ready[0], 1e-9),
                        bad=len(plan.rejects) + len(rejects))
 
-        _run_units(plan.stream if plan.stream is not None else plan.units, opts, workers, ray_address, on_result,
-                   on_ready)
+        units = plan.stream if plan.stream is not None else plan.units
+        workers = _run_units(units, opts, workers, ray_address, on_result, on_ready)
     rejects = plan.rejects + rejects
     rejected_path = write_rejected(rejects, out)
     table = build_table(parts, val_per_class)
     if table.num_rows == 0:
         raise IngestError(f"ingest {source}: no decodable images ({len(rejects)} rejected, see {rejected_path})")
-    manifest = write_manifest(table, out)
+    manifest = write_manifest(table, out, source)
     if not str(Path(source).absolute()).startswith(str(out / SHARD_DIR)):
         _remove_stale_shards(out, set(table["path"].unique().to_pylist()))
     return IngestResult(manifest, rejected_path, plan.kind, table.num_rows, len(table["class_name"].unique()),
                         len(rejects), Counter(_reason_kind(r["reason"]) for r in rejects), time.perf_counter() - t0,
-                        ready[0] - t0)
+                        ready[0] - t0, workers)
 
 
 def _reason_kind(reason: str) -> str:
@@ -168,6 +185,15 @@ def ingest(source: str, out: str | Path, **kwargs) -> Path:
     return run_ingest(source, out, **kwargs).manifest
 
 
+def _workers_arg(text: str) -> Workers:
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto or a number") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.ingest", description=__doc__.split("\n")[0])
     ap.add_argument("source")
@@ -177,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", type=int, default=512, help="samples per written tar shard")
     ap.add_argument("--val-per-class", type=int, default=0, help="mark K samples per class as split 'val'")
     ap.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local one")
-    ap.add_argument("--workers", type=int, default=2, help="tasks in flight (0: inline, no Ray)")
+    ap.add_argument("--workers", type=_workers_arg, default="auto",
+                    help="tasks in flight: auto (one per CPU of the Ray cluster), N, or 0 (inline, no Ray)")
     ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality for --reshard")
     ap.add_argument("--no-progress", action="store_true")

@@ -2,12 +2,18 @@
 
 Contract columns: sample_id, path, offset, size, label, class_name, split. Extra columns: key (the
 sample's name inside its source, used to sort and for embedding metadata), width and height (pixel
-size from the header, so crop windows can honour the image's aspect ratio without decoding).
+size from the header, so crop windows can honour the image's aspect ratio without decoding), crc32 (of
+the stored bytes).
+
+The file's Parquet metadata records the source it was built from, the directory it was written to, and
+a fingerprint of its content (sample ids, labels, sizes, checksums, splits; no paths): a moved dataset
+keeps its fingerprint, changed samples change it.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
+    ("crc32", pa.int64()),
 ])
 REJECTED_SCHEMA = pa.schema([("path", pa.string()), ("member", pa.string()), ("reason", pa.string())])
 
@@ -54,7 +61,7 @@ def _atomic_write_table(table: pa.Table, path: Path) -> None:
 
 ROWS_SCHEMA = pa.schema([("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
                          ("class_name", pa.string()), ("key", pa.string()), ("width", pa.int32()),
-                         ("height", pa.int32())])
+                         ("height", pa.int32()), ("crc32", pa.int64())])
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
@@ -85,7 +92,8 @@ def build_table(parts: list[pa.Table], val_per_class: int = 0) -> pa.Table:
         split[order[np.arange(n) - starts < val_per_class]] = "val"
     cols = {"sample_id": pa.array(np.arange(n, dtype=np.int64)), "path": t["path"], "offset": t["offset"],
             "size": t["size"], "label": t["label"], "class_name": t["class_name"],
-            "split": pa.array(split, pa.string()), "key": t["key"], "width": t["width"], "height": t["height"]}
+            "split": pa.array(split, pa.string()), "key": t["key"], "width": t["width"], "height": t["height"],
+            "crc32": t["crc32"]}
     return pa.table(cols, schema=MANIFEST_SCHEMA)
 
 
@@ -93,12 +101,98 @@ def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def write_manifest(table: pa.Table, out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
+# Parquet key-value metadata of a manifest (see the module docstring).
+_META_SOURCE, _META_ROOT, _META_FINGERPRINT = b"cratescale.source", b"cratescale.root", b"cratescale.fingerprint"
+# What the content fingerprint covers: what the sampler and the loader see of each sample, never where it lives.
+IDENTITY_COLUMNS = ("sample_id", "label", "size", "crc32", "split")
+
+
+def source_id(source: str) -> str:
+    """A source as a manifest records it: URLs as given, paths absolute with symlinks resolved."""
+    return source if "://" in source else str(Path(source).expanduser().resolve())
+
+
+def content_fingerprint(table: pa.Table) -> str:
+    """sha256 over the identity columns (fixed dtypes, row order): equal tables of samples, equal prints."""
+    table = table.select(list(IDENTITY_COLUMNS)).cast(pa.schema([MANIFEST_SCHEMA.field(c) for c in IDENTITY_COLUMNS]))
+    digest = hashlib.sha256()
+    for name in IDENTITY_COLUMNS:
+        column = table[name].combine_chunks()
+        values = pc.equal(column, "train") if name == "split" else column
+        digest.update(name.encode() + np.ascontiguousarray(values.to_numpy(zero_copy_only=False)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def write_manifest(table: pa.Table, out_dir: Path, source: str | None = None) -> Path:
+    """Writes OUT/manifest.parquet with its metadata: `source` (None: unknown), OUT and the fingerprint."""
+    out_dir = Path(os.path.abspath(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MANIFEST_NAME
-    _atomic_write_table(table.cast(MANIFEST_SCHEMA), path)
+    table = table.cast(MANIFEST_SCHEMA)
+    meta = {_META_ROOT: str(out_dir).encode(), _META_FINGERPRINT: content_fingerprint(table).encode()}
+    if source is not None:
+        meta[_META_SOURCE] = source_id(source).encode()
+    _atomic_write_table(table.replace_schema_metadata(meta), path)
     return path
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """What a manifest says about itself (None: written by an ingest that did not record it)."""
+    source: str | None
+    root: str | None
+    fingerprint: str | None
+
+
+def manifest_info(path: str | Path) -> ManifestInfo:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    meta = pq.read_schema(path).metadata or {}
+    get = (lambda key: meta[key].decode() if key in meta else None)
+    return ManifestInfo(get(_META_SOURCE), get(_META_ROOT), get(_META_FINGERPRINT))
+
+
+def manifest_fingerprint(path: str | Path) -> str:
+    """The recorded content fingerprint; computed for a manifest that has checksums but no record of it."""
+    recorded = manifest_info(path).fingerprint
+    if recorded is not None:
+        return recorded
+    table = read_manifest(path)
+    if "crc32" not in table.column_names:
+        raise ManifestError(f"{path}: no crc32 column (written by an older ingest), so its content cannot be "
+                            f"fingerprinted; run the ingest stage again")
+    return content_fingerprint(table)
+
+
+def manifest_action(path: str | Path, source: str, root: str | Path) -> tuple[str, str]:
+    """What to do with the manifest at `path` for a job reading `source` into `root`: ("keep" | "rebase" |
+    "build", why). Never "keep" a manifest of another (or an unrecorded) source."""
+    path = Path(path)
+    if not path.exists():
+        return "build", f"no manifest at {path}"
+    info = manifest_info(path)
+    if info.source is None:
+        return "build", f"{path} does not record its source (written by an older ingest)"
+    if info.source != source_id(source):
+        return "build", f"{path} was built from {info.source}, the job reads {source_id(source)}"
+    if info.root != os.path.abspath(root):
+        return "rebase", f"{path} was written to {info.root} and has moved to {os.path.abspath(root)}"
+    return "keep", f"{path} is current (source {info.source})"
+
+
+def rebase_manifest(path: str | Path, root: str | Path) -> int:
+    """A manifest moved with its root: paths under the recorded root now live under `root` (same content, same
+    fingerprint). Returns how many rows were rebased."""
+    info = manifest_info(path)
+    table = read_manifest(path)
+    old, new = info.root.rstrip("/") + "/", os.path.abspath(root).rstrip("/") + "/"
+    paths = table["path"].combine_chunks()
+    under = pc.starts_with(paths, old)
+    moved = pc.if_else(under, pc.binary_join_element_wise(new, pc.utf8_slice_codeunits(paths, len(old)), ""), paths)
+    table = table.set_column(table.schema.get_field_index("path"), "path", moved)
+    write_manifest(table, Path(root), info.source)
+    return int(pc.sum(under).as_py() or 0)
 
 
 def write_rejected(rejects: list[dict], out_dir: Path) -> Path:

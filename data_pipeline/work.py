@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -165,6 +166,7 @@ def process_unit(unit: Unit, opts: IngestOptions) -> dict:
         row = {"path": item.path, "offset": item.offset, "size": item.size, "class_name": item.class_name,
                "key": item.key, "width": info["width"], "height": info["height"]}
         if sink is None:
+            row["crc32"] = zlib.crc32(item.data)
             rows.append(row)
             continue
         data = item.data
@@ -174,6 +176,7 @@ def process_unit(unit: Unit, opts: IngestOptions) -> dict:
             except Exception as e:
                 rejects.append(reject(item.path, item.member, f"re-encode failed: {describe_error(e)}"))
                 continue
+        row["crc32"] = zlib.crc32(data)  # of the bytes the loader will read
         rows.append(row)
         sink.add(row, data)
     if sink is not None:

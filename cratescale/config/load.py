@@ -1,8 +1,6 @@
 """YAML -> JobConfig, with `key.sub=value` overrides and one-line errors."""
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +82,6 @@ def load_profile(name: str) -> ProfileConfig:
     if not path.is_file():
         raise ConfigError(f"cluster.profile: no profile {name!r} (looked for {path})")
     return validate(ProfileConfig, _read_yaml(path), str(path))
-
-
-def config_hash(job: JobConfig) -> str:
-    """What must not change across a resume: model, data order, batch, optimizer (not logging/cluster)."""
-    keep = job.model_dump(include={"seed", "model", "data", "optim", "schedule"})
-    for how_not_what in ("root", "num_threads", "loader", "hw_decoder_load", "prefetch_depth", "gpu_decode",
-                         "max_bad_fraction", "bad_window_steps"):
-        keep["data"].pop(how_not_what, None)  # how the same samples are produced, free to change on resume
-    blob = json.dumps(keep, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def dump_job(job: JobConfig, path: Path) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -10,14 +10,20 @@ STAGES = ("ingest", "pretrain", "export", "extract", "evaluate")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+# Marks a field as part of the resume identity (config/identity.py): what a checkpoint's training continues with
+# (model, optimizer, the global batch, the seed, what the loader and sampler read). Everything unmarked (paths,
+# dry-run hints, speed knobs, the schedule's length) may change across a resume.
+IDENTITY = {"identity": True}
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(Strict):
-    name: str = "crate_mae_debug"
+    name: str = Field("crate_mae_debug", json_schema_extra=IDENTITY)
     # Constructor overrides of the registered size (img_size, patch_size, lambd, eta, mask_ratio, ...).
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict, json_schema_extra=IDENTITY)
 
 
 class DataConfig(Strict):
@@ -27,7 +33,7 @@ class DataConfig(Strict):
     root: str | None = None
     # Size hint for --dry-run before ingest has counted (ImageNet-21k fall11: 14,197,122).
     expected_samples: int | None = Field(None, gt=0)
-    image_size: int = Field(32, gt=0)
+    image_size: int = Field(32, gt=0, json_schema_extra=IDENTITY)
     loader: Literal["auto", "dali", "pil"] = "auto"
     num_threads: int = Field(1, ge=1)
     # DALI on GPUs: share of JPEGs for the hardware decoder (BENCHMARKS.md "Input pipeline plan"), and how many
@@ -45,17 +51,21 @@ class DataConfig(Strict):
     # decodable replacement.
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     bad_window_steps: int = Field(10, ge=1)
+    # Ingest tasks in flight: one per CPU of the Ray cluster the launcher runs in ("auto"), a number, or 0 (inline).
+    ingest_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
 
 
 class OptimConfig(Strict):
-    base_lr: float = Field(1.5e-4, gt=0)  # scaled by global_batch / 256
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float | None = Field(1.0, gt=0)
+    base_lr: float = Field(1.5e-4, gt=0, json_schema_extra=IDENTITY)  # scaled by global_batch / 256
+    weight_decay: float = Field(0.05, ge=0, json_schema_extra=IDENTITY)
+    betas: tuple[float, float] = Field((0.9, 0.95), json_schema_extra=IDENTITY)
+    grad_clip: float | None = Field(1.0, gt=0, json_schema_extra=IDENTITY)
 
 
 class ScheduleConfig(Strict):
-    global_batch: int = Field(64, gt=0)
+    # The global batch defines the data order; micro_batch only splits it (as the world size does), and the length
+    # and warmup may change on resume (the learning-rate schedule is then recomputed, with a note).
+    global_batch: int = Field(64, gt=0, json_schema_extra=IDENTITY)
     micro_batch: int = Field(16, gt=0)
     steps: int | None = Field(None, gt=0)
     epochs: float | None = Field(None, gt=0)
@@ -161,7 +171,7 @@ class EvaluateConfig(Strict):
 class JobConfig(Strict):
     name: str = "demo"
     run_dir: str = "runs/${name}"
-    seed: int = 0
+    seed: int = Field(0, json_schema_extra=IDENTITY)
     stages: list[Literal["ingest", "pretrain", "export", "extract", "evaluate"]] = Field(
         default_factory=lambda: ["ingest", "pretrain", "export"])
     model: ModelConfig = Field(default_factory=ModelConfig)

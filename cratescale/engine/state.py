@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from cratescale.checkpoint import DS_TAG, CheckpointStore, CheckpointWriteError, Commit
 from cratescale.checkpoint.universal import load_into_engine
+from cratescale.config import identity_change
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,18 @@ class ResumePlan:
     elastic: bool
 
 
-def plan_resume(store: CheckpointStore, config_hash: str, global_batch: int, world_size: int,
+def check_identity(commit: Commit, identity: dict[str, Any], allow_config_change: bool) -> None:
+    """Refuses (one line) a checkpoint whose training is not this job's: other samples, model, optimizer, seed."""
+    why = identity_change(commit.meta, identity)
+    if why is None:
+        return
+    if not allow_config_change:
+        raise ResumeError(f"{commit.path}: {why}. Use checkpoint.allow_config_change=true to continue anyway, "
+                          f"or start a new run_dir")
+    log.warning("resume: %s: %s; continuing (checkpoint.allow_config_change=true)", commit.path, why)
+
+
+def plan_resume(store: CheckpointStore, identity: dict[str, Any], global_batch: int, world_size: int,
                 allow_config_change: bool = False) -> ResumePlan:
     commit = store.latest()
     if commit is None:
@@ -38,10 +50,7 @@ def plan_resume(store: CheckpointStore, config_hash: str, global_batch: int, wor
         raise ResumeError(f"{commit.path}: saved with global batch {meta.get('global_batch')}, the job asks for "
                           f"{global_batch}; the data order would change. Start fresh from its weights instead "
                           f"(checkpoint.start_fresh_from_weights=PATH, new run_dir)")
-    if meta.get("config_hash") != config_hash and not allow_config_change:
-        raise ResumeError(f"{commit.path}: saved by a job with config hash {meta.get('config_hash')}, this job's is "
-                          f"{config_hash} (model, data, optim or schedule changed). Use "
-                          f"checkpoint.allow_config_change=true to continue anyway, or start a new run_dir")
+    check_identity(commit, identity, allow_config_change)
     if not dist.is_initialized() or dist.get_rank() == 0:
         # What a crash left beside the newest commit (never the commit itself, which every rank now loads).
         try:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from cratescale.checkpoint import CheckpointStore
-from cratescale.config import JobConfig, config_hash
+from cratescale.config import JobConfig, identity_hash, job_identity, schedule_note
 from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
 from cratescale.distributed.wrap import (apply_activation_checkpointing, apply_mssa_kernel, compile_model,
                                         select_attention_backend)
@@ -22,6 +22,7 @@ from cratescale.engine.metrics import MetricsWriter, StepTimer, memory_gb, mfu
 from cratescale.engine.state import any_rank, check_decoder, collective_device, load_state, plan_resume, save_state
 from cratescale.models import create_model, train_flops_per_image
 from data_pipeline.loader import choose_decoder, make_train_loader
+from data_pipeline.manifest import manifest_fingerprint
 from data_pipeline.sampler import LoaderState
 
 
@@ -98,8 +99,10 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
     peak = optim.peak_lr(job)
 
     store = CheckpointStore(run_dir / "checkpoints", job.checkpoint.keep_last, job.checkpoint.keep_every)
-    chash = config_hash(job)
-    plan = plan_resume(store, chash, sched.global_batch, world.world_size, job.checkpoint.allow_config_change)
+    identity = job_identity(job, manifest_fingerprint(manifest))
+    chash = identity_hash(identity)
+    plan = plan_resume(store, identity, sched.global_batch, world.world_size, job.checkpoint.allow_config_change)
+    note = schedule_note(plan.commit.meta, total, warmup) if plan.commit is not None else None
     decoder = choose_decoder(job.data.loader, "gpu" if backend == "nccl" else "cpu")  # never a quiet CPU route
     decoder_was = check_decoder(plan.commit, decoder.identity, decoder.why, job.checkpoint.allow_decoder_change)
     model = build_model(job)
@@ -132,7 +135,9 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
                       "speed": job.parallel.model_dump(include={"compile", "compile_mode", "activation_checkpointing",
                                                                 "attention"}),
                       "decoder": decoder.identity, "decoder_why": decoder.why, "decoder_changed_from": decoder_was,
-                      "gpu_decode": route})
+                      "gpu_decode": route, "schedule_note": note})
+        if note:
+            print(f"[cratescale] {note}", flush=True)
         was = f"; resumed from a run decoded by {decoder_was} (checkpoint.allow_decoder_change)" if decoder_was else ""
         print(f"[cratescale] decoder: {decoder.identity} ({decoder.why}){was}", flush=True)
         if route["fallbacks"]:
@@ -154,8 +159,8 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         if at_step == last_commit:
             return
         meta = {"step": at_step, "samples_seen": at_step * sched.global_batch, "world_size": world.world_size,
-                "global_batch": sched.global_batch, "config_hash": chash, "job_name": job.name,
-                "decoder": decoder.identity,
+                "global_batch": sched.global_batch, "config_hash": chash, "identity": identity,
+                "total_steps": total, "warmup_steps": warmup, "job_name": job.name, "decoder": decoder.identity,
                 "loader_state": LoaderState.from_step(at_step, steps_per_epoch, sched.global_batch,
                                                       job.seed).to_dict()}
         t0 = time.perf_counter()

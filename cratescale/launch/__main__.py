@@ -1,11 +1,12 @@
-"""python -m cratescale.launch JOB.yaml [key=value ...] [--dry-run]  |  python -m cratescale.launch status RUN_DIR"""
+"""python -m cratescale.launch JOB.yaml [key=value ...] [--dry-run]  |  ... status RUN_DIR [--json]"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from cratescale.config import ConfigError
-from cratescale.launch.run import launch, show_status
+from cratescale.launch.run import launch
+from cratescale.launch.status import show_status
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -14,6 +15,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (or the run directory for status)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     parser.add_argument("--stages", help="comma-separated subset of the job's stages to run")
+    parser.add_argument("--json", action="store_true", help="status: print JSON for scripts instead of a table")
     return parser.parse_args(argv)
 
 
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.job == "status":
             if len(args.overrides) != 1:
                 raise ConfigError("status: give exactly one run directory")
-            return show_status(args.overrides[0])
+            return show_status(args.overrides[0], as_json=args.json)
         return launch(args.job, args.overrides, dry_run=args.dry_run, stages=args.stages)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -16,6 +16,8 @@ class RunProgress:
         self.starts = self.commits = self.preempted = self.lost = self.step = 0
         self.total_steps: int | None = None
         self.last_train: dict[str, Any] | None = None
+        self.last_start: dict[str, Any] | None = None
+        self.last_time: float | None = None  # when rank 0 last wrote a record (unix seconds)
         self.last_end: str | None = None
         self.first_step_s: float | None = None
 
@@ -35,8 +37,11 @@ class RunProgress:
 
     def _fold(self, row: dict[str, Any]) -> None:
         kind = row.get("kind")
+        self.last_time = row.get("time", self.last_time)
         if kind == "start":
             self.starts += 1
+            self.last_start = row
+            self.last_end = None  # a new process (a resume, a longer schedule): not ended until it says so
             self.total_steps = row.get("total_steps")
             if row.get("resumed"):
                 self.lost += max(0, self.step - row["step"])
@@ -56,7 +61,9 @@ class RunProgress:
     def summary(self) -> dict[str, Any]:
         return {"restarts": max(0, self.starts - 1), "lost_steps": self.lost, "step": self.step,
                 "total_steps": self.total_steps, "last": self.last_train, "finished": self.last_end == "completed",
-                "preempted": self.preempted, "commits": self.commits, "first_step_s": self.first_step_s}
+                "preempted": self.preempted, "commits": self.commits, "first_step_s": self.first_step_s,
+                "started": self.starts > 0, "ended": self.last_end, "last_record_time": self.last_time,
+                "decoder": (self.last_start or {}).get("decoder")}
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """The launcher: validate everything first, then start (or join) Ray and run the job's stages in order."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -54,11 +53,14 @@ def _check_creatable(field: str, path: Path) -> None:
 def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: list[str]) -> None:
     """Everything that can be checked before anything is started or queued."""
     check_profile_fit(job, profile)
-    if "ingest" in stages and not paths.manifest.exists() and "://" not in job.data.source \
+    from data_pipeline.manifest import manifest_action
+
+    manifest, why = manifest_action(paths.manifest, job.data.source, paths.data_root)
+    if "ingest" in stages and manifest == "build" and "://" not in job.data.source \
             and not Path(job.data.source).exists():
         raise ConfigError(f"data.source: {job.data.source} does not exist")
-    if "ingest" not in stages and "pretrain" in stages and not paths.manifest.exists():
-        raise ConfigError(f"data.root: no manifest at {paths.manifest} and the ingest stage is not in the job")
+    if "ingest" not in stages and "pretrain" in stages and manifest != "keep":
+        raise ConfigError(f"data.root: {why}, and the ingest stage is not in the job")
     weights = job.checkpoint.start_fresh_from_weights
     if "pretrain" in stages and weights and not (Path(weights) / "export.json").is_file():
         raise ConfigError(f"checkpoint.start_fresh_from_weights: {weights} is not an export (no export.json)")
@@ -67,7 +69,7 @@ def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: l
             if "://" not in ds.source and not Path(ds.source).expanduser().exists():
                 raise ConfigError(f"extract.datasets.{i}.source: {ds.source} does not exist")
     _check_creatable("run_dir", paths.run_dir)
-    if "ingest" in stages and not paths.manifest.exists():
+    if "ingest" in stages and manifest != "keep":
         _check_creatable("data.root", paths.data_root)
     if job.cluster.executor == "slurm" and "pretrain" in stages:
         from cratescale.launch.executors import slurm_parameters
@@ -131,19 +133,4 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
             console.print(f"[red]error: {err}")
             return 1
     console.rule(f"done: {paths.run_dir}")
-    return 0
-
-
-def show_status(run_dir: str) -> int:
-    """Reattach: what the run did so far, from its own files (the job may be running anywhere)."""
-    from cratescale.launch.progress import run_summary
-
-    run = Path(run_dir)
-    if not (run / "config.yaml").exists():
-        raise ConfigError(f"status: {run} is not a run directory (no config.yaml)")
-    summary = run_summary(run)
-    state_file = run / "launch.json"
-    launch_state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    last = summary.pop("last") or {}
-    print(json.dumps({**launch_state, **summary, "loss": last.get("loss")}, indent=1))
     return 0

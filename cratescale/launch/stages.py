@@ -10,7 +10,7 @@ from rich.console import Console
 
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import consolidate, export_weights, training_provenance
-from cratescale.config import JobConfig, ProfileConfig, config_hash
+from cratescale.config import JobConfig, ProfileConfig
 from cratescale.launch.display import TrainingDisplay
 from cratescale.launch.paths import RunPaths
 from cratescale.launch.supervisor import Supervisor, follow
@@ -23,13 +23,23 @@ class StageError(RuntimeError):
 
 
 def ingest_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:
-    if paths.manifest.exists():
-        console.log(f"ingest: {paths.manifest} exists, skipping")
-        return
-    from data_pipeline.ingest import ingest
+    """Builds the manifest unless the one under data.root is of this source; one moved with its root is rebased
+    (same content, new paths). A manifest of another or an unrecorded source is rebuilt, never trained from."""
+    from data_pipeline.ingest import run_ingest
+    from data_pipeline.manifest import manifest_action, rebase_manifest
 
-    ingest(job.data.source, paths.data_root, reshard=job.data.reshard, shard_size=job.data.shard_size,
-           val_per_class=job.data.val_per_class)
+    action, why = manifest_action(paths.manifest, job.data.source, paths.data_root)
+    if action == "keep":
+        console.log(f"ingest: {why}, skipping")
+        return
+    if action == "rebase":
+        console.log(f"ingest: {why}: {rebase_manifest(paths.manifest, paths.data_root)} paths rebased")
+        return
+    console.log(f"ingest: {why}: building it")
+    result = run_ingest(job.data.source, paths.data_root, reshard=job.data.reshard, shard_size=job.data.shard_size,
+                        val_per_class=job.data.val_per_class, workers=job.data.ingest_workers,
+                        progress=job.logging.progress)
+    console.log(result.summary())
 
 
 def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, detach: bool = False) -> dict[str, Any]:
@@ -74,8 +84,8 @@ def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Pat
     found = consolidate(commit)
     model = build_model(job)
     model.load_state_dict(found.state_dict)
-    provenance = {"run": job.name, "step": commit.step, "config_hash": config_hash(job), "time": time.time(),
-                  "checkpoint": str(commit.path), **training_provenance(found)}
+    provenance = {"run": job.name, "step": commit.step, "config_hash": commit.meta.get("config_hash"),
+                  "time": time.time(), "checkpoint": str(commit.path), **training_provenance(found)}
     export_weights(model.state_dict(), model.config, provenance, paths.export)
     _save_reconstructions(job, paths, model)
     console.log(f"export: step {commit.step} ({found.precision} run, fp32 master weights) -> {paths.export}")

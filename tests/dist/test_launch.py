@@ -27,6 +27,10 @@ def test_demo_job_runs_through_the_launcher_and_loss_falls(tmp_path):
     assert (run_dir / "export" / "weights.zarr").is_dir()
     png = run_dir / "export" / "reconstructions.png"
     assert png.exists() and png.stat().st_size > 1000
-    status = subprocess.run([sys.executable, "-m", "cratescale.launch", "status", str(run_dir)],
+    status = subprocess.run([sys.executable, "-m", "cratescale.launch", "status", str(run_dir), "--json"],
                             capture_output=True, text=True, cwd=tmp_path)
-    assert status.returncode == 0 and json.loads(status.stdout)["finished"] is True
+    assert status.returncode == 0, status.stderr
+    status = json.loads(status.stdout)
+    assert (status["state"], status["step"], status["total_steps"], status["last_commit_step"]) == \
+        ("COMPLETED", 60, 60, 60)
+    assert "Ray tasks in flight" in result.stdout  # the ingest stage's summary (one task per CPU of local Ray)

@@ -153,7 +153,8 @@ def test_resume_tidies_when_the_last_commit_was_cut_short(tmp_path):
     from cratescale.engine.state import plan_resume
 
     store = CheckpointStore(tmp_path, keep_last=1)
-    meta = {"config_hash": "h", "global_batch": 16, "world_size": 2}
+    identity = {"version": 2, "fields": {}, "manifest": "h"}
+    meta = {"identity": identity, "global_batch": 16, "world_size": 2}
     store.save(7, lambda p: (p / "w.bin").write_bytes(b"seven"), meta)
     real = commit_mod.CheckpointStore._retain
     commit_mod.CheckpointStore._retain = lambda self, newest: []  # the crash: no retention after commit 8
@@ -164,6 +165,6 @@ def test_resume_tidies_when_the_last_commit_was_cut_short(tmp_path):
     (tmp_path / "latest.4242.tmp").write_text("step_000000008")
     (tmp_path / "latest").write_text("step_000000007")  # the pointer swap of commit 8 never happened
     assert [c.step for c in store.commits()] == [7, 8]
-    plan = plan_resume(store, "h", 16, 2)
+    plan = plan_resume(store, identity, 16, 2)
     assert plan.commit.step == 8 and store.latest_pointer() == "step_000000008"  # never names a deleted step
     assert sorted(os.listdir(tmp_path)) == ["catalog.parquet", "latest", "step_000000008"]

@@ -81,15 +81,15 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     from cratescale.checkpoint import CheckpointStore
     from cratescale.engine.state import ResumeError, plan_resume
 
+    saved, other = ({"version": 2, "fields": {"seed": seed}, "manifest": "aaaa"} for seed in (0, 1))
     store = CheckpointStore(tmp_path)
-    store.save(4, lambda p: (p / "w.bin").write_bytes(b"w"),
-               {"config_hash": "aaaa", "global_batch": 16, "world_size": 2})
-    with pytest.raises(ResumeError, match="config hash aaaa, this job's is bbbb"):
-        plan_resume(store, "bbbb", 16, 2)
-    plan = plan_resume(store, "bbbb", 16, 2, allow_config_change=True)
+    store.save(4, lambda p: (p / "w.bin").write_bytes(b"w"), {"identity": saved, "global_batch": 16, "world_size": 2})
+    with pytest.raises(ResumeError, match="continues with: seed 0 -> 1. Use checkpoint.allow_config_change"):
+        plan_resume(store, other, 16, 2)
+    plan = plan_resume(store, other, 16, 2, allow_config_change=True)
     assert plan.commit.step == 4 and not plan.elastic
     with pytest.raises(ResumeError, match="global batch 16, the job asks for 32"):
-        plan_resume(store, "aaaa", 32, 2, allow_config_change=True)  # the data order cannot change
+        plan_resume(store, saved, 32, 2, allow_config_change=True)  # the data order cannot change
 
 
 @pytest.mark.dist
@@ -108,7 +108,7 @@ def test_trainer_refuses_a_foreign_checkpoint(tmp_path, fault_manifest, rank_ser
     assert job.wait() == [1, 1]
     for rank in (0, 1):
         last = [line for line in job.output(rank).splitlines() if line.strip()][-1]
-        assert last.startswith("cratescale.engine.state.ResumeError: ") and "config hash" in last, last
+        assert last.startswith("cratescale.engine.state.ResumeError: ") and "seed 3 -> 4" in last, last
     config_b = write_config(TINY_JOB, run_b, [*common, "schedule.steps=4", "seed=4",
                                               "checkpoint.allow_config_change=true"])
     job = rank_server.start(config_b, fault_manifest, 2)

@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from cratescale.config import ConfigError, JobConfig, config_hash, dump_job, load_job, load_profile
+from cratescale.config import (ConfigError, JobConfig, dump_job, identity_change, job_identity, load_job, load_profile,
+                               schedule_note)
+from cratescale.config.identity import identity_fields
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "jobs" / "demo.yaml"
@@ -48,17 +50,46 @@ def test_resolved_config_round_trips(tmp_path):
     job = load_job(DEMO, ["schedule.steps=11"])
     dump_job(job, tmp_path / "config.yaml")
     again = load_job(tmp_path / "config.yaml")
-    assert again == job and config_hash(again) == config_hash(job)
+    assert again == job and job_identity(again, "m") == job_identity(job, "m")
 
 
-def test_config_hash_ignores_cluster_but_not_model():
-    base = load_job(DEMO)
-    assert config_hash(load_job(DEMO, ["cluster.tasks_per_node=1"])) == config_hash(base)
-    assert config_hash(load_job(DEMO, ["model.overrides.lambd=0.1"])) != config_hash(base)
-    # how the steps are computed and the images decoded may change across a resume; what is learned may not
-    speed_knobs = ["parallel.compile=true", "parallel.attention=cudnn", "parallel.activation_checkpointing=true",
-                   "data.hw_decoder_load=0.9", "data.prefetch_depth=4", "data.num_threads=4"]
-    assert config_hash(load_job(DEMO, speed_knobs)) == config_hash(base)
+def test_identity_is_the_marked_fields_not_paths_hints_speed_or_length():
+    base = identity_fields(load_job(DEMO))
+    assert sorted(base) == ["data.image_size", "model.name", "model.overrides", "optim.base_lr", "optim.betas",
+                            "optim.grad_clip", "optim.weight_decay", "schedule.global_batch", "seed"]
+    # where the data lives, dry-run hints, how steps are computed and decoded, and how long to train: free
+    free = ["cluster.tasks_per_node=1", "data.source=/elsewhere/in21k.tar", "data.root=/scratch/moved",
+            "data.expected_samples=14197122", "schedule.steps=60", "schedule.warmup_steps=7",
+            "schedule.micro_batch=8", "parallel.compile=true", "parallel.attention=cudnn",
+            "parallel.activation_checkpointing=true", "data.hw_decoder_load=0.9", "data.prefetch_depth=4",
+            "data.num_threads=4", "data.ingest_workers=3", "logging.every_steps=1"]
+    assert identity_fields(load_job(DEMO, free)) == base
+    for what_is_learned, key in (("model.overrides.lambd=0.1", "model.overrides"), ("seed=1", "seed"),
+                                 ("optim.base_lr=0.0421", "optim.base_lr"), ("data.image_size=64", "data.image_size"),
+                                 ("schedule.global_batch=128", "schedule.global_batch")):
+        changed = identity_fields(load_job(DEMO, [what_is_learned]))
+        assert [k for k in base if base[k] != changed[k]] == [key], what_is_learned
+
+
+def test_identity_change_names_what_differs_in_one_line():
+    job = load_job(DEMO)
+    saved = {"identity": job_identity(job, "aaaa"), "config_hash": "x"}
+    assert identity_change(saved, job_identity(load_job(DEMO, ["data.root=/moved", "schedule.steps=60"]), "aaaa")) \
+        is None
+    why = identity_change(saved, job_identity(job, "bbbb"))
+    assert why.startswith("the samples differ") and "aaaa" in why and "bbbb" in why and "\n" not in why
+    assert identity_change(saved, job_identity(load_job(DEMO, ["seed=5"]), "aaaa")) == \
+        "the job changed what training continues with: seed 0 -> 5"
+    # a checkpoint of an earlier cratescale (whole-config hash, paths included) cannot be checked: refused
+    assert "earlier cratescale (config hash 9f3e" in identity_change({"config_hash": "9f3e"}, job_identity(job, "a"))
+
+
+def test_schedule_note_when_the_length_changes():
+    meta = {"step": 20, "total_steps": 20, "warmup_steps": 2}
+    assert schedule_note(meta, 20, 2) is None
+    note = schedule_note(meta, 60, 2)
+    assert note == ("schedule: the checkpoint at step 20 was trained toward 20 steps (warmup 2), this job runs 60 "
+                    "(warmup 2): the learning-rate schedule was recomputed for the new length")
 
 
 def test_profiles_validate():

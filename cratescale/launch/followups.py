@@ -4,27 +4,35 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cratescale.config import JobConfig
+from cratescale.config import ConfigError, JobConfig
 from cratescale.launch.paths import RunPaths
 from cratescale.launch.stages import StageError, console
 
 
-def _datasets(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
-    """name -> manifest: the pretraining data itself, or each named transfer set (ingested on first use)."""
-    if not job.extract.datasets:
-        return {"pretrain": paths.manifest}
-    from data_pipeline.ingest import ingest
+def transfer_manifests(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
+    """name -> manifest of each transfer set, ingested on first use; a source that does not ingest is one line."""
+    from data_pipeline.ingest import IngestError, ingest
+    from data_pipeline.manifest import ManifestError
+    from data_pipeline.sources import SourceError
 
     manifests = {}
-    for dataset in job.extract.datasets:
+    for i, dataset in enumerate(job.extract.datasets):
         root = paths.run_dir / "transfer" / dataset.name
         manifest = root / "manifest.parquet"
         if not manifest.exists():
             if "://" not in dataset.source and not Path(dataset.source).exists():
-                raise StageError(f"extract.datasets.{dataset.name}.source: {dataset.source} does not exist")
-            ingest(dataset.source, root, val_per_class=dataset.val_per_class)
+                raise ConfigError(f"extract.datasets.{i}.source: {dataset.source} does not exist")
+            try:
+                ingest(dataset.source, root, val_per_class=dataset.val_per_class)
+            except (IngestError, ManifestError, SourceError) as err:
+                raise ConfigError(f"extract.datasets.{i}.source: {dataset.source} does not ingest: {err}") from None
         manifests[dataset.name] = manifest
     return manifests
+
+
+def _datasets(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
+    """name -> manifest: the pretraining data itself, or each named transfer set."""
+    return transfer_manifests(job, paths) if job.extract.datasets else {"pretrain": paths.manifest}
 
 
 def run_extract(job: JobConfig, paths: RunPaths) -> None:

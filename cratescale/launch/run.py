@@ -133,7 +133,8 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
             else:
                 STAGES[stage](job, paths, profile)
         except StageError as err:
-            console.print(f"[red]error: {err}")
+            # One line per fact, never re-wrapped at the terminal width, brackets in messages taken literally.
+            console.print(f"error: {err}", style="red", markup=False, highlight=False, soft_wrap=True)
             return 1
     console.rule(f"done: {paths.run_dir}")
     return 0

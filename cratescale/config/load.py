@@ -89,7 +89,8 @@ def load_profile(name: str) -> ProfileConfig:
 def config_hash(job: JobConfig) -> str:
     """What must not change across a resume: model, data order, batch, optimizer (not logging/cluster)."""
     keep = job.model_dump(include={"seed", "model", "data", "optim", "schedule"})
-    for how_not_what in ("root", "num_threads", "loader", "hw_decoder_load", "prefetch_depth"):
+    for how_not_what in ("root", "num_threads", "loader", "hw_decoder_load", "prefetch_depth",
+                         "feed_workers"):
         keep["data"].pop(how_not_what, None)  # how the same samples are produced, free to change on resume
     blob = json.dumps(keep, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

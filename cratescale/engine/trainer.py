@@ -107,7 +107,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         rank=world.rank, world_size=world.world_size, global_batch=sched.global_batch,
         micro_batch=sched.micro_batch, image_size=job.data.image_size, num_patches=model.num_patches,
         kind=job.data.loader, num_threads=job.data.num_threads, hw_decoder_load=job.data.hw_decoder_load,
-        prefetch_depth=job.data.prefetch_depth)
+        prefetch_depth=job.data.prefetch_depth, py_workers=job.data.feed_workers)
     batches = iter(loader)
     accum = job.grad_accum
     dtype = torch.bfloat16 if job.parallel.precision == "bf16" else torch.float32

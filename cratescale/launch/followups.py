@@ -35,16 +35,29 @@ def _datasets(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
     return transfer_manifests(job, paths) if job.extract.datasets else {"pretrain": paths.manifest}
 
 
+def loader_options(job: JobConfig) -> dict:
+    """The job's data settings for the eval/extraction loaders (as training takes them)."""
+    data = job.data
+    return {"num_threads": data.num_threads, "py_workers": data.feed_workers, "hw_decoder_load": data.hw_decoder_load,
+            "prefetch_depth": data.prefetch_depth}
+
+
 def run_extract(job: JobConfig, paths: RunPaths) -> None:
-    from cratescale.embeddings.extract import extract
+    from cratescale.embeddings.extract import ExtractionError, extract
 
     if not (paths.export / "export.json").exists():
         raise StageError(f"extract: no export in {paths.export} (run the export stage first)")
+    ex = job.extract
     for name, manifest in _datasets(job, paths).items():
-        store = extract(paths.export, manifest, paths.embeddings / name, features=job.extract.features,
-                        layers=job.extract.layers, dtype=job.extract.dtype, batch_size=job.extract.batch_size,
-                        actors=job.extract.actors, image_size=job.data.image_size, loader_kind=job.data.loader,
-                        ray_address=job.cluster.ray_address, shard_rows=job.extract.shard_rows)
+        try:
+            store = extract(paths.export, manifest, paths.embeddings / name, features=ex.features, layers=ex.layers,
+                            dtype=ex.dtype, batch_size=ex.batch_size, actors=ex.actors,
+                            image_size=job.data.image_size, loader_kind=job.data.loader,
+                            ray_address=job.cluster.ray_address, shard_rows=ex.shard_rows,
+                            num_gpus_per_actor=ex.gpus_per_actor, max_restarts=ex.max_restarts,
+                            threads_per_actor=job.data.num_threads, loader_options=loader_options(job))
+        except ExtractionError as err:  # one line: the cause and the knobs; committed shards are kept
+            raise StageError(f"{name}: {err}") from None
         console.log(f"extract: {name} -> {store}")
 
 

@@ -97,11 +97,14 @@ def plan_extraction(config: dict[str, Any], image_size: int | None, batch_size: 
     if not fitting:
         need = predict_actor_bytes(config, image_size, batches[-1], device)
         raise ValueError(f"one actor needs {need / GiB:.1f} GiB at batch {batches[-1]}, the largest node offers "
-                          f"{biggest / GiB:.1f} GiB ({NODE_SHARE:.0%} of its memory)")
+                          f"{biggest / GiB:.1f} GiB ({NODE_SHARE:.0%} of its memory): lower extract.batch_size")
     want = sum(node_slots) if actors == "auto" else int(actors)
     for batch in fitting:  # largest batch first; for auto, the largest that still gives every slot an actor
         per_actor = predict_actor_bytes(config, image_size, batch, device)
         fit = sum(min(slots, int(mem // per_actor)) for mem, slots in zip(budget, node_slots))
+        if fit == 0 and batch == fitting[-1]:
+            raise ValueError(f"no node has room for one actor (actors per node by CPUs or GPUs: {node_slots}, by "
+                             f"memory: {per_actor / GiB:.1f} GiB each): check extract.gpus_per_actor")
         if fit >= want or batch_size != "auto" or batch == fitting[-1]:
             return MemoryPlan(batch, max(1, min(want, fit)), encode_chunk(config, image_size, device, batch),
                               per_actor)

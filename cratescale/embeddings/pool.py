@@ -53,10 +53,10 @@ def plan_for(config: dict[str, Any], image_size: int | None, batch_size: int | s
         plan = plan_extraction(config, image_size, batch_size, actors or 1, node_memory=nodes[0],
                                node_slots=nodes[1], device=device)
     except ValueError as err:
-        raise ExtractionError(f"extract: {err}; lower extract.batch_size (now {batch_size})") from None
+        raise ExtractionError(f"extract: {err}") from None
     if actors not in (0, "auto") and plan.actors < int(actors):
-        print(f"extract: memory for {plan.actors} of the {actors} actors asked ({plan.per_actor / 2**30:.2f} GiB "
-              f"each): running {plan.actors} (extract.actors)", file=sys.stderr)
+        print(f"extract: the nodes' memory and CPUs (GPUs) hold {plan.actors} of the {actors} actors asked "
+              f"({plan.per_actor / 2**30:.2f} GiB each): running {plan.actors} (extract.actors)", file=sys.stderr)
     elif actors != 0:
         print(f"extract: {plan.describe()}", file=sys.stderr)
     return plan
@@ -72,6 +72,8 @@ def run_pool(groups: list[list[int]], kwargs: dict, plan: MemoryPlan, num_cpus: 
     # One block per task, so the pool hands tasks to actors one at a time (dynamic load balance).
     items = [{"shards": ",".join(map(str, g))} for g in groups]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Ray 2.60 takes max_restarts / max_task_retries only through ray_remote_args (deprecated for 2.64, which
+    # pyproject's pin excludes): without them Ray Data restarts a dead actor forever.
     ds = ds.map_batches(
         ShardWorker, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(plan.actors, len(groups)), max_tasks_in_flight_per_actor=1),

@@ -55,8 +55,11 @@ def test_plan_follows_the_nodes_memory_and_cpus():
     assert small.batch_size < 256 and small.actors * small.per_actor <= 0.7 * 4 * GiB
     fixed = plan_extraction(DEBUG_224, 224, 512, 8, node_memory=[24 * GiB], node_slots=[16])
     assert fixed.batch_size == 512 and fixed.actors < 8 and fixed.actors * fixed.per_actor <= 0.7 * 24 * GiB
-    with pytest.raises(ValueError, match="one actor needs .* GiB at batch 512, the largest node offers 1.4 GiB"):
+    with pytest.raises(ValueError, match="one actor needs .* GiB at batch 512, the largest node offers 1.4 GiB .*: "
+                                         "lower extract.batch_size"):
         plan_extraction(DEBUG_224, 224, 512, 1, node_memory=[2 * GiB], node_slots=[1])
+    with pytest.raises(ValueError, match=r"no node has room for one actor \(actors per node by CPUs or GPUs: \[0\]"):
+        plan_extraction(DEBUG_224, 224, 64, 1, node_memory=[24 * GiB], node_slots=[0])   # gpus asked, none there
 
 
 def test_chunked_cpu_encode_equals_one_forward(setup, tmp_path):

@@ -23,8 +23,9 @@ GiB = 2**30
 MiB = 2**20
 # Python + torch + DALI + pandas/pyarrow + Ray worker, measured idle in an extraction actor (BENCHMARKS.md).
 PROCESS_BASE = 900 * MiB
-# Forward activations of a chunk on the CPU: about 0.25 GiB of scores (chunk of 13 images for crate_mae_debug
-# at 224 px) runs as fast per image as the whole batch (BENCHMARKS.md) and bounds the peak.
+# Forward activations of a chunk on the CPU: at most 0.25 GiB (12 images of crate_mae_debug at 224 px) bounds the
+# peak; measured under load it encodes at 0.58-0.89 of the whole-batch speed (BENCHMARKS.md, a missed target):
+# a larger budget may buy the speed back where the node's memory allows.
 FORWARD_BUDGET = 256 * MiB
 # Float images of one batch held at once: DALI's output buffers (prefetch depth 2), the torch copy, the
 # re-cut concatenation of _shard_batches and its slice.

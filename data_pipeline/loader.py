@@ -229,7 +229,8 @@ class EvalLoader:
 
 
 def make_eval_loader(manifest_path, rows: np.ndarray, batch_size: int, image_size: int, kind: str = "dali",
-                     num_threads: int = 1, device: str | None = None, py_workers: int = 1) -> EvalLoader:
+                     num_threads: int = 1, device: str | None = None, py_workers: int = 1,
+                     hw_decoder_load: float = 0.65, prefetch_depth: int = 2) -> EvalLoader:
     """Resize (short side image_size*256/224) + centre crop, rows in the given order, no drop."""
     rows = np.asarray(rows, dtype=np.int64)
     if rows.ndim != 1 or len(rows) == 0 or batch_size <= 0:
@@ -240,5 +241,6 @@ def make_eval_loader(manifest_path, rows: np.ndarray, batch_size: int, image_siz
         raise ValueError(f"make_eval_loader: row indices must be in [0, {ma.total_rows}) for {manifest_path}")
     feed = SampleFeed(str(manifest_path), mode="eval", rows=rows)
     feed._ma = ma
-    backend = _backend(choose_decoder(kind, device), feed, batch_size, image_size, num_threads, py_workers)
+    backend = _backend(choose_decoder(kind, device), feed, batch_size, image_size, num_threads, py_workers,
+                       hw_decoder_load=hw_decoder_load, prefetch_depth=prefetch_depth)
     return EvalLoader(backend, len(rows), batch_size, ma)

@@ -43,6 +43,8 @@ class DataConfig(Strict):
     # GPU JPEG decode route: roi (crop-window decoder), full (whole image + GPU slice), or auto (roi if it
     # survives a two-batch probe in a child process at start-up, else full; data_pipeline/gpu_decode.py).
     gpu_decode: Literal["auto", "roi", "full"] = "auto"
+    # Processes that read encoded bytes for DALI's parallel external source (training, extraction, evaluation).
+    feed_workers: int = Field(1, ge=1)
     val_per_class: int = Field(0, ge=0)
     reshard: int | None = Field(None, gt=0)
     shard_size: int = Field(1000, gt=0)
@@ -152,9 +154,16 @@ class ExtractConfig(Strict):
     features: list[str] = Field(default_factory=lambda: ["cls", "mean"])
     layers: list[int] = Field(default_factory=list)
     dtype: Literal["float16", "float32"] = "float16"
-    batch_size: int = Field(64, gt=0)
-    actors: int = Field(2, ge=1)
+    # A number, or "auto": the largest batch / most actors the nodes' memory and CPUs (GPUs) hold, from each
+    # actor's predicted peak memory (embeddings/memory.py); actors ask Ray for that memory either way.
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = 64
+    actors: Annotated[int, Field(ge=1)] | Literal["auto"] = 2
     shard_rows: int = Field(4096, gt=0)
+    # GPUs each actor asks Ray for (0: CPU actors, which never touch a GPU); on a GPU the encoder runs in bf16
+    # autocast. A dead actor (killed for memory or anything) restarts at most max_restarts times, then the stage
+    # stops with one line; committed shards are kept.
+    gpus_per_actor: float = Field(0.0, ge=0)
+    max_restarts: int = Field(3, ge=0)
     # Datasets to embed; empty means the pretraining data itself.
     datasets: list[TransferSet] = Field(default_factory=list)
 

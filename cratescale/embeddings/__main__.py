@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from cratescale.embeddings.extract import ExtractionError
 from cratescale.embeddings.store import EmbeddingStore, StoreError, format_ranges
 
 
@@ -30,9 +31,15 @@ def _extract(args: argparse.Namespace) -> int:
                   layers=tuple(int(x) for x in args.layers.split(",") if x), dtype=args.dtype,
                   batch_size=args.batch_size, actors=args.actors, image_size=args.image_size,
                   loader_kind=args.loader, shard_rows=args.shard_rows, chunk_rows=args.chunk_rows,
-                  split=args.split, ray_address=args.ray_address, shards_per_task=args.shards_per_task)
+                  split=args.split, ray_address=args.ray_address, shards_per_task=args.shards_per_task,
+                  num_gpus_per_actor=args.gpus_per_actor, max_restarts=args.max_restarts,
+                  rss_limit=None if args.rss_limit_mb is None else int(args.rss_limit_mb * 2**20))
     print(out)
     return 0
+
+
+def _int_or_auto(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--features", default="cls,mean")
     e.add_argument("--layers", default="")
     e.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--actors", type=int, default=2, help="0: in-process, no Ray")
+    e.add_argument("--batch-size", type=_int_or_auto, default=64, help="a number, or auto (from memory)")
+    e.add_argument("--actors", type=_int_or_auto, default=2, help="0: in-process, no Ray; auto: from the nodes")
+    e.add_argument("--gpus-per-actor", type=float, default=0.0)
+    e.add_argument("--max-restarts", type=int, default=3, help="restarts of a dead actor before the run stops")
+    e.add_argument("--rss-limit-mb", type=float, default=None,
+                   help="an actor over this RSS kills itself (default: 2 x its predicted peak; 0: off)")
     e.add_argument("--image-size", type=int, default=None)
     e.add_argument("--loader", default="auto")
     e.add_argument("--shard-rows", type=int, default=4096)
@@ -63,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ExtractionError as err:  # ran, and stopped: committed shards are kept, a rerun resumes
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

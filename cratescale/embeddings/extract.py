@@ -29,12 +29,13 @@ import pyarrow.parquet as pq
 import torch
 
 from cratescale.checkpoint.export import load_export
+from cratescale.embeddings.memory import RSS_LIMIT_FACTOR, RssGuard, encode_chunk
+from cratescale.embeddings.pool import init_ray  # noqa: F401 - callers start Ray through extract
 from cratescale.embeddings.store import EmbeddingStore, StoreInfo
 from cratescale.models import create_model, model_from_config
 
 BASE_FEATURES = ("cls", "mean")
-AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-REPO_ROOT = Path(__file__).resolve().parents[2]
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}  # and "auto": bf16 on GPUs
 
 
 class ExtractionError(RuntimeError):
@@ -81,16 +82,47 @@ def _sample_keys(m: pd.DataFrame) -> list[str]:
     return [p if o < 0 else f"{p}#{o}" for p, o in zip(m["path"], m["offset"])]
 
 
+def actor_device(device: str, gpus: float) -> str:
+    """"auto": the GPU Ray gave this actor (Ray sets CUDA_VISIBLE_DEVICES, so it is cuda:0 here), else the CPU.
+    An actor that asked for no GPU never takes one (before, every actor of a node took cuda:0); one that asked
+    for a GPU and has no CUDA stops with one line instead of running on the CPU."""
+    if device != "auto":
+        return device
+    if not gpus:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ExtractionError(f"extract: extract.gpus_per_actor is {gpus} but torch {torch.__version__} sees no CUDA "
+                              f"device (CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+                              f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    return "cuda"
+
+
+def _ray_assignment() -> tuple[int, int]:
+    """(first GPU id, memory bytes) Ray assigned to this worker; (-1, 0) outside Ray."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return -1, 0
+        ids, held = ray.get_gpu_ids(), ray.get_runtime_context().get_assigned_resources()
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        return -1, 0
+    return (int(ids[0]) if ids else -1), int(held.get("memory", 0))
+
+
 class ShardWorker:
     """Loads the model once; `run_shards(ks)` fills shards ks of the store. Also the Ray Data UDF."""
 
     def __init__(self, export_dir: str, manifest_path: str, store_dir: str, *, features: Sequence[str],
                  layers: Sequence[int], split: str | None, batch_size: int, image_size: int | None,
-                 loader_kind: str, device: str = "auto", amp: str | None = None, threads: int | None = None):
+                 loader_kind: str, device: str = "auto", amp: str | None = "auto", threads: int | None = None,
+                 gpus: float = 0.0, chunk: int | None = None, loader_options: dict | None = None,
+                 rss_limit: int = 0):
+        self.guard = RssGuard(rss_limit)  # started with the first task: loading the model is not the risk
         if threads:
             torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if device == "auto" else device))
+        self.gpu, self.memory_held = _ray_assignment()
+        self.device = torch.device(actor_device(device, gpus))
         self.model, _ = load_model(export_dir, self.device)
         self.store = EmbeddingStore(store_dir)
         self.manifest_path = manifest_path
@@ -101,11 +133,19 @@ class ShardWorker:
         self.rows = selected_rows(self.meta, split)
         self.features, self.layers = list(features), [int(i) for i in layers]
         self.batch_size, self.loader_kind = batch_size, loader_kind
+        self.loader_options = dict(loader_options or {})
         self.image_size = int(image_size or self.model.img_size)
-        self.amp = AMP_DTYPES[amp]
+        # bf16 autocast on GPUs, fp32 on the CPU (where bf16 matmuls are slower than fp32 ones)
+        self.amp = AMP_DTYPES[("bf16" if self.device.type == "cuda" else None) if amp == "auto" else amp]
+        # On the CPU the attention scores are materialized: the forward runs in chunks (memory.py)
+        self.chunk = chunk or encode_chunk(self.model.config, self.image_size, self.device.type, batch_size)
 
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Feature name -> (B, d) float32 on the CPU."""
+        """Feature name -> (B, d) float32 on the CPU; the forward in chunks of `self.chunk` images."""
+        parts = [self._encode(chunk) for chunk in images.split(self.chunk)]
+        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+
+    def _encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp or torch.float32,
                                              enabled=self.amp is not None):
             out = self.model.encode(images.to(self.device, non_blocking=True),
@@ -123,6 +163,7 @@ class ShardWorker:
         depend on how shards were grouped, and a resumed store stays byte-identical."""
         from data_pipeline.loader import make_eval_loader
 
+        self.guard.start()
         done = self.store.committed()
         ks = [int(k) for k in ks if int(k) not in done]   # done by an earlier attempt of this task
         if not ks:
@@ -130,7 +171,7 @@ class ShardWorker:
         spans = [self.store.info.shard_range(k) for k in ks]
         rows = np.concatenate([self.rows[a:b] for a, b in spans])
         loader = make_eval_loader(self.manifest_path, rows, self.batch_size, self.image_size,
-                                  kind=self.loader_kind)
+                                  kind=self.loader_kind, **self.loader_options)
         records, parts, valid, t0, t_enc = [], {}, [], time.perf_counter(), 0.0
         try:
             for i, images, ok, last in _shard_batches(loader, [b - a for a, b in spans], self.batch_size):
@@ -162,7 +203,7 @@ class ShardWorker:
                                  "split": m["split"].astype(str).to_numpy(), "valid": valid})
         self.store.write_shard(k, feats, metadata)
         return {"shard": k, "rows": len(rows), "seconds": time.perf_counter() - t0, "encode_seconds": t_enc,
-                "invalid": int((~valid).sum()), "pid": os.getpid()}
+                "invalid": int((~valid).sum()), "pid": os.getpid(), "gpu": self.gpu, "memory_held": self.memory_held}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data UDF: each input row is a task, "shards" = comma-separated shard indices."""
@@ -171,7 +212,7 @@ class ShardWorker:
                 for key in RECORD_KEYS}
 
 
-RECORD_KEYS = ("shard", "rows", "seconds", "encode_seconds", "invalid", "pid")
+RECORD_KEYS = ("shard", "rows", "seconds", "encode_seconds", "invalid", "pid", "gpu", "memory_held")
 
 
 def _parse_group(group: Any) -> list[int]:
@@ -211,22 +252,6 @@ def group_shards(todo: Sequence[int], actors: int, shards_per_task: int = 0) -> 
     return [list(todo[i:i + shards_per_task]) for i in range(0, len(todo), shards_per_task)]
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join `address`, or start a small local Ray (capped object store, no dashboard) if none is running.
-    Local workers get this checkout on PYTHONPATH so they can import cratescale and data_pipeline."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
-    else:
-        from data_pipeline.local_ray import start_local_ray
-
-        start_local_ray(log_to_driver=True)
-
-
 def _fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -257,62 +282,67 @@ def prepare_store(export_dir: Path | str, manifest_path: Path | str, store_dir: 
 
 def extract(export_dir: Path | str, manifest_path: Path | str, store_dir: Path | str, *,
             features: Sequence[str] = ("cls", "mean"), layers: Sequence[int] = (), dtype: str = "float16",
-            batch_size: int = 64, actors: int = 2, image_size: int | None = None, loader_kind: str = "auto",
-            ray_address: str | None = None, shard_rows: int = 4096, chunk_rows: int = 1024,
-            split: str | None = None, num_cpus_per_actor: float = 0.5, num_gpus_per_actor: float = 0.0,
-            amp: str | None = None, threads_per_actor: int | None = None, shards_per_task: int = 0) -> Path:
+            batch_size: int | str = 64, actors: int | str = 2, image_size: int | None = None,
+            loader_kind: str = "auto", ray_address: str | None = None, shard_rows: int = 4096,
+            chunk_rows: int = 1024, split: str | None = None, num_cpus_per_actor: float = 0.5,
+            num_gpus_per_actor: float = 0.0, amp: str | None = "auto", threads_per_actor: int | None = None,
+            shards_per_task: int = 0, loader_options: dict | None = None, max_restarts: int = 3,
+            device: str = "auto", rss_limit: int | None = None) -> Path:
     """Fill `store_dir` with the export's encoder features for every selected manifest row; returns the
-    store path. Reruns skip committed shards. On a GPU cluster: num_gpus_per_actor=1, amp="bf16"."""
+    store path. Reruns skip committed shards. batch_size / actors: a number or "auto" (from the nodes' memory
+    and CPUs or GPUs, memory.py). On a GPU cluster: num_gpus_per_actor=1 (bf16 autocast follows)."""
     return run_extraction(**locals())[0]  # locals() here is exactly the argument dict
 
 
 def run_extraction(export_dir: Path | str, manifest_path: Path | str, store_dir: Path | str, *,
-                   features: Sequence[str], layers: Sequence[int], dtype: str, batch_size: int, actors: int,
-                   image_size: int | None, loader_kind: str, ray_address: str | None, shard_rows: int,
-                   chunk_rows: int, split: str | None, num_cpus_per_actor: float, num_gpus_per_actor: float,
-                   amp: str | None, threads_per_actor: int | None,
-                   shards_per_task: int = 0) -> tuple[Path, list[dict]]:
-    """`extract`, also returning one record per shard processed (shard, rows, seconds, pid, ...)."""
+                   features: Sequence[str], layers: Sequence[int], dtype: str, batch_size: int | str,
+                   actors: int | str, image_size: int | None, loader_kind: str, ray_address: str | None,
+                   shard_rows: int, chunk_rows: int, split: str | None, num_cpus_per_actor: float,
+                   num_gpus_per_actor: float, amp: str | None, threads_per_actor: int | None,
+                   shards_per_task: int = 0, loader_options: dict | None = None, max_restarts: int = 3,
+                   device: str = "auto", rss_limit: int | None = None) -> tuple[Path, list[dict]]:
+    """`extract`, also returning one record per shard processed (shard, rows, seconds, pid, gpu, ...)."""
+    from cratescale.embeddings.pool import ActorsFailed, plan_for, run_pool
+
     manifest = manifest_path_of(manifest_path)
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"extract: amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
-    if batch_size <= 0:
-        raise ValueError(f"extract: batch_size must be > 0, got {batch_size}")
-    depth = int(read_export_header(export_dir)["model_config"].get("depth", 0)) or None
+    if amp not in AMP_DTYPES and amp != "auto":
+        raise ValueError(f"extract: amp must be one of {[*AMP_DTYPES, 'auto']}, got {amp!r}")
+    if batch_size != "auto" and int(batch_size) <= 0:
+        raise ValueError(f"extract: batch_size must be > 0 or 'auto', got {batch_size}")
+    header = read_export_header(export_dir)
+    depth = int(header["model_config"].get("depth", 0)) or None
     layers = sorted({(int(i) % depth) if depth else int(i) for i in layers})
     store = prepare_store(export_dir, manifest, store_dir, features=features, layers=layers, dtype=dtype,
                           shard_rows=shard_rows, chunk_rows=chunk_rows, split=split)
     todo = store.missing()
     if not todo:
         return store.root, []
+    plan = plan_for(header["model_config"], image_size, batch_size, actors, ray_address, num_cpus_per_actor,
+                    num_gpus_per_actor)
     kwargs = dict(export_dir=str(export_dir), manifest_path=str(manifest), store_dir=str(store.root),
-                  features=list(features), layers=layers, split=split, batch_size=batch_size,
-                  image_size=image_size, loader_kind=loader_kind, amp=amp, threads=threads_per_actor)
-    groups = group_shards(todo, actors, shards_per_task)
-    if actors <= 0:
+                  features=list(features), layers=layers, split=split, batch_size=plan.batch_size,
+                  image_size=image_size, loader_kind=loader_kind, amp=amp, threads=threads_per_actor,
+                  gpus=num_gpus_per_actor, chunk=plan.chunk, loader_options=loader_options, device=device,
+                  rss_limit=0 if actors == 0 else int(plan.per_actor * RSS_LIMIT_FACTOR if rss_limit is None
+                                                      else rss_limit))
+    groups = group_shards(todo, plan.actors, shards_per_task)
+    if actors == 0:
         worker = ShardWorker(**kwargs)
         records = [r for g in groups for r in worker.run_shards(g)]
     else:
-        records = _run_ray(groups, kwargs, actors, ray_address, num_cpus_per_actor, num_gpus_per_actor)
+        try:
+            records = run_pool(groups, kwargs, plan, num_cpus_per_actor, num_gpus_per_actor, max_restarts)
+        except ActorsFailed as err:
+            left = len(store.missing())
+            raise ExtractionError(
+                f"extract: stopped, {err} (each actor restarted at most {max_restarts} times); "
+                f"{store.info.num_shards - left} of {store.info.num_shards} shards committed and kept in {store.root}; "
+                f"rerun with a smaller extract.batch_size (now {plan.batch_size}) or extract.actors (now "
+                f"{plan.actors}) to resume") from None
     missing = store.missing()
     if missing:
         raise ExtractionError(f"extract: {len(missing)} shards of {store.root} are still missing: {missing[:10]}")
     return store.root, records
-
-
-def _run_ray(groups: list[list[int]], kwargs: dict, actors: int, address: str | None, num_cpus: float,
-             num_gpus: float) -> list[dict]:
-    import ray
-
-    init_ray(address)
-    # One block per task, so the pool hands tasks to actors one at a time (dynamic load balance).
-    items = [{"shards": ",".join(map(str, g))} for g in groups]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        ShardWorker, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=min(actors, len(groups)), max_tasks_in_flight_per_actor=1),
-        num_cpus=num_cpus, num_gpus=num_gpus or None)
-    return ds.take_all()
 
 
 def read_export_header(export_dir: Path | str) -> dict:

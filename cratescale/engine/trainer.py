@@ -124,7 +124,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         micro_batch=sched.micro_batch, image_size=job.data.image_size, num_patches=model.num_patches,
         kind=decoder.kind, device=decoder.device, num_threads=job.data.num_threads,
         hw_decoder_load=job.data.hw_decoder_load, prefetch_depth=job.data.prefetch_depth,
-        gpu_decode=job.data.gpu_decode)
+        gpu_decode=job.data.gpu_decode, py_workers=job.data.feed_workers)
     route = {**loader.decode_route, "fallbacks": round(_mean_over_ranks([loader.decode_route["fallbacks"]])[0]
                                                        * world.world_size)}  # summed over ranks
     if writer:

@@ -8,6 +8,7 @@ from pathlib import Path
 from cratescale.config import load_job
 from cratescale.distributed import exit_without_teardown, shutdown_distributed, world_from_env
 from cratescale.engine.trainer import train
+from cratescale.launch.failures import record_failure
 from cratescale.launch.preemption import PreemptionFlag, requeue_slurm_job
 
 PREEMPTED_EXIT = 3
@@ -26,9 +27,14 @@ class TrainTask:
         flag = PreemptionFlag()
         if self.master_port is not None:
             os.environ["MASTER_PORT"] = str(self.master_port)
-        job = load_job(self.config_path)
         world = world_from_env()
-        outcome = train(job, Path(job.run_dir), Path(self.manifest), world, self.peak_flops, should_stop=flag)
+        try:
+            job = load_job(self.config_path)
+            outcome = train(job, Path(job.run_dir), Path(self.manifest), world, self.peak_flops, should_stop=flag)
+        except Exception as err:
+            # The supervisor reads this rank's reason from here (both executors) and stops or requeues on it.
+            record_failure(Path(self.config_path).parent, world.rank, err)
+            raise
         shutdown_distributed()
         if outcome.status == "preempted":
             # USR2: requeue ourselves. SIGTERM alone (scancel, an outside `scontrol requeue`): SLURM decides.

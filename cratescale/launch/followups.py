@@ -4,39 +4,60 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cratescale.config import JobConfig
+from cratescale.config import ConfigError, JobConfig
 from cratescale.launch.paths import RunPaths
 from cratescale.launch.stages import StageError, console
 
 
-def _datasets(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
-    """name -> manifest: the pretraining data itself, or each named transfer set (ingested on first use)."""
-    if not job.extract.datasets:
-        return {"pretrain": paths.manifest}
-    from data_pipeline.ingest import ingest
+def transfer_manifests(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
+    """name -> manifest of each transfer set, ingested on first use; a source that does not ingest is one line."""
+    from data_pipeline.ingest import IngestError, ingest
+    from data_pipeline.manifest import ManifestError
+    from data_pipeline.sources import SourceError
 
     manifests = {}
-    for dataset in job.extract.datasets:
+    for i, dataset in enumerate(job.extract.datasets):
         root = paths.run_dir / "transfer" / dataset.name
         manifest = root / "manifest.parquet"
         if not manifest.exists():
             if "://" not in dataset.source and not Path(dataset.source).exists():
-                raise StageError(f"extract.datasets.{dataset.name}.source: {dataset.source} does not exist")
-            ingest(dataset.source, root, val_per_class=dataset.val_per_class)
+                raise ConfigError(f"extract.datasets.{i}.source: {dataset.source} does not exist")
+            try:
+                ingest(dataset.source, root, val_per_class=dataset.val_per_class)
+            except (IngestError, ManifestError, SourceError) as err:
+                raise ConfigError(f"extract.datasets.{i}.source: {dataset.source} does not ingest: {err}") from None
         manifests[dataset.name] = manifest
     return manifests
 
 
+def _datasets(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
+    """name -> manifest: the pretraining data itself, or each named transfer set."""
+    return transfer_manifests(job, paths) if job.extract.datasets else {"pretrain": paths.manifest}
+
+
+def loader_options(job: JobConfig) -> dict:
+    """The job's data settings for the eval/extraction loaders (as training takes them)."""
+    data = job.data
+    return {"num_threads": data.num_threads, "py_workers": data.feed_workers, "hw_decoder_load": data.hw_decoder_load,
+            "prefetch_depth": data.prefetch_depth}
+
+
 def run_extract(job: JobConfig, paths: RunPaths) -> None:
-    from cratescale.embeddings.extract import extract
+    from cratescale.embeddings.extract import ExtractionError, extract
 
     if not (paths.export / "export.json").exists():
         raise StageError(f"extract: no export in {paths.export} (run the export stage first)")
+    ex = job.extract
     for name, manifest in _datasets(job, paths).items():
-        store = extract(paths.export, manifest, paths.embeddings / name, features=job.extract.features,
-                        layers=job.extract.layers, dtype=job.extract.dtype, batch_size=job.extract.batch_size,
-                        actors=job.extract.actors, image_size=job.data.image_size, loader_kind=job.data.loader,
-                        ray_address=job.cluster.ray_address, shard_rows=job.extract.shard_rows)
+        try:
+            store = extract(paths.export, manifest, paths.embeddings / name, features=ex.features, layers=ex.layers,
+                            dtype=ex.dtype, batch_size=ex.batch_size, actors=ex.actors,
+                            image_size=job.data.image_size, loader_kind=job.data.loader,
+                            ray_address=job.cluster.ray_address, shard_rows=ex.shard_rows,
+                            num_gpus_per_actor=ex.gpus_per_actor, max_restarts=ex.max_restarts,
+                            threads_per_actor=job.data.num_threads, loader_options=loader_options(job))
+        except ExtractionError as err:  # one line: the cause and the knobs; committed shards are kept
+            raise StageError(f"{name}: {err}") from None
         console.log(f"extract: {name} -> {store}")
 
 

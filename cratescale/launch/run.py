@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cratescale.config import ConfigError, JobConfig, ProfileConfig, dump_job, load_job, load_profile
 from cratescale.launch.array import expand_array, pretrain_array, write_members
+from cratescale.launch.datacheck import check_data
 from cratescale.launch.paths import RunPaths
 from cratescale.launch.stages import STAGES, StageError, console
 
@@ -119,7 +120,11 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
     except OSError as err:  # e.g. root passes os.access where the file system still refuses
         raise ConfigError(f"run_dir: {paths.run_dir} cannot be created: {err.strerror or err}") from None
     start_ray(job.cluster.ray_address)
+    data_checked = False
     for stage in chosen:
+        if stage != "ingest" and not data_checked:  # after ingest, before anything is queued (ConfigError: exit 2)
+            check_data(job, paths, chosen)
+            data_checked = True
         console.rule(f"[bold]{stage}")
         try:
             if members and stage == "pretrain":
@@ -130,7 +135,8 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
             else:
                 STAGES[stage](job, paths, profile)
         except StageError as err:
-            console.print(f"[red]error: {err}")
+            # One line per fact, never re-wrapped at the terminal width, brackets in messages taken literally.
+            console.print(f"error: {err}", style="red", markup=False, highlight=False, soft_wrap=True)
             return 1
     console.rule(f"done: {paths.run_dir}")
     return 0

@@ -57,13 +57,20 @@ def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, deta
         console.log(f"detached from job {job_id}; reattach with: python -m cratescale.launch status {paths.run_dir}")
         raise SystemExit(0) from None
     if status["state"] != "COMPLETED" or not status["finished"]:
-        error = ray.get(supervisor.error.remote())
-        raise StageError(f"pretrain: job {status['job_id']} ended {status['state']}: {error} "
-                         f"(logs: {paths.submitit_dir})")
+        raise StageError(failure_message(status, ray.get(supervisor.error.remote()), paths))
     console.log(f"pretrain: done at step {status['step']}, {status['restarts']} restarts, "
                 f"{status['lost_steps']} steps lost, {status['commits']} commits, first step after "
                 f"{status['first_step_s']} s")
     return status
+
+
+def failure_message(status: dict[str, Any], failure: dict[str, Any] | None, paths: RunPaths) -> str:
+    """How the job ended, where its logs are, and under that the failing rank's own last error line."""
+    head = f"pretrain: job {status['job_id']} ended {status['state']}"
+    if failure is None:
+        return f"{head} (logs: {paths.submitit_dir})"
+    why = ", not retried: the same config and data fail the same way" if failure["deterministic"] else ""
+    return f"{head}{why} (logs: {failure['log'] or paths.submitit_dir})\n  rank {failure['rank']}: {failure['line']}"
 
 
 def _ask_cancel() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from dataclasses import asdict
 from typing import Any
 
 import ray
@@ -15,6 +16,7 @@ import ray
 from cratescale.config import load_job, load_profile
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
+from cratescale.launch.failures import RankFailure, classify_failure, clear_failures, job_failure, may_retry
 from cratescale.launch.paths import RunPaths
 from cratescale.launch.progress import RunProgress
 
@@ -41,11 +43,15 @@ class Supervisor:
         self.submissions: list[str] = []
         self.resubmits = 0
         self.stalled = 0
-        self.progress_at_resubmit = -1
         self.progress = RunProgress(self.paths.run_dir)
+        self.step_at_submit = 0
+        self.failure: RankFailure | None = None
 
     def submit(self) -> str:
         executor = make_executor(self.job, self.profile, self.paths.submitit_dir / "%j")
+        clear_failures(self.paths.run_dir)
+        self.failure = None
+        self.step_at_submit = self.progress.update()["step"]
         if self.job.cluster.executor == "local":
             self.task.master_port = _free_port()
         self.submitit_job = executor.submit(self.task)
@@ -118,22 +124,21 @@ class Supervisor:
         return not info or info.get("JobState") in _DONE
 
     def _may_resubmit(self, summary: dict[str, Any]) -> bool:
-        # Resubmit after a preemption or crash, as SLURM's requeue would, while work keeps moving forward:
-        # a job that fails twice without a new step is broken, not unlucky.
-        if summary["finished"] or self.resubmits >= self.job.cluster.max_requeues:
+        # Resubmit after a preemption or a transient crash, as SLURM's requeue would; never after an error
+        # that the same config and data repeat (the console gets that rank's reason instead).
+        if summary["finished"]:
             return False
-        self.stalled = self.stalled + 1 if summary["step"] <= self.progress_at_resubmit else 0
-        self.progress_at_resubmit = summary["step"]
-        return self.stalled < 2
+        self.failure = job_failure(self.paths.run_dir, self.submitit_job, self.job.world_size)
+        retry, self.stalled = may_retry(classify_failure(self.failure), summary["step"] > self.step_at_submit,
+                                        self.stalled, self.resubmits, self.job.cluster.max_requeues)
+        return retry
 
-    def error(self) -> str | None:
+    def error(self) -> dict[str, Any] | None:
+        """The failing rank's reason (rank, line, deterministic, log), once the job ended without success."""
         if self.submitit_job is None:
             return None
-        try:
-            self.submitit_job.results()
-            return None
-        except Exception as exc:  # noqa: BLE001
-            return str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else type(exc).__name__
+        failure = self.failure or job_failure(self.paths.run_dir, self.submitit_job, self.job.world_size)
+        return asdict(failure) if failure else None
 
     def cancel(self) -> None:
         if self.submitit_job is not None:

@@ -368,3 +368,24 @@ def test_bad_cluster_input_exits_2_with_one_line_and_queues_nothing(case, extra,
     assert code == 2, out[-2000:] + err[-2000:]
     assert "\n" not in err and err.startswith("error: ") and message in err, err
     assert queued(name) == [] and not (run_dir / "submitit").exists()
+
+
+def test_deterministic_rank_error_ends_at_once_with_its_line(tmp_path, tiny_manifest, job_names):
+    """Issue 14.2 / 13.6 on SLURM: a rank's ExportError (the same on every attempt) is not requeued or
+    resubmitted, and the console shows that rank's own error line under its log path."""
+    name = job_names.new("determ")
+    export = tmp_path / "bad_export"
+    export.mkdir()
+    (export / "export.json").write_text("{}")   # passes the launcher's preflight; every rank refuses it
+    run_dir = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "cratescale.launch", str(BASE_JOB),
+                          *job_overrides(run_dir, tiny_manifest, name, ["cluster.max_requeues=5",
+                                                                         f"checkpoint.start_fresh_from_weights={export}"])],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("error: pretrain: job"))
+    assert "ended FAILED, not retried" in lines[head] and "_log.err" in lines[head], lines[head]
+    assert lines[head + 1].startswith("  rank 0: ExportError: export: "), lines[head:head + 2]
+    ids = launcher_job_ids(run_dir)
+    assert len(ids) == 1 and sacct_states(ids[0]) == ["FAILED"], (ids, sacct_states(ids[0]))

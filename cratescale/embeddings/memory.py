@@ -1,0 +1,169 @@
+"""Extraction memory, predicted before it is spent (issue 14.3), and the plan that follows from it.
+
+Peak host RSS of one extraction actor = a fixed process base (Python, torch, DALI, the manifest's columns)
++ the fp32 weights + the loader's batches in flight + the encoder's forward. On the CPU the forward
+materializes every block's attention scores and their softmax, 2 x heads x N x N floats per image (crate_mae_debug
+at 224 px, patch 8: 785 tokens, 4 heads, 18.8 MiB an image), so the encoder runs the batch in chunks whose
+scores stay under FORWARD_BUDGET: memory no longer grows with extract.batch_size beyond the loader's share.
+On a GPU the scores live in the kernel (SDPA) and in device memory; host RSS is base + weights + batches.
+Measured against predicted: BENCHMARKS.md "Extraction memory per actor".
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+GiB = 2**30
+MiB = 2**20
+# Python + torch + DALI + pandas/pyarrow + Ray worker, measured idle in an extraction actor (BENCHMARKS.md).
+PROCESS_BASE = 900 * MiB
+# Forward activations of a chunk on the CPU: at most 0.25 GiB (12 images of crate_mae_debug at 224 px) bounds the
+# peak; measured under load it encodes at 0.58-0.89 of the whole-batch speed (BENCHMARKS.md, a missed target):
+# a larger budget may buy the speed back where the node's memory allows.
+FORWARD_BUDGET = 256 * MiB
+# Float images of one batch held at once: DALI's output buffers (prefetch depth 2), the torch copy, the
+# re-cut concatenation of _shard_batches and its slice.
+BATCH_COPIES = 5
+# Per-token activations alive in a block besides the scores (x, U x, its head-major copy, attn @ w, the
+# projections, ISTA's two products, the norms), in units of embed_dim floats.
+TOKEN_WIDTHS = 12
+# Of a node's memory, the share actors may plan for (the rest: the object store, the driver, the OS, other users).
+NODE_SHARE = 0.7
+AUTO_BATCHES = (256, 128, 64, 32, 16, 8)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    batch_size: int
+    actors: int
+    chunk: int               # images per encoder forward
+    per_actor: int           # predicted peak RSS of one actor, bytes
+
+    def describe(self) -> str:
+        return (f"{self.actors} actors x batch {self.batch_size} (encoder chunks of {self.chunk}), "
+                f"{self.per_actor / GiB:.2f} GiB predicted per actor")
+
+
+def tokens_of(config: dict[str, Any], image_size: int | None = None) -> int:
+    side = int(image_size or config["img_size"]) // int(config["patch_size"])
+    return side * side + 1  # + the cls token
+
+
+def forward_bytes_per_image(config: dict[str, Any], image_size: int | None, device: str) -> int:
+    """Encoder forward under no_grad, one image: scores + softmax on the CPU, per-token activations always."""
+    n, d, heads = tokens_of(config, image_size), int(config["embed_dim"]), int(config["num_heads"])
+    if device == "cpu":
+        return 4 * (2 * heads * n * n + TOKEN_WIDTHS * n * d)
+    return 0  # on a GPU the forward lives in device memory, not in the actor's RSS
+
+
+def encode_chunk(config: dict[str, Any], image_size: int | None, device: str, batch_size: int) -> int:
+    per_image = forward_bytes_per_image(config, image_size, device)
+    return batch_size if per_image == 0 else max(1, min(batch_size, FORWARD_BUDGET // per_image))
+
+
+def weight_bytes(config: dict[str, Any]) -> int:
+    """fp32 encoder + decoder weights, from the widths (an export holds both)."""
+    d, depth = int(config["embed_dim"]), int(config["depth"])
+    dd, ddepth = int(config.get("decoder_embed_dim", d)), int(config.get("decoder_depth", 0))
+    # A CRATE block is about 3 d^2 (U, proj, ISTA's D); a ViT block 12 d^2: take the larger, an upper bound.
+    per_block = 12 if str(config.get("arch", "")).startswith("vit") else 3
+    return 4 * (per_block * (d * d * depth + dd * dd * ddepth) + tokens_of(config) * (d + dd))
+
+
+def predict_actor_bytes(config: dict[str, Any], image_size: int | None, batch_size: int, device: str = "cpu",
+                        chunk: int | None = None) -> int:
+    """Peak RSS of one actor encoding `batch_size` images per batch, the forward in chunks of `chunk`."""
+    side = int(image_size or config["img_size"])
+    chunk = encode_chunk(config, image_size, device, batch_size) if chunk is None else min(chunk, batch_size)
+    batches = BATCH_COPIES * batch_size * 3 * side * side * 4
+    return PROCESS_BASE + weight_bytes(config) + batches + chunk * forward_bytes_per_image(config, image_size, device)
+
+
+def plan_extraction(config: dict[str, Any], image_size: int | None, batch_size: int | str, actors: int | str, *,
+                    node_memory: list[float], node_slots: list[int], device: str = "cpu") -> MemoryPlan:
+    """Batch size and actor count that fit the nodes. node_memory: bytes per node; node_slots: actors each
+    node's CPUs (or GPUs) can hold. "auto" picks the largest batch and count that fit; a number is kept when
+    it fits and otherwise refused (batch) or lowered (actors, the caller says so)."""
+    budget = [m * NODE_SHARE for m in node_memory]
+    biggest = max(budget, default=0.0)
+    batches = AUTO_BATCHES if batch_size == "auto" else (int(batch_size),)
+    fitting = [b for b in batches if predict_actor_bytes(config, image_size, b, device) <= biggest]
+    if not fitting:
+        need = predict_actor_bytes(config, image_size, batches[-1], device)
+        raise ValueError(f"one actor needs {need / GiB:.1f} GiB at batch {batches[-1]}, the largest node offers "
+                          f"{biggest / GiB:.1f} GiB ({NODE_SHARE:.0%} of its memory): lower extract.batch_size")
+    want = sum(node_slots) if actors == "auto" else int(actors)
+    for batch in fitting:  # largest batch first; for auto, the largest that still gives every slot an actor
+        per_actor = predict_actor_bytes(config, image_size, batch, device)
+        fit = sum(min(slots, int(mem // per_actor)) for mem, slots in zip(budget, node_slots))
+        if fit == 0 and batch == fitting[-1]:
+            raise ValueError(f"no node has room for one actor (actors per node by CPUs or GPUs: {node_slots}, by "
+                             f"memory: {per_actor / GiB:.1f} GiB each): check extract.gpus_per_actor")
+        if fit >= want or batch_size != "auto" or batch == fitting[-1]:
+            return MemoryPlan(batch, max(1, min(want, fit)), encode_chunk(config, image_size, device, batch),
+                              per_actor)
+    raise AssertionError("unreachable")
+
+
+def cluster_nodes(cpus_per_actor: float, gpus_per_actor: float) -> tuple[list[float], list[int]]:
+    """(memory bytes, actor slots) of every alive Ray node: slots from GPUs when actors take GPUs, else CPUs."""
+    import ray
+
+    memory, slots = [], []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        memory.append(float(res.get("memory", 0.0)))
+        per = (res.get("GPU", 0.0) / gpus_per_actor) if gpus_per_actor else res.get("CPU", 0.0) / max(cpus_per_actor,
+                                                                                                     1e-9)
+        slots.append(int(math.floor(per + 1e-9)))
+    return memory, slots
+
+
+def available_memory() -> float:
+    """MemAvailable of this machine in bytes (the in-process extraction's budget)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+# An actor whose RSS passes this multiple of its prediction kills itself (SIGKILL, as the OOM killer would): Ray
+# reserved the prediction for it, and an actor far over it would push the node into the memory monitor, which
+# kills whatever runs newest (other actors, other users' work).
+RSS_LIMIT_FACTOR = 2.0
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssGuard:
+    """A daemon thread that SIGKILLs this process once its RSS exceeds `limit` bytes (0: off)."""
+
+    def __init__(self, limit: int, interval_s: float = 0.2) -> None:
+        self.limit, self.interval_s, self.thread = int(limit), interval_s, None
+
+    def start(self) -> None:
+        if self.limit > 0 and self.thread is None:
+            self.thread = threading.Thread(target=self._watch, name="rss-guard", daemon=True)
+            self.thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            rss = rss_bytes()
+            if rss > self.limit:
+                print(f"extract: actor pid {os.getpid()} RSS {rss / GiB:.2f} GiB is over its limit "
+                      f"{self.limit / GiB:.2f} GiB: killed for memory", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(self.interval_s)

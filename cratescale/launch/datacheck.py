@@ -1,0 +1,50 @@
+"""Preflight on the data, after ingest and before any job is queued (issue 14).
+
+The config checks in run.preflight need no data; these need the manifests. A run that cannot train (no
+full global batch of training samples, classes whose every sample went to `val`) or a transfer set that does
+not ingest to a usable manifest stops here with one line and exit 2, not as N failing ranks on a cluster.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from cratescale.config import ConfigError, JobConfig
+from cratescale.launch.paths import RunPaths
+
+
+def split_counts(manifest: Path) -> tuple[int, int, int]:
+    """(training samples, classes, classes without any training sample) of a manifest."""
+    table = pq.read_table(manifest, columns=["label", "split"])
+    labels = table.column("label").to_numpy()
+    train = table.column("split").to_numpy(zero_copy_only=False) == "train"
+    classes = set(labels.tolist())
+    return int(train.sum()), len(classes), len(classes - set(labels[train].tolist()))
+
+
+def check_manifest(field: str, manifest: Path, val_per_class: int, min_train: int = 1) -> None:
+    """One line naming `field` when the manifest has no rows, fewer than `min_train` training samples, or
+    classes that `val_per_class` emptied of training samples."""
+    if not manifest.is_file():
+        raise ConfigError(f"{field}: no manifest at {manifest} after ingest")
+    train, classes, emptied = split_counts(manifest)
+    if classes == 0:
+        raise ConfigError(f"{field}: {manifest} has no samples")
+    if emptied:
+        raise ConfigError(f"{field}: val_per_class {val_per_class} leaves {emptied} of {classes} classes without a "
+                          f"training sample ({manifest}); lower val_per_class")
+    if train < min_train:
+        raise ConfigError(f"{field}: {train} training samples in {manifest}, fewer than one global batch "
+                          f"({min_train}, schedule.global_batch); lower val_per_class or the global batch")
+
+
+def check_data(job: JobConfig, paths: RunPaths, stages: list[str]) -> None:
+    """Everything about the data that must hold before the first job is submitted; ingests transfer sets."""
+    if "pretrain" in stages:
+        check_manifest("data.val_per_class", paths.manifest, job.data.val_per_class, job.schedule.global_batch)
+    if job.extract.datasets and ({"extract", "evaluate"} & set(stages)):
+        from cratescale.launch.followups import transfer_manifests
+
+        for i, (dataset, manifest) in enumerate(zip(job.extract.datasets, transfer_manifests(job, paths).values())):
+            check_manifest(f"extract.datasets.{i}.val_per_class", manifest, dataset.val_per_class)

@@ -1,0 +1,115 @@
+"""Why a training job failed, and whether another attempt could succeed (issues 14.2 and 13.6).
+
+A rank that raises writes `<run_dir>/failures/rank<r>.json` (its exception and message, and whether the error
+is deterministic) before it exits, so the supervisor reads the reason for the local and the SLURM executor
+alike, without parsing logs. `classify_failure` is the one place that decides retry or stop; extend it there
+(for example with node-failure states of multi-node SLURM jobs).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cratescale.engine.state import ResumeError
+
+# Errors that a new attempt on the same config and data repeats: the project's own config, data, resume-identity
+# and bad-data errors are ValueErrors (ConfigError, ManifestError, SamplerError, SourceError, ModelConfigError,
+# ExportError, StoreError, CheckpointCorruptError) or named here; TypeError/ImportError and kin are code or
+# environment errors no requeue cures. Anything else (a gloo/NCCL RuntimeError after a peer died, an OSError of a
+# flaky file system, a rank killed with no exception at all) is taken as transient and keeps the requeue path.
+DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, AttributeError, ImportError,
+                                                         NotImplementedError, ResumeError)
+Kind = Literal["deterministic", "transient"]
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    rank: int
+    line: str           # "ResumeError: <its message's first line>"
+    deterministic: bool
+    log: str = ""       # that rank's stderr log, where the whole traceback is
+
+
+def failures_dir(run_dir: Path | str) -> Path:
+    return Path(run_dir) / "failures"
+
+
+def error_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:400]}" if text else type(err).__name__
+
+
+def record_failure(run_dir: Path | str, rank: int, err: BaseException) -> None:
+    """Called by a rank on its way out; never raises (the original exception is what matters)."""
+    try:
+        folder = failures_dir(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        failure = RankFailure(rank, error_line(err), isinstance(err, DETERMINISTIC_ERRORS))
+        tmp = folder / f"rank{rank}.json.tmp"
+        tmp.write_text(json.dumps(asdict(failure)))
+        tmp.replace(folder / f"rank{rank}.json")
+    except OSError:
+        pass
+
+
+def clear_failures(run_dir: Path | str) -> None:
+    """Before a new attempt: reasons of an earlier one must not be read as this one's."""
+    shutil.rmtree(failures_dir(run_dir), ignore_errors=True)
+
+
+def job_failure(run_dir: Path | str, submitit_job: Any, world_size: int) -> RankFailure | None:
+    """The failing rank's reason: a deterministic one first, then the lowest rank that recorded one, else the
+    last line of the first failed task's traceback (submitit), else None (killed: nothing raised)."""
+    recorded = []
+    for path in sorted(failures_dir(run_dir).glob("rank*.json")):
+        try:
+            recorded.append(RankFailure(**json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue
+    recorded.sort(key=lambda f: (not f.deterministic, f.rank))
+    if recorded:
+        first = recorded[0]
+        return RankFailure(first.rank, first.line, first.deterministic, _log_of(submitit_job, first.rank))
+    for rank in range(world_size):
+        line = _traceback_line(submitit_job, rank)
+        if line:
+            return RankFailure(rank, line, False, _log_of(submitit_job, rank))
+    return None
+
+
+def _log_of(submitit_job: Any, rank: int) -> str:
+    try:
+        return str(submitit_job.task(rank).paths.stderr)
+    except Exception:  # noqa: BLE001 - a path for the message only
+        return ""
+
+
+def _traceback_line(submitit_job: Any, rank: int) -> str | None:
+    """Last line of a finished task's traceback (a crash in code that did not record: the pickling, the entry)."""
+    from submitit.core.utils import FailedJobError
+
+    try:
+        task = submitit_job.task(rank)
+        err = task.exception() if task.done() else None
+    except Exception:  # noqa: BLE001 - no result to read
+        return None
+    if not isinstance(err, FailedJobError):
+        return None
+    trace = str(err).split("----------------------")
+    lines = [line for line in (trace[1] if len(trace) > 2 else "").splitlines() if line.strip()]
+    return lines[-1].strip()[:500] if lines else None
+
+
+def classify_failure(failure: RankFailure | None) -> Kind:
+    """Deterministic: the same config and data fail the same way; stop at once. Transient: requeue."""
+    return "deterministic" if failure is not None and failure.deterministic else "transient"
+
+
+def may_retry(kind: Kind, progressed: bool, stalled: int, resubmits: int, max_requeues: int) -> tuple[bool, int]:
+    """(retry?, consecutive attempts without progress). A failure with no new step since the last attempt is
+    retried at most once: a job that fails twice without a step is broken, not unlucky."""
+    stalled = 0 if progressed else stalled + 1
+    return kind == "transient" and resubmits < max_requeues and stalled <= 1, stalled

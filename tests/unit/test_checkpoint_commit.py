@@ -138,6 +138,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_abort_without_cause_and_universal_needs_a_deepspeed_checkpoint(tmp_path: Path) -> None:
+    from cratescale.checkpoint.layout import LayoutError
     from cratescale.checkpoint.universal import ensure_universal
 
     store = CheckpointStore(tmp_path)
@@ -147,6 +148,7 @@ def test_abort_without_cause_and_universal_needs_a_deepspeed_checkpoint(tmp_path
     assert isinstance(err, CheckpointWriteError) and "checkpoint step 2 at" in str(err) and "aborted" in str(err)
     assert not store.tmp_path(2).exists()
     commit = store.save(3, _writer(b"not deepspeed"))
-    with pytest.raises(FileNotFoundError, match=r"checkpoint step 3: no DeepSpeed checkpoint in .*step_000000003/ds"):
+    # a layout the code does not recognise is an error naming the files it found, never a guess (issue 12)
+    with pytest.raises(LayoutError, match=r"step_000000003/ds: unrecognised DeepSpeed file\(s\) \['model.pt'\]"):
         ensure_universal(commit)
     assert not (tmp_path / "step_000000003.universal").exists()

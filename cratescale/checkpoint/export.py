@@ -124,15 +124,20 @@ def load_export(out_dir: Path | str) -> tuple[dict[str, torch.Tensor], dict[str,
     return state, header["model_config"], header["provenance"]
 
 
-def _stage0_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+def _module_states(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The module entry of the (single, ZeRO 0-2) model states file."""
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     # Our own checkpoint, written by this run's DeepSpeed engine (DeepSpeed's format needs full unpickling).
-    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]  # trusted: own DS checkpoint
+    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]  # trusted: own DS checkpoint
+
+
+def _stage0_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    module = _module_states(tag_dir)
     low = sorted(k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32)
     if low:
         # ZeRO-0 under bf16 keeps the fp32 master copy in its optimizer state as unnamed flat groups: the
         # module here is the bf16-rounded copy, which must not pass for fp32 weights.
-        raise ExportError(f"consolidate: {files[0]} holds {module[low[0]].dtype} weights ({low[0]}, ...) and no "
+        raise ExportError(f"consolidate: {tag_dir} holds {module[low[0]].dtype} weights ({low[0]}, ...) and no "
                           f"ZeRO optimizer partitions with the fp32 master weights; export a bf16 run trained "
                           f"with ZeRO 1-3 (parallel.zero_stage), or an fp32 run")
     return dict(module)
@@ -158,7 +163,19 @@ def consolidate(commit: Commit) -> Consolidated:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(commit.path), tag=DS_TAG)
+    if not layout.zero3:
+        _add_frozen(state, tag_dir)
     return Consolidated({k: v.contiguous() for k, v in state.items()}, str(layout.precision), layout.stages)
+
+
+def _add_frozen(state: dict[str, torch.Tensor], tag_dir: Path) -> None:
+    """ZeRO-1 saves no frozen parameters with its partitions (DeepSpeed 0.19 does for ZeRO 2-3 only), so
+    zero_to_fp32 leaves out e.g. the fixed sin-cos position tables. They are never trained: the model states'
+    copy is their value (widened; in a bf16 run the bf16 value the run computed with, as ZeRO 2-3 give it)."""
+    module = _module_states(tag_dir)
+    for name, tensor in module.items():
+        if name not in state:
+            state[name] = tensor.float() if tensor.is_floating_point() else tensor
 
 
 def consolidate_fp32(commit: Commit) -> dict[str, torch.Tensor]:

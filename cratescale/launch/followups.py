@@ -27,17 +27,44 @@ def _datasets(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
     return manifests
 
 
+def init_store(paths: RunPaths, name: str) -> Path:
+    """Where the initialization baseline's embeddings of dataset `name` live."""
+    return paths.embeddings / f"{name}.init"
+
+
+def write_init_export(job: JobConfig, paths: RunPaths) -> Path:
+    """The architecture at its initialization (the trainer's build_model, same seed) as an export."""
+    from cratescale.checkpoint.export import export_weights
+    from cratescale.config import config_hash
+    from cratescale.engine.trainer import build_model
+
+    if not (paths.init_export / "export.json").exists():
+        model = build_model(job)
+        export_weights(model.state_dict(), model.config, {"run": job.name, "step": 0, "init": True,
+                                                          "seed": job.seed, "config_hash": config_hash(job)},
+                       paths.init_export, overwrite=True)
+    return paths.init_export
+
+
 def run_extract(job: JobConfig, paths: RunPaths) -> None:
-    from cratescale.embeddings.extract import extract
+    from cratescale.embeddings.extract import extract, read_export_header
 
     if not (paths.export / "export.json").exists():
         raise StageError(f"extract: no export in {paths.export} (run the export stage first)")
+    layers = list(job.extract.layers)
+    if job.evaluate.layers:  # every encoder layer, for the per-layer probes
+        layers += range(int(read_export_header(paths.export)["model_config"]["depth"]))
+    exports = {"": paths.export}
+    if "init" in job.evaluate.baselines:
+        exports["init"] = write_init_export(job, paths)
     for name, manifest in _datasets(job, paths).items():
-        store = extract(paths.export, manifest, paths.embeddings / name, features=job.extract.features,
-                        layers=job.extract.layers, dtype=job.extract.dtype, batch_size=job.extract.batch_size,
-                        actors=job.extract.actors, image_size=job.data.image_size, loader_kind=job.data.loader,
-                        ray_address=job.cluster.ray_address, shard_rows=job.extract.shard_rows)
-        console.log(f"extract: {name} -> {store}")
+        for which, export in exports.items():
+            out = init_store(paths, name) if which else paths.embeddings / name
+            store = extract(export, manifest, out, features=job.extract.features, layers=layers,
+                            dtype=job.extract.dtype, batch_size=job.extract.batch_size, actors=job.extract.actors,
+                            image_size=job.data.image_size, loader_kind=job.data.loader,
+                            ray_address=job.cluster.ray_address, shard_rows=job.extract.shard_rows)
+            console.log(f"extract: {name}{' (init)' if which else ''} -> {store}")
 
 
 def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
@@ -46,11 +73,15 @@ def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
     summary = {}
     for name, manifest in _datasets(job, paths).items():
         out = paths.report / name
+        init = "init" in job.evaluate.baselines
         written = evaluate(paths.export, paths.embeddings / name, manifest, out,
                            features=[job.evaluate.feature], knn_k=job.evaluate.knn_k,
                            knn_temperature=job.evaluate.knn_temperature, probe=job.evaluate.probe,
                            diagnostics=job.evaluate.diagnostics, diagnostic_images=job.evaluate.diagnostic_images,
-                           image_size=job.data.image_size, loader_kind=job.data.loader, seed=job.seed)
+                           image_size=job.data.image_size, loader_kind=job.data.loader, seed=job.seed,
+                           init_export=paths.init_export if init else None,
+                           init_store=init_store(paths, name) if init else None,
+                           pixels="pixels" in job.evaluate.baselines, layers=job.evaluate.layers)
         summary[name] = {key: str(path) for key, path in written.items()}
         table = out / "results.md"
         if table.exists():

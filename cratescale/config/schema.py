@@ -175,6 +175,11 @@ class EvaluateConfig(Strict):
     probe: bool = True
     diagnostics: bool = True
     diagnostic_images: int = Field(8, gt=0)
+    # Beside the pretrained features, the same protocol on: "init" (the same architecture at its
+    # initialization, same seed; extract embeds it too) and "pixels" (raw pixels at the model's input size).
+    baselines: list[Literal["init", "pixels"]] = Field(default_factory=lambda: ["init", "pixels"])
+    # Probe + kNN on every encoder layer's mean-pooled output (extract adds every layer to the stores).
+    layers: bool = True
 
 
 class JobConfig(Strict):

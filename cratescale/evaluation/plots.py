@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-TITLES = {"coding_rate_subspace": "compression term $R^c(Z^\\ell; U^\\ell)$",
+TITLES = {"probe": "linear probe top-1 (%)", "knn": "kNN top-1 (%)",
+          "coding_rate_subspace": "compression term $R^c(Z^\\ell; U^\\ell)$",
           "coding_rate": "coding rate $R(Z^\\ell)$", "zero_fraction": "ISTA output: fraction of zeros",
           "l0": "ISTA output: nonzeros per token", "l1": "ISTA output: $\\ell_1$ per token",
           "l0_over_l1": "ISTA output: $\\ell_0/\\ell_1$ per token"}
@@ -28,25 +29,43 @@ def _save(fig, path: Path | str) -> Path:
 def plot_layer_curves(curves: Mapping[str, Sequence[float]], path: Path | str,
                       stds: Mapping[str, Sequence[float]] | None = None, title: str = "") -> Path:
     """One panel per metric, x = encoder layer (1-based), error bars = std over images."""
-    names = list(curves)
+    return plot_layer_comparison({"": curves}, path, stds={"": stds or {}}, title=title)
+
+
+def plot_layer_comparison(runs: Mapping[str, Mapping[str, Sequence[float]]], path: Path | str, *,
+                          stds: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+                          refs: Mapping[str, Mapping[str, float]] | None = None, title: str = "") -> Path:
+    """One panel per metric (the union over runs, first run's order), one line per run (e.g. pretrained and
+    init on the same axes), x = encoder layer (1-based); `refs` = {metric: {label: y}} draws dashed
+    horizontal lines (e.g. the raw-pixel probe)."""
+    names = list(dict.fromkeys(n for curves in runs.values() for n in curves))
     if not names:
         raise ValueError("plot_layer_curves: no curves given")
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        y = np.asarray(curves[name], dtype=float)
-        x = np.arange(1, len(y) + 1)
-        err = np.asarray(stds[name], dtype=float) if stds and name in stds else None
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3)
+        for i, (label, curves) in enumerate(runs.items()):
+            if name not in curves:
+                continue
+            y = np.asarray(curves[name], dtype=float)
+            x = np.arange(1, len(y) + 1)
+            err = (stds or {}).get(label, {}).get(name)
+            ax.errorbar(x, y, yerr=None if err is None else np.asarray(err, float), marker="o", capsize=3,
+                        color=f"C{i}", label=label or None)
+            ax.set_xticks(x)
+        for j, (label, y) in enumerate((refs or {}).get(name, {}).items()):
+            ax.axhline(y, color=f"C{len(runs) + j}", linestyle="--", label=label)
         ax.set_title(TITLES.get(name, name), fontsize=9)
         ax.set_xlabel("layer")
-        ax.set_xticks(x)
         ax.grid(alpha=0.3)
+        if any(runs) or (refs or {}).get(name):
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -101,17 +120,26 @@ def plot_reconstruction_grid(original: np.ndarray, masked: np.ndarray, recon: np
     return _save(fig, path)
 
 
-def plot_results(results: Mapping[str, Mapping[str, float]], path: Path | str) -> Path:
-    """Bar chart of top-1 per evaluation (e.g. 'cls / knn', 'cls / linear_probe')."""
-    names = list(results)
+def plot_comparison(table: Mapping[str, Mapping[str, float | None]], path: Path | str,
+                    models: Sequence[str] = ("pretrained", "init", "pixels")) -> Path:
+    """Grouped bars: top-1 (%) of each model per evaluation (rows of `protocol.compare`)."""
+    names = list(table)
     if not names:
-        raise ValueError("plot_results: no results given")
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names)), 3.2))
-    top1 = [100.0 * results[n]["top1"] for n in names]
-    ax.bar(range(len(names)), top1, color="C0")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        raise ValueError("plot_comparison: no results given")
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.0 * len(names)), 3.4))
+    for j, model in enumerate(models):
+        label = model  # once per model, on its first bar
+        for i, name in enumerate(names):
+            v = table[name].get(model)
+            if v is None:
+                continue
+            x = i + (j - (len(models) - 1) / 2) * width
+            ax.bar(x, v, width, color=f"C{j}", label=label)
+            ax.text(x, v + 1, f"{v:.1f}", ha="center", fontsize=7)
+            label = None
+    ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylabel("top-1 (%)")
     ax.set_ylim(0, 100)
-    for i, v in enumerate(top1):
-        ax.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=8)
+    ax.legend(fontsize=8)
     return _save(fig, path)

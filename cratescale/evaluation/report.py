@@ -1,8 +1,11 @@
-"""Evaluation entry points: probe + kNN on a stored embedding split, diagnostics, and the report folder.
+"""Evaluation entry points: probe + kNN on a stored embedding split next to its baselines (the same
+architecture at initialization, raw pixels), per-layer probes, diagnostics, and the report folder.
 
 `write_report(out_dir, ...)` writes:
-  metrics.json          probe/kNN results, per-layer diagnostic curves, anything passed as `extra`
-  results.md            the markdown table of top-1 per feature and method
+  metrics.json          results (pretrained), baselines (init, pixels), comparison (top-1 % and the
+                        difference in points), per-layer results and the best layer, diagnostic curves
+                        (pretrained and init), anything passed as `extra`
+  results.md            the side-by-side table (pretrained | init | raw pixels | differences), per-layer table
   results.png, layers.png, attention.png, pca.png, reconstructions.png   (those that have inputs)
 """
 from __future__ import annotations
@@ -15,63 +18,65 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from cratescale.embeddings.store import EmbeddingStore
 from cratescale.evaluation import plots
 from cratescale.evaluation.diagnostics import denormalize, reconstructions, run_diagnostics
-from cratescale.evaluation.knn import knn_eval
-from cratescale.evaluation.probe import linear_probe
+from cratescale.evaluation.protocol import (MODELS, best_layer, compare, evaluate_layers, evaluate_pixels,
+                                            evaluate_store)
 
 
-def load_split(store: EmbeddingStore, feature: str, split: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(features float32 (n, d), labels (n,), rows left out) of one split, committed shards only. Rows whose
-    image could not be read or decoded at extraction (valid False, NaN features) are left out and counted."""
-    meta = store.metadata()
-    of_split = meta.loc[meta.split == split]
-    rows = np.sort(of_split.loc[of_split.valid, "row"].to_numpy())
-    if len(rows) == 0:
-        have = sorted(meta.split.unique()) if len(meta) else []
-        raise ValueError(f"{store.root}: no committed rows of split {split!r} with a decoded image "
-                         f"({len(of_split)} rows, splits present: {have})")
-    x = store.read(feature, rows).astype(np.float32)
-    y = meta.set_index("row").loc[rows, "label"].to_numpy().astype(np.int64)
-    return x, y, len(of_split) - len(rows)
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
-def evaluate_store(store_dir: Path | str, *, features: Sequence[str] = ("cls",), train_split: str = "train",
-                   test_split: str = "val", knn_k: int = 20, knn_temperature: float = 0.07, probe: bool = True,
-                   seed: int = 0) -> dict[str, dict[str, Any]]:
-    """{"<feature>/knn": ..., "<feature>/linear_probe": ...} on a store's train and test splits."""
-    store = EmbeddingStore(store_dir)
-    if store.missing():
-        raise ValueError(f"{store.root}: {len(store.missing())} of {store.info.num_shards} shards are not "
-                         f"committed; finish the extraction first")
-    results: dict[str, dict[str, Any]] = {}
-    for feature in features:
-        tr_x, tr_y, tr_out = load_split(store, feature, train_split)
-        te_x, te_y, te_out = load_split(store, feature, test_split)
-        left_out = {train_split: tr_out, test_split: te_out}
-        results[f"{feature}/knn"] = {**knn_eval(tr_x, tr_y, te_x, te_y, k=knn_k, temperature=knn_temperature),
-                                     "left_out": left_out}
-        if probe:
-            results[f"{feature}/linear_probe"] = {**linear_probe(tr_x, tr_y, te_x, te_y, seed=seed),
-                                                  "left_out": left_out}
-    if tr_out or te_out:
-        print(f"[cratescale] evaluate: left out {tr_out} {train_split} and {te_out} {test_split} rows whose image "
-              f"could not be decoded at extraction (valid=False in {store.root / 'metadata'})", flush=True)
-    return results
+def _points(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}"
 
 
-def results_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    lines = ["| feature | method | top-1 (%) | detail | train / test |", "|---|---|---|---|---|"]
+def results_table(results: Mapping[str, Mapping[str, Any]],
+                  baselines: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None) -> str:
+    """Top-1 of the pretrained features beside init and raw pixels (same protocol), with the differences."""
+    table = compare(results, baselines or {})
+    lines = ["| feature | method | pretrained (%) | init (%) | raw pixels (%) | vs init (points) | "
+             "vs pixels (points) | detail | train / test |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         feature = name.split("/")[0]
         if r["method"] == "knn":
             detail = f"k={r['k']}, T={r['temperature']}, top-5 {100 * r['top5']:.2f}"
         else:
             detail = f"C={r['best_C']:g}"
-        lines.append(f"| {feature} | {r['method']} | {100 * r['top1']:.2f} | {detail} | "
-                     f"{r['n_train']} / {r['n_test']} |")
+        row = table[name]
+        lines.append(f"| {feature} | {r['method']} | {_pct(row['pretrained'])} | {_pct(row['init'])} | "
+                     f"{_pct(row['pixels'])} | {_points(row['vs_init'])} | {_points(row['vs_pixels'])} | "
+                     f"{detail} | {r['n_train']} / {r['n_test']} |")
     return "\n".join(lines) + "\n"
+
+
+def layers_table(layers: Mapping[str, Mapping[int, Mapping[str, Mapping[str, Any]]]],
+                 best: Mapping[str, Any] | None) -> str:
+    """Per-layer top-1 (%) of every method, pretrained and init side by side, and the best layer."""
+    models = [m for m in MODELS if layers.get(m)]
+    methods = list(next(iter(layers[models[0]].values())))
+    head = [f"{method} {model}" for method in methods for model in models]
+    lines = ["| layer | " + " | ".join(head) + " |", "|---" * (1 + len(head)) + "|"]
+    for layer in layers[models[0]]:
+        cells = [_pct(100 * layers[m][layer][method]["top1"]) if layer in layers[m] else "-"
+                 for method in methods for m in models]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    if best:
+        lines.append(f"\nBest layer (pretrained, {best['method']}): {best['layer']} "
+                     f"({100 * best['top1']:.2f}%)")
+    return "\n".join(lines) + "\n"
+
+
+def layer_curves(layers: Mapping[int, Mapping[str, Mapping[str, Any]]],
+                 diagnostics: Mapping[str, Any] | None) -> dict[str, list[float]]:
+    """Probe and kNN top-1 (%) per layer, followed by the diagnostics' curves, for one model."""
+    curves: dict[str, list[float]] = {}
+    for method, key in (("linear_probe", "probe"), ("knn", "knn")):
+        if layers and all(method in v for v in layers.values()):
+            curves[key] = [100 * layers[i][method]["top1"] for i in sorted(layers)]
+    curves.update((diagnostics or {}).get("curves", {}))
+    return curves
 
 
 def _jsonable(x: Any) -> Any:
@@ -89,27 +94,51 @@ def _jsonable(x: Any) -> Any:
 def write_report(out_dir: Path | str, *, results: Mapping[str, Mapping[str, Any]] | None = None,
                  diagnostics: Mapping[str, Any] | None = None, images: torch.Tensor | None = None,
                  model: torch.nn.Module | None = None, seed: int = 0,
-                 extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                 extra: Mapping[str, Any] | None = None,
+                 baselines: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+                 layers: Mapping[str, Mapping[int, Mapping[str, Any]]] | None = None,
+                 init_diagnostics: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write metrics.json, results.md and the PNGs that the given inputs allow; returns {name: path}.
-    `images` (normalized (B, 3, H, W)) are the batch `diagnostics` was computed on; with `model` they
-    also give the reconstruction grid."""
+    `results` are the pretrained features', `baselines` {"init": ..., "pixels": ...} the same protocol on
+    the baselines, `layers` {"pretrained"|"init": {layer: {method: result}}}. `images` (normalized
+    (B, 3, H, W)) are the batch `diagnostics` was computed on; with `model` they also give the
+    reconstruction grid."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    metrics: dict[str, Any] = {"results": dict(results or {}), "extra": dict(extra or {})}
+    baselines, layers = dict(baselines or {}), {k: v for k, v in (layers or {}).items() if v}
+    metrics: dict[str, Any] = {"results": dict(results or {}), "baselines": baselines,
+                               "extra": dict(extra or {})}
+    md = []
     if results:
-        (out / "results.md").write_text(results_table(results))
+        metrics["comparison"] = compare(results, baselines)
+        md.append(results_table(results, baselines))
+        written["results.png"] = plots.plot_comparison(metrics["comparison"], out / "results.png")
+    if layers:
+        metrics["layers"] = layers
+        metrics["best_layer"] = best_layer(layers.get("pretrained", {}))
+        md.append("## Per layer (mean-pooled block output), top-1 (%)\n\n" +
+                  layers_table(layers, metrics["best_layer"]))
+    if md:
+        (out / "results.md").write_text("\n".join(md))
         written["results.md"] = out / "results.md"
-        written["results.png"] = plots.plot_results(results, out / "results.png")
-    if diagnostics:
-        metrics["diagnostics"] = {k: v for k, v in diagnostics.items() if k not in ("attention", "pca")}
-        written["layers.png"] = plots.plot_layer_curves(diagnostics["curves"], out / "layers.png",
-                                                         stds=diagnostics.get("curves_std"))
-        if images is not None:
-            shown = denormalize(images)
-            written["attention.png"] = plots.plot_attention_grid(shown, diagnostics["attention"],
-                                                                 out / "attention.png")
-            written["pca.png"] = plots.plot_pca(shown, diagnostics["pca"], out / "pca.png")
+    runs = {"pretrained": layer_curves(layers.get("pretrained", {}), diagnostics)}
+    if init_diagnostics or layers.get("init"):
+        runs["init"] = layer_curves(layers.get("init", {}), init_diagnostics)
+    stds = {"pretrained": (diagnostics or {}).get("curves_std", {}),
+            "init": (init_diagnostics or {}).get("curves_std", {})}
+    refs = {key: {"raw pixels": 100 * baselines["pixels"][f"pixels/{method}"]["top1"]}
+            for method, key in (("linear_probe", "probe"), ("knn", "knn"))
+            if f"pixels/{method}" in baselines.get("pixels", {}) and key in runs["pretrained"]}
+    if any(runs.values()):
+        written["layers.png"] = plots.plot_layer_comparison(runs, out / "layers.png", stds=stds, refs=refs)
+    for key, diag in (("diagnostics", diagnostics), ("diagnostics_init", init_diagnostics)):
+        if diag:
+            metrics[key] = {k: v for k, v in diag.items() if k not in ("attention", "pca")}
+    if diagnostics and images is not None:
+        shown = denormalize(images)
+        written["attention.png"] = plots.plot_attention_grid(shown, diagnostics["attention"], out / "attention.png")
+        written["pca.png"] = plots.plot_pca(shown, diagnostics["pca"], out / "pca.png")
     if model is not None and images is not None:
         r = reconstructions(model, images, seed=seed)
         metrics["reconstruction_mask_ratio"] = r["mask_ratio"]
@@ -142,19 +171,36 @@ def diagnostic_batch(manifest_path: Path | str, n: int, image_size: int, *, spli
 def evaluate(export_dir: Path | str, store_dir: Path | str, manifest_path: Path | str, out_dir: Path | str, *,
              features: Sequence[str] = ("cls",), knn_k: int = 20, knn_temperature: float = 0.07,
              probe: bool = True, diagnostics: bool = True, diagnostic_images: int = 8,
-             image_size: int | None = None, loader_kind: str = "auto", seed: int = 0) -> dict[str, Path]:
-    """The evaluate stage: probe + kNN on the store, diagnostics + reconstructions of the export's model on
-    a fixed batch, all written to out_dir."""
-    from cratescale.embeddings.extract import load_model
+             image_size: int | None = None, loader_kind: str = "auto", seed: int = 0,
+             init_export: Path | str | None = None, init_store: Path | str | None = None,
+             pixels: bool = True, layers: bool = True) -> dict[str, Path]:
+    """The evaluate stage: probe + kNN on the store, the same on `init_store` (the architecture at its
+    initialization) and on raw pixels of the same rows, per-layer probes on every stored layer (pooled as
+    the first feature), diagnostics of the export's model and of `init_export` on a fixed batch."""
+    from cratescale.embeddings.extract import load_model, read_export_header
 
-    results = evaluate_store(store_dir, features=features, knn_k=knn_k, knn_temperature=knn_temperature,
-                             probe=probe, seed=seed)
-    diag, images, model = None, None, None
+    protocol = dict(knn_k=knn_k, knn_temperature=knn_temperature, probe=probe, seed=seed)
+    size = int(image_size or read_export_header(export_dir)["model_config"]["img_size"])
+    results = evaluate_store(store_dir, features=features, **protocol)
+    baselines: dict[str, dict[str, Any]] = {}
+    if init_store is not None:
+        baselines["init"] = evaluate_store(init_store, features=features, **protocol)
+    if pixels:
+        baselines["pixels"] = evaluate_pixels(store_dir, manifest_path, size, loader_kind=loader_kind, **protocol)
+    per_layer: dict[str, dict] = {}
+    if layers:
+        pool = "mean" if "mean" in features else features[0]
+        per_layer["pretrained"] = evaluate_layers(store_dir, pool, **protocol)
+        if init_store is not None:
+            per_layer["init"] = evaluate_layers(init_store, pool, **protocol)
+    diag = init_diag = images = model = None
     if diagnostics:
-        model, provenance = load_model(export_dir)
-        size = int(image_size or model.img_size)
+        model, _ = load_model(export_dir)
         images = diagnostic_batch(manifest_path, diagnostic_images, size, loader_kind=loader_kind)
         diag = run_diagnostics(model, images)
-    extra = {"export": str(export_dir), "store": str(store_dir)}
+        if init_export is not None:
+            init_diag = run_diagnostics(load_model(init_export)[0], images)
+    extra = {"export": str(export_dir), "store": str(store_dir), "init_export": init_export and str(init_export),
+             "init_store": init_store and str(init_store), "image_size": size}
     return write_report(out_dir, results=results, diagnostics=diag, images=images, model=model, seed=seed,
-                        extra=extra)
+                        extra=extra, baselines=baselines, layers=per_layer, init_diagnostics=init_diag)

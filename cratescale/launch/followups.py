@@ -42,23 +42,48 @@ def loader_options(job: JobConfig) -> dict:
             "prefetch_depth": data.prefetch_depth}
 
 
+def init_store(paths: RunPaths, name: str) -> Path:
+    """Where the initialization baseline's embeddings of dataset `name` live."""
+    return paths.embeddings / f"{name}.init"
+
+
+def write_init_export(job: JobConfig, paths: RunPaths) -> Path:
+    """The architecture at its initialization (the trainer's build_model, same seed) as an export."""
+    from cratescale.checkpoint.export import export_weights
+    from cratescale.engine.trainer import build_model
+
+    if not (paths.init_export / "export.json").exists():
+        model = build_model(job)
+        export_weights(model.state_dict(), model.config, {"run": job.name, "step": 0, "init": True,
+                                                          "seed": job.seed}, paths.init_export, overwrite=True)
+    return paths.init_export
+
+
 def run_extract(job: JobConfig, paths: RunPaths) -> None:
-    from cratescale.embeddings.extract import ExtractionError, extract
+    from cratescale.embeddings.extract import ExtractionError, extract, read_export_header
 
     if not (paths.export / "export.json").exists():
         raise StageError(f"extract: no export in {paths.export} (run the export stage first)")
     ex = job.extract
+    layers = list(ex.layers)
+    if job.evaluate.layers:  # every encoder layer, for the per-layer probes
+        layers += range(int(read_export_header(paths.export)["model_config"]["depth"]))
+    exports = {"": paths.export}
+    if "init" in job.evaluate.baselines:
+        exports["init"] = write_init_export(job, paths)
     for name, manifest in _datasets(job, paths).items():
-        try:
-            store = extract(paths.export, manifest, paths.embeddings / name, features=ex.features, layers=ex.layers,
-                            dtype=ex.dtype, batch_size=ex.batch_size, actors=ex.actors,
-                            image_size=job.data.image_size, loader_kind=job.data.loader,
-                            ray_address=job.cluster.ray_address, shard_rows=ex.shard_rows,
-                            num_gpus_per_actor=ex.gpus_per_actor, max_restarts=ex.max_restarts,
-                            threads_per_actor=job.data.num_threads, loader_options=loader_options(job))
-        except ExtractionError as err:  # one line: the cause and the knobs; committed shards are kept
-            raise StageError(f"{name}: {err}") from None
-        console.log(f"extract: {name} -> {store}")
+        for which, export in exports.items():
+            out = init_store(paths, name) if which else paths.embeddings / name
+            try:
+                store = extract(export, manifest, out, features=ex.features, layers=layers, dtype=ex.dtype,
+                                batch_size=ex.batch_size, actors=ex.actors, image_size=job.data.image_size,
+                                loader_kind=job.data.loader, ray_address=job.cluster.ray_address,
+                                shard_rows=ex.shard_rows, num_gpus_per_actor=ex.gpus_per_actor,
+                                max_restarts=ex.max_restarts, threads_per_actor=job.data.num_threads,
+                                loader_options=loader_options(job))
+            except ExtractionError as err:  # one line: the cause and the knobs; committed shards are kept
+                raise StageError(f"{name}{' (init)' if which else ''}: {err}") from None
+            console.log(f"extract: {name}{' (init)' if which else ''} -> {store}")
 
 
 def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
@@ -67,11 +92,15 @@ def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
     summary = {}
     for name, manifest in _datasets(job, paths).items():
         out = paths.report / name
+        init = "init" in job.evaluate.baselines
         written = evaluate(paths.export, paths.embeddings / name, manifest, out,
                            features=[job.evaluate.feature], knn_k=job.evaluate.knn_k,
                            knn_temperature=job.evaluate.knn_temperature, probe=job.evaluate.probe,
                            diagnostics=job.evaluate.diagnostics, diagnostic_images=job.evaluate.diagnostic_images,
-                           image_size=job.data.image_size, loader_kind=job.data.loader, seed=job.seed)
+                           image_size=job.data.image_size, loader_kind=job.data.loader, seed=job.seed,
+                           init_export=paths.init_export if init else None,
+                           init_store=init_store(paths, name) if init else None,
+                           pixels="pixels" in job.evaluate.baselines, layers=job.evaluate.layers)
         summary[name] = {key: str(path) for key, path in written.items()}
         table = out / "results.md"
         if table.exists():

@@ -35,6 +35,11 @@ class RunPaths:
         return self.run_dir / "export"
 
     @property
+    def init_export(self) -> Path:
+        """The architecture at its initialization: the baseline evaluation compares against."""
+        return self.run_dir / "export_init"
+
+    @property
     def embeddings(self) -> Path:
         return self.run_dir / "embeddings"
 

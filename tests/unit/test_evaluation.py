@@ -10,7 +10,8 @@ import torch
 from cratescale.evaluation import plots
 from cratescale.evaluation.knn import knn_eval, knn_predict
 from cratescale.evaluation.probe import linear_probe
-from cratescale.evaluation.report import results_table, write_report
+from cratescale.evaluation.protocol import best_layer, compare
+from cratescale.evaluation.report import layers_table, results_table, write_report
 
 
 def _blobs(n: int, classes: int, d: int, sep: float, seed: int):
@@ -114,3 +115,36 @@ def test_write_report_and_plots(tmp_path, separable):
     assert _is_png(plots.plot_reconstruction_grid(img, img * 0.5, img, tmp_path / "r.png"))
     with pytest.raises(ValueError, match="no curves"):
         plots.plot_layer_curves({}, tmp_path / "x.png")
+
+
+def test_baselines_side_by_side_and_best_layer(tmp_path, separable):
+    # The same protocol on a strong, a weaker and a useless feature set: the table shows all three and the
+    # differences in points; the per-layer table names the layer with the best probe.
+    tr_x, tr_y, te_x, te_y = separable
+    rng = np.random.default_rng(4)
+    noise_tr, noise_te = rng.standard_normal(tr_x.shape), rng.standard_normal(te_x.shape)
+
+    def run(a, b):
+        return {"knn": knn_eval(a, tr_y, b, te_y), "linear_probe": linear_probe(a, tr_y, b, te_y)}
+
+    good, weak, bad = run(tr_x, te_x), run(tr_x + 3 * noise_tr, te_x + 3 * noise_te), run(noise_tr, noise_te)
+    results = {f"mean/{m}": r for m, r in good.items()}
+    baselines = {"init": {f"mean/{m}": r for m, r in weak.items()}, "pixels": {f"pixels/{m}": r for m, r in bad.items()}}
+    table = compare(results, baselines)
+    for m in ("knn", "linear_probe"):
+        row = table[f"mean/{m}"]
+        assert row["pretrained"] == 100 * good[m]["top1"] and row["pixels"] == 100 * bad[m]["top1"]
+        assert row["vs_init"] == row["pretrained"] - 100 * weak[m]["top1"] and row["vs_pixels"] > 40
+    assert compare(results, {})["mean/knn"]["init"] is None
+    layers = {"pretrained": {1: bad, 2: good, 3: weak}, "init": {1: bad, 2: bad, 3: bad}}
+    assert best_layer(layers["pretrained"]) == {"layer": 2, "method": "linear_probe", "top1": good["linear_probe"]["top1"]}
+    assert best_layer({}) is None
+    text = layers_table(layers, best_layer(layers["pretrained"]))
+    assert "| knn pretrained | knn init | linear_probe pretrained | linear_probe init |" in text
+    assert "Best layer (pretrained, linear_probe): 2" in text
+    written = write_report(tmp_path / "rep", results=results, baselines=baselines, layers=layers)
+    md = written["results.md"].read_text()
+    assert f"{table['mean/knn']['vs_pixels']:+.2f}" in md and "Best layer" in md
+    assert _is_png(written["results.png"]) and _is_png(written["layers.png"])
+    metrics = json.loads(written["metrics.json"].read_text())
+    assert metrics["best_layer"]["layer"] == 2 and set(metrics["layers"]) == {"pretrained", "init"}

@@ -163,23 +163,51 @@ def test_refuses_a_store_from_other_settings(setup):
         extract(root / "export", root / "nope.parquet", root / "bad", actors=0, **OPTS)
 
 
-def test_evaluate_stage_writes_report(setup):
+def test_evaluate_stage_writes_report_with_baselines_and_layers(setup):
+    from cratescale.evaluation.knn import knn_eval
     from cratescale.evaluation.report import evaluate
+    from data_pipeline.loader import make_eval_loader
 
     root, manifest = setup
-    extract(root / "export", manifest, root / "eval_store", actors=0, **OPTS)
+    torch.manual_seed(1)
+    init = create_model("crate_mae_debug")
+    export_weights(init.state_dict(), init.config, {"step": 0}, root / "export_init")
+    extract(root / "export", manifest, root / "eval_store", actors=0, layers=(0, 1), **OPTS)
+    extract(root / "export_init", manifest, root / "eval_init", actors=0, layers=(0, 1), **OPTS)
     written = evaluate(root / "export", root / "eval_store", manifest, root / "report", features=("cls", "mean"),
-                       diagnostic_images=4, loader_kind="pil")
+                       diagnostic_images=4, loader_kind="pil", init_export=root / "export_init",
+                       init_store=root / "eval_init")
     metrics = json.loads(written["metrics.json"].read_text())
     assert set(metrics["results"]) == {"cls/knn", "cls/linear_probe", "mean/knn", "mean/linear_probe"}
-    for r in metrics["results"].values():
+    assert set(metrics["baselines"]["init"]) == set(metrics["results"])
+    assert set(metrics["baselines"]["pixels"]) == {"pixels/knn", "pixels/linear_probe"}
+    for r in [*metrics["results"].values(), *metrics["baselines"]["init"].values(),
+              *metrics["baselines"]["pixels"].values()]:
         assert 0.0 <= r["top1"] <= 1.0 and r["n_train"] == 32 and r["n_test"] == 8
-    curves = metrics["diagnostics"]["curves"]
-    assert len(curves["coding_rate_subspace"]) == 2 and len(curves["zero_fraction"]) == 2
+    # The pixel baseline is exactly the kNN protocol on the decoded images of the same rows.
+    splits = pd.read_parquet(manifest, columns=["split"]).split.to_numpy()
+    arrays = {}
+    for split in ("train", "val"):
+        batch = next(iter(make_eval_loader(manifest, np.flatnonzero(splits == split), N, 32, kind="pil")))
+        arrays[split] = (batch["images"].flatten(1).numpy(), batch["labels"].numpy())
+    direct = knn_eval(*arrays["train"], *arrays["val"])
+    assert metrics["baselines"]["pixels"]["pixels/knn"]["top1"] == direct["top1"]
+    assert metrics["baselines"]["pixels"]["pixels/knn"]["dim"] == 3 * 32 * 32
+    row = metrics["comparison"]["mean/linear_probe"]
+    assert row["pretrained"] == 100 * metrics["results"]["mean/linear_probe"]["top1"]
+    assert row["vs_init"] == row["pretrained"] - 100 * metrics["baselines"]["init"]["mean/linear_probe"]["top1"]
+    assert row["vs_pixels"] == row["pretrained"] - row["pixels"]
+    # Per layer: both stored layers of both models, the best one named; init diagnostics beside the trained.
+    assert set(metrics["layers"]["pretrained"]) == set(metrics["layers"]["init"]) == {"1", "2"}
+    assert metrics["best_layer"]["layer"] in (1, 2) and metrics["best_layer"]["method"] == "linear_probe"
+    for key in ("diagnostics", "diagnostics_init"):
+        assert len(metrics[key]["curves"]["coding_rate_subspace"]) == 2
+    assert metrics["diagnostics"]["curves"] != metrics["diagnostics_init"]["curves"]
     for name in ("results.png", "layers.png", "attention.png", "pca.png", "reconstructions.png"):
         data = written[name].read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
-    assert "| cls | knn |" in written["results.md"].read_text()
+    md = written["results.md"].read_text()
+    assert "| cls | knn |" in md and "raw pixels (%)" in md and "Best layer (pretrained, linear_probe)" in md
 
 
 def test_grouping_does_not_change_the_bytes(setup):

@@ -71,3 +71,19 @@ def test_run_dir_that_cannot_be_created(tmp_path):
     blocker.write_text("not a directory")
     result = run_cli(str(REPO / "jobs/demo.yaml"), f"run_dir={blocker}/run")
     assert result.returncode == 2 and "run_dir" in result.stderr and "not a writable directory" in result.stderr
+
+
+@pytest.mark.parametrize("job", [p for p in JOBS if "array:" in p.read_text()], ids=lambda p: p.stem)
+def test_every_array_member_builds(job, tmp_path):
+    # --dry-run plans the parent only; every member's overrides must validate and build its model too.
+    from cratescale.config import load_job
+    from cratescale.engine.trainer import build_model
+    from cratescale.launch.array import expand_array
+    from cratescale.launch.paths import RunPaths
+
+    parent = load_job(job, [f"run_dir={tmp_path}/run"])
+    members = expand_array(parent, RunPaths.of(parent))
+    assert len(members) == len(parent.cluster.array) > 1
+    for member, _ in members:
+        build_model(member)  # unknown or inconsistent model overrides raise here
+    assert len({m.model_dump_json(exclude={"name", "run_dir"}) for m, _ in members}) == len(members)

@@ -16,30 +16,30 @@ Single process: `store.save(step, write_fn, meta)` does the three phases and the
 Background writers (engine.commit_async) stream their files' crc32 while writing and hand the sums to
 `commit(step, meta, sealed=...)`, which then checksums only the files it was not told about.
 
-Incarnations: a store opened with `incarnation=K` (the job's restart count) refuses to commit once a newer
-incarnation claimed the run (`claim_incarnation`, file `incarnation`) or committed it: the ranks of a
-partitioned node that keep running while the requeued job starts can neither replace a newer commit nor
-move `latest`. Readers order commits by (incarnation, step), so a stale commit that raced past the check is
-still not the newest.
+Incarnations: a job claims the run at start (`claim_incarnation`, file `incarnation`) with who it is (SLURM
+job id, restart count, the local supervisor's attempt number) and gets the next claim number, which its
+commits carry. A start older than the claim (same job, lower restart count; lower attempt) is refused; a
+writer whose claim was superseded (the ranks of a partitioned node that keep running while the requeued job
+starts) is refused at commit, before the rename and before moving `latest`, and cannot replace a newer
+commit. Readers order commits by (claim number, step), so a stale commit that raced past the check is still
+not the newest.
 """
 from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
 import socket
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from cratescale.checkpoint import catalog as _catalog
-from cratescale.checkpoint.durable import fsync_path, write_file_durable
+from cratescale.checkpoint.durable import checksum_file, fsync_path, write_file_durable
 from cratescale.checkpoint.retention import apply_retention
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ META = "meta.json"
 LATEST = "latest"
 INCARNATION = "incarnation"
 MARKER_VERSION = 1
-BLOCK = 8 << 20  # 8 MiB read blocks for the checksum pass
 STEP_DIR = re.compile(r"^step_(\d{9})$")
 # Test-only hook points (a test subprocess sets one to SIGKILL itself at that exact place).
 TEST_HOOKS: dict[str, Callable[[], None]] = {}
@@ -87,28 +86,6 @@ def step_dir_name(step: int) -> str:
     if not isinstance(step, int) or step < 0 or step >= 10**9:
         raise ValueError(f"checkpoint step must be an int in [0, 1e9), got {step!r}")
     return f"step_{step:09d}"
-
-
-def checksum_file(path: Path, fsync: bool = False, use_mmap: bool = False) -> tuple[int, int]:
-    """(size, crc32) in 8 MiB steps; crc32 releases the GIL, so files are summed on parallel threads.
-    use_mmap skips the copy out of the page cache (only for files nobody else can truncate meanwhile:
-    a mapped file that shrinks raises SIGBUS). fsyncs the same fd when asked (one open per file)."""
-    crc, size = 0, 0
-    with open(path, "rb", buffering=0) as f:
-        if use_mmap and os.fstat(f.fileno()).st_size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
-                size = len(view)
-                for off in range(0, size, BLOCK):
-                    crc = zlib.crc32(view[off:off + BLOCK], crc)
-        else:
-            buf = bytearray(BLOCK)
-            with memoryview(buf) as view:
-                while n := f.readinto(buf):
-                    crc = zlib.crc32(view[:n], crc)
-                    size += n
-        if fsync:
-            os.fsync(f.fileno())
-    return size, crc
 
 
 def replace_file_atomic(path: Path, data: bytes) -> None:
@@ -157,8 +134,7 @@ def _incarnation(marker: dict[str, Any]) -> int:
 class CheckpointStore:
     """Committed checkpoints under `root/step_<N:09d>/`, newest found by a scan, Parquet catalog."""
 
-    def __init__(self, root: Path | str, keep_last: int = 3, keep_every: int = 0, checksum_threads: int = 4,
-                 incarnation: int | None = None):
+    def __init__(self, root: Path | str, keep_last: int = 3, keep_every: int = 0, checksum_threads: int = 4):
         if keep_last < 1:
             raise ValueError(f"CheckpointStore keep_last must be >= 1 (the newest commit is always kept), "
                              f"got {keep_last}")
@@ -167,7 +143,7 @@ class CheckpointStore:
         self.root = Path(root)
         self.keep_last, self.keep_every = keep_last, keep_every
         self.checksum_threads = max(1, checksum_threads)
-        self.incarnation = incarnation  # None: no incarnation rule (a plain local run)
+        self.incarnation: int | None = None  # the claim number; None: never claimed, no incarnation rule
 
     # ---- paths -------------------------------------------------------------------------------
     def step_path(self, step: int) -> Path:
@@ -202,7 +178,8 @@ class CheckpointStore:
         if cause is None:
             cause = "aborted (a rank failed to write its part)"
         reason = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
-        return CheckpointWriteError(f"checkpoint step {step} at {tmp}: {reason}")
+        kind = StaleIncarnationError if isinstance(cause, StaleIncarnationError) else CheckpointWriteError
+        return kind(f"checkpoint step {step} at {tmp}: {reason}")
 
     def commit(self, step: int, meta: dict[str, Any] | None = None,
                sealed: dict[str, dict[str, int]] | None = None) -> Commit:
@@ -268,32 +245,46 @@ class CheckpointStore:
             return {r: {"size": s.result()[0], "crc32": s.result()[1]} for r, s in sorted(zip(rels, sums))}
 
     # ---- incarnations ------------------------------------------------------------------------
-    def claimed_incarnation(self) -> int | None:
+    def claim(self) -> dict[str, Any] | None:
+        """The run's current claim ({job, restart, attempt, incarnation}), None when unclaimed or unreadable."""
         try:
-            return int((self.root / INCARNATION).read_text().strip())
+            claim = json.loads((self.root / INCARNATION).read_text())
         except (OSError, ValueError):
             return None
+        return claim if isinstance(claim, dict) and isinstance(claim.get("incarnation"), int) else None
 
-    def claim_incarnation(self) -> None:
-        """Rank 0 at start: record this job's incarnation as the run's newest; a stale one is refused."""
-        if self.incarnation is None:
-            return
-        self._check_incarnation(None)
-        if self.claimed_incarnation() != self.incarnation:
-            self.root.mkdir(parents=True, exist_ok=True)
-            replace_file_atomic(self.root / INCARNATION, str(self.incarnation).encode())
+    def claim_incarnation(self, job: str | None = None, restart: int = 0, attempt: int = 0) -> int:
+        """Rank 0 at start, before resuming: this job becomes the run's writer; returns its claim number.
+        Raises StaleIncarnationError when the run was claimed by a newer incarnation of this job (a higher
+        restart count of the same job id, or a higher supervisor attempt)."""
+        claim = self.claim()
+        if claim is not None:
+            newer = claim.get("attempt", 0) > attempt or (
+                job is not None and claim.get("job") == job and claim.get("restart", 0) > restart)
+            if newer:
+                raise StaleIncarnationError(
+                    f"checkpoint {self.root}: job {job} restart {restart} attempt {attempt} is older than the "
+                    f"run's writer (job {claim.get('job')} restart {claim.get('restart')} attempt "
+                    f"{claim.get('attempt')}): refusing to start")
+        markers = self._markers().values()
+        number = 1 + max([claim["incarnation"] if claim else 0] + [_incarnation(m) for m in markers])
+        self.root.mkdir(parents=True, exist_ok=True)
+        replace_file_atomic(self.root / INCARNATION, json.dumps(
+            {"job": job, "restart": restart, "attempt": attempt, "incarnation": number}).encode())
+        self.incarnation = number
+        return number
 
     def _check_incarnation(self, step: int | None) -> None:
-        """Refuse when a newer incarnation claimed the run or holds a commit (checked again just before the
-        rename, so a requeued job that started meanwhile wins)."""
+        """Refuse when a newer incarnation claimed the run or holds a commit (checked just before the rename
+        and before moving `latest`, so a requeued job that started meanwhile wins)."""
         if self.incarnation is None:
             return
-        newest = max([self.claimed_incarnation() or 0] + [_incarnation(m) for m in self._markers().values()])
+        claim = self.claim()
+        newest = max([claim["incarnation"] if claim else 0] + [_incarnation(m) for m in self._markers().values()])
         if newest > self.incarnation:
-            what = "commit" if step is None else f"commit step {step}"
+            what = "move `latest`" if step is None else f"commit step {step}"
             raise StaleIncarnationError(f"checkpoint {self.root}: this writer is incarnation {self.incarnation}, "
-                                        f"the run is at incarnation {newest}: refusing to {what} (a newer job "
-                                        f"owns this run_dir)")
+                                        f"a newer job claimed the run (incarnation {newest}): refusing to {what}")
 
     def _rename_into_place(self, tmp: Path, final: Path) -> None:
         if final.exists():

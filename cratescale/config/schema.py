@@ -92,6 +92,11 @@ class CheckpointConfig(Strict):
     # Resume from a checkpoint of another run/model/global batch by loading only its weights.
     start_fresh_from_weights: str | None = None
     allow_config_change: bool = False
+    # Asynchronous commit (issue 18): state copied to host memory at the step boundary, written by a
+    # background thread while training goes on. when_busy: a commit asked while one is writing waits for
+    # it, or is skipped (counted in metrics and the console). The final/stop commit always waits.
+    async_commit: bool = True
+    when_busy: Literal["wait", "skip"] = "wait"
 
 
 class ClusterConfig(Strict):

@@ -32,6 +32,7 @@ class ChecksumWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.name = str(self.path)  # as a file object names itself (error messages, fault injection)
         self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
         self.size, self.crc32 = 0, 0
 

@@ -20,8 +20,9 @@ the outcome of an all-reduce):
                         All written: the sums are gathered and rank 0's thread seals (store.commit with
                         sealed=...). Sealed: the commit is done (metrics: stall_s, write_s, seconds).
     drain()             wait for the commit in flight (before the next one, a stop, the end of the run).
-    close()             exit path without collectives: waits for this rank's thread only.
 A kill at any moment leaves no marker on a half-written step (the marker is the sealing thread's last file).
+On an exception the writer threads (not daemons) finish their file before the interpreter exits; nothing
+is sealed without every rank's agreement, so the unmarked tmp dir is removed by the next begin() or tidy().
 """
 from __future__ import annotations
 
@@ -39,21 +40,25 @@ import torch.distributed as dist
 
 from cratescale.checkpoint import DS_TAG, CheckpointStore, Commit
 from cratescale.checkpoint.durable import ChecksumWriter
-from cratescale.engine.state import _agree_or_raise, _attempt, _rng_state, collective_device
+from cratescale.engine.state import _agree_or_raise, _attempt, _rng_state, collective_device, with_filename
 
 log = logging.getLogger(__name__)
 
 
-def snapshot(obj: Any, pin: bool = False, memo: dict | None = None) -> Any:
+def snapshot(obj: Any, pin: bool = False, memo: dict | None = None, pool: dict | None = None) -> Any:
     """A host-memory copy of a state_dict: every tensor storage copied once (shared storages stay shared,
-    views keep their offset and strides), containers rebuilt, other leaves deep-copied."""
+    views keep their offset and strides), containers rebuilt, other leaves deep-copied. `pool`: host
+    buffers of an earlier snapshot, by size, reused (allocating and faulting in fresh memory for every
+    commit costs more than the copy itself)."""
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes(), str(storage.device))
         host = memo.get(key)
         if host is None:
-            host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
+            free = (pool or {}).get(storage.nbytes())
+            host = free.pop() if free else torch.empty(storage.nbytes(), dtype=torch.uint8,
+                                                        pin_memory=pin).untyped_storage()
             host.copy_(storage, non_blocking=pin)
             memo[key] = host
         out = torch.empty(0, dtype=obj.dtype).set_(host, obj.storage_offset(), obj.size(), obj.stride())
@@ -63,12 +68,12 @@ def snapshot(obj: Any, pin: bool = False, memo: dict | None = None) -> Any:
     if isinstance(obj, dict):
         out = copy.copy(obj)  # keeps the type (OrderedDict, defaultdict)
         for k, v in obj.items():
-            out[k] = snapshot(v, pin, memo)
+            out[k] = snapshot(v, pin, memo, pool)
         return out
     if isinstance(obj, list):
-        return [snapshot(v, pin, memo) for v in obj]
+        return [snapshot(v, pin, memo, pool) for v in obj]
     if isinstance(obj, tuple):
-        items = [snapshot(v, pin, memo) for v in obj]
+        items = [snapshot(v, pin, memo, pool) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.dtype, torch.device)):
         return obj
@@ -76,15 +81,16 @@ def snapshot(obj: Any, pin: bool = False, memo: dict | None = None) -> Any:
 
 
 @contextmanager
-def _snapshotting(engine: Any, parts: list[tuple[str, Any]], pin: bool) -> Iterator[list[BaseException]]:
+def _snapshotting(engine: Any, parts: list[tuple[str, Any]], pin: bool, memo: dict | None = None,
+                  pool: dict | None = None) -> Iterator[list[BaseException]]:
     """save_checkpoint with the checkpoint engine's save() taking a host snapshot instead of writing. A failed
     copy (host memory) is recorded, not raised: save_checkpoint holds barriers the other ranks wait in."""
-    ckpt, memo, errors = engine.checkpoint_engine, {}, []
+    ckpt, memo, errors = engine.checkpoint_engine, {} if memo is None else memo, []
 
     def save(state_dict: Any, path: str) -> None:
         try:
             if not errors:
-                parts.append((path, snapshot(state_dict, pin, memo)))
+                parts.append((path, snapshot(state_dict, pin, memo, pool)))
         except Exception as exc:  # noqa: BLE001 - raised once save_checkpoint returned
             errors.append(exc)
 
@@ -116,6 +122,9 @@ class AsyncCommitter:
         self.engine, self.store, self.rank = engine, store, rank
         self.when_busy, self.on_done = when_busy, on_done
         self.inflight: _InFlight | None = None
+        # Host buffers of the last snapshot (size -> storages), reused by the next once its write is done
+        # (start() runs only with nothing in flight): one state's worth of host memory, held for the run.
+        self._staging: dict[int, list[Any]] = {}
         self.skipped = 0
         self.pin = torch.cuda.is_available() and collective_device().type == "cuda"
         self.zipfile = getattr(engine.checkpoint_engine, "zipfile_serialization", True)
@@ -143,9 +152,10 @@ class AsyncCommitter:
         store, rank, path = self.store, self.rank, self.store.tmp_path(step)
         _agree_or_raise(store, step, rank, _attempt(store.begin, step) if rank == 0 else None)
         parts: list[tuple[str, Any]] = []
+        memo: dict = {}
 
         def capture() -> None:
-            with _snapshotting(self.engine, parts, self.pin) as errors:
+            with _snapshotting(self.engine, parts, self.pin, memo, self._staging) as errors:
                 self.engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
             if errors:
                 raise errors[0]
@@ -154,6 +164,9 @@ class AsyncCommitter:
             parts.append((str(path / f"rank{rank}_rng.pt"), _rng_state()))
 
         _agree_or_raise(store, step, rank, _attempt(capture))
+        self._staging = {}
+        for host in memo.values():
+            self._staging.setdefault(host.nbytes(), []).append(host)
         if self.pin:
             torch.cuda.current_stream().synchronize()  # the pinned copies were asynchronous
         flight = _InFlight(step, meta, t0, time.perf_counter() - t0 + waited_s, waited_s)
@@ -163,16 +176,17 @@ class AsyncCommitter:
         flight.thread.start()
 
     def _write(self, flight: _InFlight, root: Path, parts: list[tuple[str, Any]]) -> None:
+        name = str(root)
         try:
             while parts:
-                name, obj = parts.pop(0)  # dropped once written: host memory goes back as the write goes on
+                name, obj = parts.pop(0)
                 with ChecksumWriter(Path(name)) as f:
                     torch.save(obj, f, _use_new_zipfile_serialization=self.zipfile)
                 size, crc = f.close()
                 flight.sums[str(Path(name).relative_to(root))] = {"size": size, "crc32": crc}
                 del obj
         except Exception as exc:  # noqa: BLE001 - raised on every rank at the next boundary
-            flight.error = exc
+            flight.error = with_filename(exc, name)
 
     def _seal(self, flight: _InFlight, sums: dict[str, dict[str, int]]) -> None:
         try:
@@ -198,10 +212,11 @@ class AsyncCommitter:
             self._start_seal(flight)
             return None
         self.inflight = None
-        seconds = time.perf_counter() - flight.started  # snapshot until sealed (the background write)
-        if self.on_done:
+        seconds = time.perf_counter() - flight.started  # snapshot until sealed
+        if self.on_done:  # write_s: after the snapshot, while training went on
             self.on_done({"kind": "commit", "step": flight.step, "seconds": seconds, "stall_s": flight.stall_s,
-                          "wait_s": flight.waited_s, "write_s": seconds, "async": True})
+                          "wait_s": flight.waited_s, "write_s": seconds - (flight.stall_s - flight.waited_s),
+                          "async": True})
         return self.store.load(flight.step) if self.rank == 0 else None
 
     def _start_seal(self, flight: _InFlight) -> None:
@@ -224,10 +239,7 @@ class AsyncCommitter:
         if flight.thread is not None:
             flight.thread.join()
         self.inflight = None
-        error = flight.error
-        if flight.sealing and self.rank != 0:
-            error = None  # only rank 0 seals; its failure is the one to report
-        _agree_or_raise(self.store, flight.step, self.rank, error)
+        _agree_or_raise(self.store, flight.step, self.rank, flight.error)
 
     def drain(self) -> None:
         """Wait until nothing is in flight (collective: every rank calls it at the same boundary)."""
@@ -235,11 +247,3 @@ class AsyncCommitter:
             if self.inflight.thread is not None:
                 self.inflight.thread.join()
             self.poll()
-
-    def close(self) -> None:
-        """Exit path (an exception, no collectives): let this rank's thread finish its file, so no writer is
-        cut mid-way by the interpreter's exit. Without the others' agreement nothing is sealed: the tmp dir
-        stays unmarked and the next begin() or tidy() removes it."""
-        flight, self.inflight = self.inflight, None
-        if flight is not None and flight.thread is not None:
-            flight.thread.join()

@@ -169,6 +169,16 @@ def _attempt(fn: Any, *args: Any) -> BaseException | None:
         return exc
 
 
+def with_filename(exc: BaseException, path: str | Path) -> BaseException:
+    """A failed write() names no file (ENOSPC from the raw write): the error then names `path`."""
+    cause = _os_error(exc)
+    if cause is None or cause.filename is not None:
+        return exc
+    named = OSError(cause.errno, cause.strerror, str(path))
+    named.__cause__ = exc
+    return named
+
+
 @contextmanager
 def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
     """DeepSpeed's save_checkpoint holds barriers between its writes: a rank whose write raised would leave
@@ -190,12 +200,7 @@ def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
             else:
                 real_save(state_dict, path)
         except Exception as exc:  # noqa: BLE001 - raised after the barriers
-            cause = _os_error(exc)
-            if cause is not None and cause.filename is None:  # a failed write() names no file: name it
-                named = OSError(cause.errno, cause.strerror, path)
-                named.__cause__ = exc
-                exc = named
-            errors.append(exc)
+            errors.append(with_filename(exc, path))
 
     def copy_recovery_script(save_path: str) -> None:
         try:

@@ -137,7 +137,7 @@ def test_training_goes_on_while_the_write_runs_and_the_bytes_are_the_boundarys(r
     assert sum("optim_states" in f for f in r0["async_files"]) == 2
     m = r0["metrics"]
     assert m["kind"] == "commit" and m["step"] == 2 and m["async"] is True
-    assert 0 < m["stall_s"] < m["write_s"] == m["seconds"]  # the held write took longer than the snapshot
+    assert 0 < m["stall_s"] < m["write_s"] < m["seconds"]  # the held write took longer than the snapshot
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -181,6 +181,6 @@ def run_kill_loop(server: RankServer, config: Path, manifest: Path, run_dir: Pat
 
 
 def leftovers(root: Path, final_step: int) -> list[str]:
-    """Anything in the checkpoint root besides the final commit, the pointer and the catalog."""
-    expected = {f"step_{final_step:09d}", "latest", "catalog.parquet"}
+    """Anything in the checkpoint root besides the final commit, the pointer, the catalog and the claim."""
+    expected = {f"step_{final_step:09d}", "latest", "catalog.parquet", "incarnation"}
     return sorted(set(os.listdir(root)) - expected)

@@ -77,7 +77,8 @@ def test_trainer_checkpoint_on_a_full_tmpfs(tmp_path, fault_manifest, rank_serve
         assert store.latest().step == 2 and store.latest_pointer() == "step_000000002"
         for commit in store.commits():
             store.verify(commit)
-        assert sorted(os.listdir(root)) == ["catalog.parquet", "latest", "step_000000001", "step_000000002"]
+        assert sorted(os.listdir(root)) == ["catalog.parquet", "incarnation", "latest", "step_000000001",
+                                              "step_000000002"]
         assert reader.errors == [] and reader.checks > 0
         # The partial third save was ~1 MB: its space is back (only the two commits and ~pages of slack use it).
         assert _free(root) + sum(c.bytes for c in store.commits()) + (256 << 10) >= free_empty
@@ -105,7 +106,8 @@ def test_trainer_enospc_injected_on_one_rank(tmp_path, fault_manifest, rank_serv
     assert all(line.startswith(ERROR) and f"rank {rank}: {ENOSPC}" in line and match in line for line in lines)
     store = CheckpointStore(run_dir / "checkpoints")
     assert store.latest().step == 2 and not store.tmp_path(3).exists()
-    assert sorted(os.listdir(store.root)) == ["catalog.parquet", "latest", "step_000000001", "step_000000002"]
+    assert sorted(os.listdir(store.root)) == ["catalog.parquet", "incarnation", "latest", "step_000000001",
+                                              "step_000000002"]
 
 
 # ---- the embedding store --------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class CheckpointWriteError(CheckpointError):
 
 
 class StaleIncarnationError(CheckpointWriteError):
-    """A writer of an older incarnation (restart count) than the run's newest: it must not commit."""
+    """A writer whose claim on the run was superseded by a newer job (incarnation): it must not commit."""
 
 
 class CheckpointCorruptError(CheckpointError, ValueError):
@@ -266,21 +266,23 @@ class CheckpointStore:
                     f"checkpoint {self.root}: job {job} restart {restart} attempt {attempt} is older than the "
                     f"run's writer (job {claim.get('job')} restart {claim.get('restart')} attempt "
                     f"{claim.get('attempt')}): refusing to start")
-        markers = self._markers().values()
-        number = 1 + max([claim["incarnation"] if claim else 0] + [_incarnation(m) for m in markers])
+        number = 1 + self._newest_incarnation(claim)
         self.root.mkdir(parents=True, exist_ok=True)
         replace_file_atomic(self.root / INCARNATION, json.dumps(
             {"job": job, "restart": restart, "attempt": attempt, "incarnation": number}).encode())
         self.incarnation = number
         return number
 
+    def _newest_incarnation(self, claim: dict[str, Any] | None) -> int:
+        """The highest claim number of the claim file and of every commit."""
+        return max([claim["incarnation"] if claim else 0] + [_incarnation(m) for m in self._markers().values()])
+
     def _check_incarnation(self, step: int | None) -> None:
         """Refuse when a newer incarnation claimed the run or holds a commit (checked just before the rename
         and before moving `latest`, so a requeued job that started meanwhile wins)."""
         if self.incarnation is None:
             return
-        claim = self.claim()
-        newest = max([claim["incarnation"] if claim else 0] + [_incarnation(m) for m in self._markers().values()])
+        newest = self._newest_incarnation(self.claim())
         if newest > self.incarnation:
             what = "move `latest`" if step is None else f"commit step {step}"
             raise StaleIncarnationError(f"checkpoint {self.root}: this writer is incarnation {self.incarnation}, "

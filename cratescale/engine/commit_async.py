@@ -53,7 +53,8 @@ def snapshot(obj: Any, pin: bool = False, memo: dict | None = None, pool: dict |
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes(), str(storage.device))
+        # Empty storages all have data_ptr 0 (ZeRO-3's parameter placeholders): each stays its own.
+        key = (storage.data_ptr(), storage.nbytes(), str(storage.device)) if storage.nbytes() else id(obj)
         host = memo.get(key)
         if host is None:
             free = (pool or {}).get(storage.nbytes())

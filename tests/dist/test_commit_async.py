@@ -88,6 +88,7 @@ def _scenarios(out: Path, rank: int, world: int, stage: int) -> None:
     except CheckpointWriteError as exc:
         record["error"] = str(exc)
     commit_async.ChecksumWriter = real
+    torch.distributed.barrier()  # rank 0 removes the tmp dir while rank 1 is already past the error
     record["latest_after_failure"] = store.latest().step
     record["tmp_left"] = store.tmp_path(3).exists()
 

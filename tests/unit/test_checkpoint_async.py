@@ -22,6 +22,7 @@ from cratescale.engine.state import incarnation_from_env
 def _state() -> dict:
     flat = torch.arange(24, dtype=torch.float32)
     return OrderedDict(flat=flat, view=flat[4:10].view(2, 3), other=[torch.ones(3, dtype=torch.bfloat16)],
+                       empty=[torch.empty(0), torch.empty(0, 3)],  # data_ptr 0 both, yet separate storages
                        param=torch.nn.Parameter(torch.zeros(2)), meta={"step": 3, "name": "x"}, pair=(1, flat[:2]))
 
 

@@ -11,6 +11,12 @@ one step: ~0.7 GB of checkpoint. Measured --reps times, alternating with the bas
         (one preallocated buffer per file), and through one reused 8 MiB buffer
         (page cache dropped per file with posix_fadvise DONTNEED before each; verify() timed the same way)
 Target: save and load <= 1.5x the plain baseline.
+
+    .venv/bin/python bench/checkpoint.py --async-commit [--reps 5]     (issue 18)
+Per commit, alternating in each rep: the synchronous commit (engine.state.save_state), the asynchronous one
+(engine.commit_async.AsyncCommitter: stall = the step-boundary snapshot to host memory; total = snapshot
+until sealed, drained at once, no training beside it), and torch.save + fsync of the same state objects.
+Targets: stall <= 0.15x the synchronous commit; total <= 1.2x torch.save + fsync. Medians of the per-rep ratios.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from cratescale.checkpoint.universal import load_into_engine  # noqa: E402
 
 BLOCK = 8 << 20
 TARGET = 1.5
+STALL_TARGET, TOTAL_TARGET = 0.15, 1.2
 
 
 def build_model(kind: str) -> tuple[nn.Module, callable]:
@@ -131,11 +138,66 @@ def verify(store: CheckpointStore) -> float:
     return time.perf_counter() - t0
 
 
+def torch_save_fsync(root: Path, parts: list[tuple[str, object]]) -> float:
+    """torch.save + fsync of the same state objects the commit writes (one file each), nothing else."""
+    t0 = time.perf_counter()
+    root.mkdir()
+    for i, (_, obj) in enumerate(parts):
+        with open(root / f"f{i}.pt", "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    return time.perf_counter() - t0
+
+
+def bench_async(engine, root: Path, reps: int) -> list[dict]:
+    from cratescale.engine.commit_async import AsyncCommitter, _snapshotting
+    from cratescale.engine.state import save_state
+
+    sync_store, async_store = CheckpointStore(root / "sync", keep_last=1), CheckpointStore(root / "async", keep_last=1)
+    done: list[dict] = []
+    committer = AsyncCommitter(engine, async_store, 0, on_done=done.append)
+    out = []
+    for rep in range(reps):
+        step = rep + 1
+        t0 = time.perf_counter()
+        commit = save_state(engine, sync_store, step, {"world_size": 1}, 0)
+        sync_s = time.perf_counter() - t0
+        committer.commit(step, {"world_size": 1}, final=True)
+        parts: list = []
+        with _snapshotting(engine, parts, pin=False):  # the same state_dicts, written plainly
+            engine.save_checkpoint(str(root / "scratch"), tag="ds", save_latest=False)
+        plain_s = torch_save_fsync(root / f"plain{rep}", parts)
+        shutil.rmtree(root / f"plain{rep}")
+        shutil.rmtree(root / "scratch", ignore_errors=True)
+        out.append({"sync": sync_s, "stall": done[-1]["stall_s"], "total": done[-1]["seconds"], "plain": plain_s,
+                    "bytes": commit.bytes})
+    return out
+
+
+def print_async(rows: list[dict], kind: str, n_params: int) -> None:
+    med = statistics.median
+    gb = rows[0]["bytes"] / 1e9
+    print(f"async commit bench: {kind} {n_params / 1e6:.1f}M params, ZeRO-2 world 1 fp32 + AdamW, {gb:.3f} GB, "
+          f"{len(rows)} reps; 2-core CPU VM, no GPU, load average {os.getloadavg()[0]:.1f} "
+          f"(other processes: {os.cpu_count()} cores shared)")
+    print(f"{'what':<58}{'baseline s':>12}{'measured s':>12}{'ratio':>7}{'target':>9}")
+    for label, base, meas, target in (
+            ("stall: async snapshot / synchronous commit", "sync", "stall", STALL_TARGET),
+            ("total: async commit / torch.save + fsync of the same state", "plain", "total", TOTAL_TARGET),
+            ("synchronous commit / torch.save + fsync (reference)", "plain", "sync", None)):
+        ratio = med([r[meas] / r[base] for r in rows])
+        verdict = "" if target is None else ("met" if ratio <= target else "MISSED")
+        print(f"{label:<58}{med([r[base] for r in rows]):>12.3f}{med([r[meas] for r in rows]):>12.3f}"
+              f"{ratio:>7.3f}{('<= ' + str(target)) if target else '':>9} {verdict}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--root", type=Path, default=None, help="where to write (default: a tmp dir on /tmp's disk)")
     ap.add_argument("--model", default="crate_mae_base", choices=["crate_mae_base", "linear"])
+    ap.add_argument("--async-commit", action="store_true", help="the issue-18 rows (stall and total time)")
     args = ap.parse_args()
     kind = args.model
     try:
@@ -144,6 +206,12 @@ def main() -> None:
         kind = "linear"
         engine, n_params = make_engine(kind)
     root = Path(tempfile.mkdtemp(prefix="bench_ckpt_", dir=args.root))
+    if args.async_commit:
+        try:
+            print_async(bench_async(engine, root, args.reps), kind, n_params)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return
     store = CheckpointStore(root / "store", keep_last=1)
     saves, commits, plains, loads, ds_loads, reads, scans, verifies = [], [], [], [], [], [], [], []
     try:

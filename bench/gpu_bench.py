@@ -151,8 +151,31 @@ def section_ckpt_deepspeed(b: Bench) -> None:
           measured=nbytes / total / 1e9, unit="GB/s",
           note=f"{nbytes / 1e6:,.1f} MB, {backend}, best of {len(results)}: DeepSpeed writes {total - commit_s:.2f}s "
                f"+ commit (crc32+fsync+rename) {commit_s:.2f}s")
+    _ckpt_async_row(b, engine, [r[0] for r in results])
     del engine
     torch.distributed.destroy_process_group()
+
+
+def _ckpt_async_row(b: Bench, engine, sync_s: list[float]) -> None:
+    """Issue 18: the asynchronous commit of the same engine (bf16 weights + fp32 master, copied to pinned host
+    buffers at the boundary): the training stall against the synchronous commit above, and its total time."""
+    from cratescale.checkpoint import CheckpointStore
+    from cratescale.engine.commit_async import AsyncCommitter
+
+    store = CheckpointStore(Path(tempfile.mkdtemp(prefix="ckpt_async_", dir=b.args.ckpt_dir)), keep_last=1)
+    done: list[dict] = []
+    committer = AsyncCommitter(engine, store, 0, on_done=done.append)
+    try:
+        for step in range(1, b.args.ckpt_repeats + 1):
+            committer.commit(step, {"bench": True}, final=True)
+    finally:
+        shutil.rmtree(store.root, ignore_errors=True)
+    stall = statistics.median(r["stall_s"] for r in done)
+    total = statistics.median(r["seconds"] for r in done)
+    b.add("checkpoint", f"async commit {b.args.ckpt_model}: stall / synchronous commit (pinned staging)",
+          measured=stall / statistics.median(sync_s), unit="x",
+          note=f"target <= 0.15; stall {stall:.3f}s, total {total:.2f}s (medians of {len(done)}), pinned "
+               f"{committer.pin}")
 
 
 def sections(b: Bench) -> list[tuple[str, float, float, Callable[[], None]]]:

@@ -6,7 +6,8 @@ it bitwise with an uninterrupted run.
 
 Kill moments (seeded, cycled evenly): start-up, mid-step, the instant step_N.tmp appears, and planted points
 of the commit protocol (COMMITTED written but not renamed, renamed but pointer not moved, mid-retention
-delete, mid pointer swap); see tests/faults/killloop.py. After every kill the store is read like a reader
+delete, mid pointer swap, inside the asynchronous commit's background write while the next step trains);
+see tests/faults/killloop.py. After every kill the store is read like a reader
 would: latest() loads and verifies, never goes back, every commit verifies, `latest` names a valid commit.
 Ranks are forked from a pre-imported server (tests/faults/ranks.py), so a restart costs the rendezvous and
 DeepSpeed init (~1 s), not the imports; the reference run uses the same server, from scratch.
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             ("final weights + optimizer bitwise equal", "yes", "yes" if equal else "NO", "yes"),
             ("per-step sample ids equal", "yes", "yes" if samples_equal else "NO", "yes"),
             ("leftover files in checkpoints/", 0, len(left), "0"),
-            ("steps trained again after kills", "", report.steps_redone, "<= kills"),
+            ("steps trained again after kills", "", report.steps_redone, "<= 2 x kills (async commit)"),
             ("wall time (s), reference run", "", f"{t_ref:.0f}", ""),
             ("wall time (s), kill loop", "", f"{report.seconds:.0f}", "")]
     print(f"\nsoak: {report.kills} kills by kind {dict(sorted(report.by_mode.items()))} (kinds: {len(MODES)})")
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in left:
         print("LEFTOVER:", name)
     ok = report.kills == args.kills and not report.problems and equal and samples_equal and not left \
-        and report.steps_redone <= report.kills
+        and report.steps_redone <= 2 * report.kills
     print(f"\nRESULT kills={report.kills} restarts={report.restarts} bitwise_equal={equal} "
           f"unreadable_commits={len(report.problems)} leftovers={len(left)} -> {'PASS' if ok else 'FAIL'}")
     if args.root is None:

@@ -13,25 +13,33 @@ Collective save (the engine drives it, every rank in the same order):
     barrier()  # better: all-reduce an ok flag so rank 0 aborts when any rank failed
     if rank == 0: store.commit(step, meta)        # or store.abort(step, exc) when a rank failed
 Single process: `store.save(step, write_fn, meta)` does the three phases and the clean-up.
+Background writers (engine.commit_async) stream their files' crc32 while writing and hand the sums to
+`commit(step, meta, sealed=...)`, which then checksums only the files it was not told about.
+
+Incarnations: a job claims the run at start (`claim_incarnation`, file `incarnation`) with who it is (SLURM
+job id, restart count, the local supervisor's attempt number) and gets the next claim number, which its
+commits carry. A start older than the claim (same job, lower restart count; lower attempt) is refused; a
+writer whose claim was superseded (the ranks of a partitioned node that keep running while the requeued job
+starts) is refused at commit, before the rename and before moving `latest`, and cannot replace a newer
+commit. Readers order commits by (claim number, step), so a stale commit that raced past the check is still
+not the newest.
 """
 from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
 import socket
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from cratescale.checkpoint import catalog as _catalog
-from cratescale.checkpoint.durable import fsync_path, write_file_durable
+from cratescale.checkpoint.durable import checksum_file, fsync_path, write_file_durable
 from cratescale.checkpoint.retention import apply_retention
 
 log = logging.getLogger(__name__)
@@ -39,8 +47,8 @@ log = logging.getLogger(__name__)
 MARKER = "COMMITTED"
 META = "meta.json"
 LATEST = "latest"
+INCARNATION = "incarnation"
 MARKER_VERSION = 1
-BLOCK = 8 << 20  # 8 MiB read blocks for the checksum pass
 STEP_DIR = re.compile(r"^step_(\d{9})$")
 # Test-only hook points (a test subprocess sets one to SIGKILL itself at that exact place).
 TEST_HOOKS: dict[str, Callable[[], None]] = {}
@@ -52,6 +60,10 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWriteError(CheckpointError):
     """A save failed; the tmp dir is gone and the previous commit is still the newest."""
+
+
+class StaleIncarnationError(CheckpointWriteError):
+    """A writer whose claim on the run was superseded by a newer job (incarnation): it must not commit."""
 
 
 class CheckpointCorruptError(CheckpointError, ValueError):
@@ -74,28 +86,6 @@ def step_dir_name(step: int) -> str:
     if not isinstance(step, int) or step < 0 or step >= 10**9:
         raise ValueError(f"checkpoint step must be an int in [0, 1e9), got {step!r}")
     return f"step_{step:09d}"
-
-
-def checksum_file(path: Path, fsync: bool = False, use_mmap: bool = False) -> tuple[int, int]:
-    """(size, crc32) in 8 MiB steps; crc32 releases the GIL, so files are summed on parallel threads.
-    use_mmap skips the copy out of the page cache (only for files nobody else can truncate meanwhile:
-    a mapped file that shrinks raises SIGBUS). fsyncs the same fd when asked (one open per file)."""
-    crc, size = 0, 0
-    with open(path, "rb", buffering=0) as f:
-        if use_mmap and os.fstat(f.fileno()).st_size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
-                size = len(view)
-                for off in range(0, size, BLOCK):
-                    crc = zlib.crc32(view[off:off + BLOCK], crc)
-        else:
-            buf = bytearray(BLOCK)
-            with memoryview(buf) as view:
-                while n := f.readinto(buf):
-                    crc = zlib.crc32(view[:n], crc)
-                    size += n
-        if fsync:
-            os.fsync(f.fileno())
-    return size, crc
 
 
 def replace_file_atomic(path: Path, data: bytes) -> None:
@@ -136,6 +126,11 @@ def read_marker(path: Path) -> dict[str, Any] | None:
     return marker
 
 
+def _incarnation(marker: dict[str, Any]) -> int:
+    value = marker.get("incarnation", -1)
+    return value if isinstance(value, int) else -1
+
+
 class CheckpointStore:
     """Committed checkpoints under `root/step_<N:09d>/`, newest found by a scan, Parquet catalog."""
 
@@ -148,6 +143,7 @@ class CheckpointStore:
         self.root = Path(root)
         self.keep_last, self.keep_every = keep_last, keep_every
         self.checksum_threads = max(1, checksum_threads)
+        self.incarnation: int | None = None  # the claim number; None: never claimed, no incarnation rule
 
     # ---- paths -------------------------------------------------------------------------------
     def step_path(self, step: int) -> Path:
@@ -182,10 +178,13 @@ class CheckpointStore:
         if cause is None:
             cause = "aborted (a rank failed to write its part)"
         reason = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
-        return CheckpointWriteError(f"checkpoint step {step} at {tmp}: {reason}")
+        kind = StaleIncarnationError if isinstance(cause, StaleIncarnationError) else CheckpointWriteError
+        return kind(f"checkpoint step {step} at {tmp}: {reason}")
 
-    def commit(self, step: int, meta: dict[str, Any] | None = None) -> Commit:
-        """Rank 0, after every rank wrote into tmp_path(step): seal, rename, point `latest`, catalog, retain."""
+    def commit(self, step: int, meta: dict[str, Any] | None = None,
+               sealed: dict[str, dict[str, int]] | None = None) -> Commit:
+        """Rank 0, after every rank wrote into tmp_path(step): seal, rename, point `latest`, catalog, retain.
+        `sealed`: files already fsynced with their size and crc32 (rel path -> {size, crc32}), not re-read."""
         tmp, final = self.tmp_path(step), self.step_path(step)
         t0 = time.perf_counter()
         try:
@@ -193,13 +192,16 @@ class CheckpointStore:
                 raise FileNotFoundError(f"no tmp dir {tmp} (was begin({step}) called?)")
             meta = {**(meta or {}), "step": step}
             write_file_durable(tmp / META, json.dumps(meta, sort_keys=True, default=str).encode())
-            files = self._seal_files(tmp)
+            files = {**self._check_sealed(tmp, sealed or {}), **self._seal_files(tmp, skip=set(sealed or ()))}
             _fsync_dirs(tmp)
             marker = {"version": MARKER_VERSION, "step": step, "time": time.time(), "host": socket.gethostname(),
-                      "files": files}
+                      "files": dict(sorted(files.items()))}
+            if self.incarnation is not None:
+                marker["incarnation"] = self.incarnation
             write_file_durable(tmp / MARKER, json.dumps(marker, sort_keys=True).encode())
             fsync_path(tmp)
             TEST_HOOKS.get("before_rename", lambda: None)()
+            self._check_incarnation(step)
             self._rename_into_place(tmp, final)
         except Exception as exc:
             raise self.abort(step, exc) from exc
@@ -220,10 +222,20 @@ class CheckpointStore:
             raise self.abort(step, exc) from exc
         return self.commit(step, meta)
 
-    def _seal_files(self, tmp: Path) -> dict[str, dict[str, int]]:
-        """crc32 + fsync of every file. The fsyncs (waiting on the disk) run beside the checksums (CPU on
-        page-cache data), biggest files first, so the seal costs little more than the flush itself."""
-        rels = sorted((r for r in _list_files(tmp) if r != MARKER), key=lambda r: -(tmp / r).stat().st_size)
+    @staticmethod
+    def _check_sealed(tmp: Path, sealed: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        """The writers' own sums, after a size check against the disk (a file cut short is caught here)."""
+        for rel, want in sealed.items():
+            size = (tmp / rel).stat().st_size
+            if size != want["size"]:
+                raise OSError(f"{tmp / rel}: {size} bytes on disk, its writer wrote {want['size']}")
+        return {rel: {"size": int(v["size"]), "crc32": int(v["crc32"])} for rel, v in sealed.items()}
+
+    def _seal_files(self, tmp: Path, skip: set[str] = frozenset()) -> dict[str, dict[str, int]]:
+        """crc32 + fsync of every file not in `skip`. The fsyncs (waiting on the disk) run beside the checksums
+        (CPU on page-cache data), biggest files first, so the seal costs little more than the flush itself."""
+        rels = sorted((r for r in _list_files(tmp) if r != MARKER and r not in skip),
+                      key=lambda r: -(tmp / r).stat().st_size)
         with ThreadPoolExecutor(min(self.checksum_threads, max(1, 2 * len(rels)))) as pool:
             synced = [pool.submit(fsync_path, tmp / r) for r in rels]
             # Our own tmp dir after every rank finished writing: safe to map.
@@ -231,6 +243,50 @@ class CheckpointStore:
             for f in synced:
                 f.result()
             return {r: {"size": s.result()[0], "crc32": s.result()[1]} for r, s in sorted(zip(rels, sums))}
+
+    # ---- incarnations ------------------------------------------------------------------------
+    def claim(self) -> dict[str, Any] | None:
+        """The run's current claim ({job, restart, attempt, incarnation}), None when unclaimed or unreadable."""
+        try:
+            claim = json.loads((self.root / INCARNATION).read_text())
+        except (OSError, ValueError):
+            return None
+        return claim if isinstance(claim, dict) and isinstance(claim.get("incarnation"), int) else None
+
+    def claim_incarnation(self, job: str | None = None, restart: int = 0, attempt: int = 0) -> int:
+        """Rank 0 at start, before resuming: this job becomes the run's writer; returns its claim number.
+        Raises StaleIncarnationError when the run was claimed by a newer incarnation of this job (a higher
+        restart count of the same job id, or a higher supervisor attempt)."""
+        claim = self.claim()
+        if claim is not None:
+            newer = claim.get("attempt", 0) > attempt or (
+                job is not None and claim.get("job") == job and claim.get("restart", 0) > restart)
+            if newer:
+                raise StaleIncarnationError(
+                    f"checkpoint {self.root}: job {job} restart {restart} attempt {attempt} is older than the "
+                    f"run's writer (job {claim.get('job')} restart {claim.get('restart')} attempt "
+                    f"{claim.get('attempt')}): refusing to start")
+        number = 1 + self._newest_incarnation(claim)
+        self.root.mkdir(parents=True, exist_ok=True)
+        replace_file_atomic(self.root / INCARNATION, json.dumps(
+            {"job": job, "restart": restart, "attempt": attempt, "incarnation": number}).encode())
+        self.incarnation = number
+        return number
+
+    def _newest_incarnation(self, claim: dict[str, Any] | None) -> int:
+        """The highest claim number of the claim file and of every commit."""
+        return max([claim["incarnation"] if claim else 0] + [_incarnation(m) for m in self._markers().values()])
+
+    def _check_incarnation(self, step: int | None) -> None:
+        """Refuse when a newer incarnation claimed the run or holds a commit (checked just before the rename
+        and before moving `latest`, so a requeued job that started meanwhile wins)."""
+        if self.incarnation is None:
+            return
+        newest = self._newest_incarnation(self.claim())
+        if newest > self.incarnation:
+            what = "move `latest`" if step is None else f"commit step {step}"
+            raise StaleIncarnationError(f"checkpoint {self.root}: this writer is incarnation {self.incarnation}, "
+                                        f"a newer job claimed the run (incarnation {newest}): refusing to {what}")
 
     def _rename_into_place(self, tmp: Path, final: Path) -> None:
         if final.exists():
@@ -247,8 +303,8 @@ class CheckpointStore:
 
     def _after_commit(self, commit: Commit, seconds: float) -> None:
         steps: list[int] = []
-        newest = lambda: step_dir_name(max(self._steps(), default=commit.step))  # noqa: E731
-        for what, fn in (("latest pointer", lambda: replace_file_atomic(self.root / LATEST, newest().encode())),
+        newest = lambda: step_dir_name((self._ordered() or [commit.step])[-1])  # noqa: E731
+        for what, fn in (("latest pointer", self._point_latest(newest)),
                          ("retention", lambda: steps.extend(self._retain(commit.step))),
                          ("catalog", lambda: _catalog.append(self.catalog_path, commit, seconds, self._steps(),
                                                      self.commits))):
@@ -257,6 +313,12 @@ class CheckpointStore:
             except Exception as exc:  # the commit itself is durable; readers fall back to the scan
                 log.warning("checkpoint step %d committed, but updating the %s failed: %s", commit.step, what, exc)
 
+    def _point_latest(self, newest: Callable[[], str]) -> Callable[[], None]:
+        def point() -> None:
+            self._check_incarnation(None)  # a stale writer never moves `latest`
+            replace_file_atomic(self.root / LATEST, newest().encode())
+        return point
+
     def _retain(self, newest: int) -> list[int]:
         return apply_retention(self.root, self._steps(), newest, self.keep_last, self.keep_every, MARKER)
 
@@ -264,7 +326,7 @@ class CheckpointStore:
         """Retention over what is on disk now, without a new commit: a crash between a commit and its
         retention pass leaves older commits, a torn delete or tmp files that only the next commit would
         clear, and a job resumed at its last step commits nothing. One process only (rank 0 at resume)."""
-        steps = self._steps()
+        steps = self._ordered()
         if not steps:
             return []
         newest = step_dir_name(steps[-1])
@@ -273,16 +335,25 @@ class CheckpointStore:
         return self._retain(steps[-1])
 
     # ---- read side ---------------------------------------------------------------------------
-    def _steps(self) -> list[int]:
-        """Steps with a valid COMMITTED marker, ascending (the scan; *.tmp and marker-less dirs ignored)."""
+    def _markers(self) -> dict[int, dict[str, Any]]:
+        """step -> marker of every dir with a valid COMMITTED marker (the scan; *.tmp, marker-less ignored)."""
         if not self.root.is_dir():
-            return []
-        steps = []
+            return {}
+        markers = {}
         for entry in os.scandir(self.root):
             m = STEP_DIR.match(entry.name)
-            if m and entry.is_dir() and read_marker(Path(entry.path)) is not None:
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+            if m and entry.is_dir() and (marker := read_marker(Path(entry.path))) is not None:
+                markers[int(m.group(1))] = marker
+        return markers
+
+    def _steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        return sorted(self._markers())
+
+    def _ordered(self) -> list[int]:
+        """Committed steps, oldest first by (incarnation, step): the last one is the newest."""
+        markers = self._markers()
+        return sorted(markers, key=lambda s: (_incarnation(markers[s]), s))
 
     def load(self, step: int) -> Commit:
         path = self.step_path(step)
@@ -300,7 +371,7 @@ class CheckpointStore:
 
     def latest(self, verify: bool = False) -> Commit | None:
         """Newest committed step by scan; with verify=True, the newest one whose files all check out."""
-        for step in reversed(self._steps()):
+        for step in reversed(self._ordered()):
             try:
                 commit = self.load(step)
                 if verify:

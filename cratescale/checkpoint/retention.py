@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 _TMP = re.compile(r"^step_(\d{9})(?:\.universal|\.replaced)?\.tmp(?:-[\w.-]+)?$")
 _UNIVERSAL = re.compile(r"^step_(\d{9})\.universal$")
 _STEP = re.compile(r"^step_(\d{9})$")
-# `latest.<pid>.tmp` / `catalog.parquet.<pid>.tmp`: a pointer or catalog rewrite killed before its rename.
-_FILE_TMP = re.compile(r"^(?:latest|catalog\.parquet)\.\d+\.tmp$")
+# `latest.<pid>.tmp` / `catalog.parquet.<pid>.tmp` / `incarnation.<pid>.tmp`: a rewrite killed before its rename.
+_FILE_TMP = re.compile(r"^(?:latest|catalog\.parquet|incarnation)\.\d+\.tmp$")
 
 
 def steps_to_keep(steps: list[int], keep_last: int, keep_every: int) -> set[int]:

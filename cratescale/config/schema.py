@@ -122,6 +122,12 @@ class CheckpointConfig(Strict):
     allow_config_change: bool = False
     # Resume under another decoder (DALI cpu / mixed, PIL, other versions): its pixels differ from the saved run's.
     allow_decoder_change: bool = False
+    # Asynchronous commit (issue 18): state copied to host memory at the step boundary, written by a
+    # background thread while training goes on. when_busy: a commit asked while one is writing waits for
+    # it, or is skipped (counted in metrics and the console). The final/stop commit always waits.
+    # Off by default until the whole fault tier has passed with it (tests/faults run it explicitly).
+    async_commit: bool = False
+    when_busy: Literal["wait", "skip"] = "wait"
 
 
 class ClusterConfig(Strict):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,30 @@ from cratescale.checkpoint.universal import load_into_engine
 from cratescale.config import identity_change
 
 log = logging.getLogger(__name__)
+
+
+def incarnation_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Who this job is, for the incarnation rule (DESIGN.md section 5): the SLURM job id and its restart
+    count (SLURM_RESTART_COUNT, unset before the first requeue) and the local supervisor's attempt number
+    (CRATESCALE_ATTEMPT, set by a supervisor that resubmits the run)."""
+    env = os.environ if env is None else env
+    out: dict[str, Any] = {"job": env.get("SLURM_JOB_ID") or None}
+    for key, name in (("restart", "SLURM_RESTART_COUNT"), ("attempt", "CRATESCALE_ATTEMPT")):
+        value = env.get(name, "").strip() or "0"
+        if not value.isdigit():
+            raise ValueError(f"{name}={env[name]!r}: expected a non-negative integer")
+        out[key] = int(value)
+    return out
+
+
+def claim_run(store: CheckpointStore, rank: int, env: dict[str, str] | None = None) -> None:
+    """Rank 0 claims the run for this incarnation before anyone resumes; a refusal (a stale incarnation)
+    raises on every rank."""
+    who = incarnation_from_env(env)
+    error = _attempt(lambda: store.claim_incarnation(**who)) if rank == 0 else None
+    if any_rank(error is not None):
+        reason = _failures(error, rank)
+        raise CheckpointWriteError(f"claiming {store.root}: {reason}") from error
 
 
 class ResumeError(RuntimeError):
@@ -167,6 +192,16 @@ def _attempt(fn: Any, *args: Any) -> BaseException | None:
         return exc
 
 
+def with_filename(exc: BaseException, path: str | Path) -> BaseException:
+    """A failed write() names no file (ENOSPC from the raw write): the error then names `path`."""
+    cause = _os_error(exc)
+    if cause is None or cause.filename is not None:
+        return exc
+    named = OSError(cause.errno, cause.strerror, str(path))
+    named.__cause__ = exc
+    return named
+
+
 @contextmanager
 def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
     """DeepSpeed's save_checkpoint holds barriers between its writes: a rank whose write raised would leave
@@ -188,12 +223,7 @@ def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
             else:
                 real_save(state_dict, path)
         except Exception as exc:  # noqa: BLE001 - raised after the barriers
-            cause = _os_error(exc)
-            if cause is not None and cause.filename is None:  # a failed write() names no file: name it
-                named = OSError(cause.errno, cause.strerror, path)
-                named.__cause__ = exc
-                exc = named
-            errors.append(exc)
+            errors.append(with_filename(exc, path))
 
     def copy_recovery_script(save_path: str) -> None:
         try:

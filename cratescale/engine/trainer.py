@@ -19,7 +19,9 @@ from cratescale.distributed.wrap import (apply_activation_checkpointing, apply_m
 from cratescale.engine import optim
 from cratescale.engine.data_budget import BadDataBudget, BadDataError
 from cratescale.engine.metrics import MetricsWriter, StepTimer, memory_gb, mfu
-from cratescale.engine.state import any_rank, check_decoder, collective_device, load_state, plan_resume, save_state
+from cratescale.engine.commit_async import AsyncCommitter
+from cratescale.engine.state import (any_rank, check_decoder, claim_run, collective_device, load_state, plan_resume,
+                                     save_state)
 from cratescale.models import create_model, train_flops_per_image
 from data_pipeline.loader import choose_decoder, make_train_loader
 from data_pipeline.manifest import manifest_fingerprint
@@ -83,6 +85,21 @@ def _check_data(budget: BadDataBudget, loader, writer: MetricsWriter | None, ste
         raise
 
 
+def _commit_logger(writer: MetricsWriter | None) -> Callable[[dict], None]:
+    """One metrics row and one console line per finished (or skipped) asynchronous commit, rank 0."""
+    def log(record: dict) -> None:
+        if writer is None:
+            return
+        writer.write(record)
+        if record["kind"] == "commit":
+            print(f"[cratescale] committed step {record['step']} in {record['seconds']:.2f}s "
+                  f"(training stalled {record['stall_s']:.2f}s)", flush=True)
+        else:
+            print(f"[cratescale] skipped the commit of step {record['step']}: step {record['writing']} is still "
+                  f"being written (checkpoint.when_busy=skip; {record['skipped']} skipped)", flush=True)
+    return log
+
+
 def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_flops: float,
           should_stop: Callable[[], bool] = lambda: False) -> TrainOutcome:
     import deepspeed
@@ -101,6 +118,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
     store = CheckpointStore(run_dir / "checkpoints", job.checkpoint.keep_last, job.checkpoint.keep_every)
     identity = job_identity(job, manifest_fingerprint(manifest))
     chash = identity_hash(identity)
+    claim_run(store, world.rank)  # before resuming: a stale incarnation (partitioned node) is refused here
     plan = plan_resume(store, identity, sched.global_batch, world.world_size, job.checkpoint.allow_config_change)
     note = schedule_note(plan.commit.meta, total, warmup) if plan.commit is not None else None
     decoder = choose_decoder(job.data.loader, "gpu" if backend == "nccl" else "cpu")  # never a quiet CPU route
@@ -153,22 +171,30 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
     flops_per_image = train_flops_per_image(model)
 
     last_commit = step if plan.commit is not None else -1
+    committer = AsyncCommitter(engine, store, world.rank, job.checkpoint.when_busy, on_done=_commit_logger(writer))
 
-    def commit(at_step: int) -> None:
+    def commit(at_step: int, final: bool = False) -> None:
         nonlocal last_commit
         if at_step == last_commit:
+            if final:
+                committer.drain()  # a stop right after this step's commit started: it must land first
             return
         meta = {"step": at_step, "samples_seen": at_step * sched.global_batch, "world_size": world.world_size,
                 "global_batch": sched.global_batch, "config_hash": chash, "identity": identity,
                 "total_steps": total, "warmup_steps": warmup, "job_name": job.name, "decoder": decoder.identity,
                 "loader_state": LoaderState.from_step(at_step, steps_per_epoch, sched.global_batch,
                                                       job.seed).to_dict()}
+        if job.checkpoint.async_commit:
+            if committer.commit(at_step, meta, final=final):
+                last_commit = at_step
+            return
         t0 = time.perf_counter()
         save_state(engine, store, at_step, meta, world.rank)
-        last_commit = at_step
+        last_commit, seconds = at_step, time.perf_counter() - t0
         if writer:
-            writer.write({"kind": "commit", "step": at_step, "seconds": time.perf_counter() - t0})
-            print(f"[cratescale] committed step {at_step} in {time.perf_counter() - t0:.2f}s", flush=True)
+            writer.write({"kind": "commit", "step": at_step, "seconds": seconds, "stall_s": seconds, "write_s": 0.0,
+                          "async": False})
+            print(f"[cratescale] committed step {at_step} in {seconds:.2f}s", flush=True)
 
     sample_log = _open_sample_log(run_dir, world.rank) if job.logging.sample_log else None
     timer, window_loss, window_steps = StepTimer(), 0.0, 0
@@ -214,9 +240,10 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
                       f"wait {wait_frac:.0%}", flush=True)
             timer.reset()
             window_loss, window_steps = 0.0, 0
+        committer.poll()  # a background write that failed on any rank raises here, on every rank
         if step % job.checkpoint.every_steps == 0 and step < total:
             commit(step)
-    commit(step)
+    commit(step, final=True)  # waits for the write in flight first, then for its own
     loader.close()  # its worker processes and threads end here, not in interpreter teardown
     if sample_log:
         sample_log.close()

@@ -8,8 +8,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TINY_JOB = REPO / "tests" / "dist" / "tiny.yaml"
 KILL_STEPS = 64
-# Commit every step and keep one: every commit also deletes the previous one (retention under fire).
-KILL_OVERRIDES = ["checkpoint.every_steps=1", "checkpoint.keep_last=1", f"schedule.steps={KILL_STEPS}"]
+# Commit every step and keep one: every commit also deletes the previous one (retention under fire). The
+# asynchronous commit: kills land inside its background writes too (mode "writing").
+KILL_OVERRIDES = ["checkpoint.every_steps=1", "checkpoint.keep_last=1", f"schedule.steps={KILL_STEPS}",
+                  "checkpoint.async_commit=true"]
 
 
 @pytest.fixture(scope="session")

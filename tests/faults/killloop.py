@@ -9,6 +9,8 @@ again and again; then it is let run to the end. Kinds of kill:
   after_rename  planted: after the rename, before the `latest` pointer moves
   retention     planted: mid-delete of the previous commit (marker gone, half its files removed)
   pointer       planted: the new pointer written to its tmp name, not yet renamed over `latest`
+  writing       planted: rank 0's background writer is inside a file of step N (asynchronous commit: the
+                ranks train the next step meanwhile); the writer is a thread of the rank, killed with it
 After every kill the store is checked as a reader would: latest() loads and verifies, it never goes back,
 every commit verifies, `latest` (the hint) names a valid commit.
 """
@@ -28,7 +30,7 @@ from cratescale.checkpoint import CheckpointStore
 from tests.faults.ranks import RankJob, RankServer
 
 EXTERNAL = ("startup", "step", "tmp")
-PLANTED = ("seal", "after_rename", "retention", "pointer")
+PLANTED = ("seal", "after_rename", "retention", "pointer", "writing")
 MODES = EXTERNAL + PLANTED
 STEP_DIR = re.compile(r"^step_(\d{9})$")
 
@@ -179,6 +181,6 @@ def run_kill_loop(server: RankServer, config: Path, manifest: Path, run_dir: Pat
 
 
 def leftovers(root: Path, final_step: int) -> list[str]:
-    """Anything in the checkpoint root besides the final commit, the pointer and the catalog."""
-    expected = {f"step_{final_step:09d}", "latest", "catalog.parquet"}
+    """Anything in the checkpoint root besides the final commit, the pointer, the catalog and the claim."""
+    expected = {f"step_{final_step:09d}", "latest", "catalog.parquet", "incarnation"}
     return sorted(set(os.listdir(root)) - expected)

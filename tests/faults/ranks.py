@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PREEMPTED_EXIT = 3  # cratescale.launch.entry.PREEMPTED_EXIT (not imported: the client stays torch-free)
-FAULT_MODES = ("seal", "after_rename", "retention", "pointer", "enospc")
+FAULT_MODES = ("seal", "after_rename", "retention", "pointer", "writing", "enospc")
 
 
 # ---------------------------------------------------------------------------------------------- client side
@@ -172,14 +172,7 @@ def _plant_enospc(at: int, match: str) -> None:
 
     import torch
 
-    from cratescale.engine import trainer
-
-    state = {"step": None}
-    real_save_state, real_save = trainer.save_state, torch.save
-
-    def save_state(engine, store, step, meta, rank):
-        state["step"] = step
-        return real_save_state(engine, store, step, meta, rank)
+    state, real_save = _track_saved_step(), torch.save
 
     def save(obj, f, *args, **kwargs):
         name = str(getattr(f, "name", f))
@@ -187,7 +180,43 @@ def _plant_enospc(at: int, match: str) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
         return real_save(obj, f, *args, **kwargs)
 
-    trainer.save_state, torch.save = save_state, save
+    torch.save = save
+
+
+def _track_saved_step() -> dict:
+    """{"step": the step whose save this rank is in}, for the synchronous and the asynchronous commit (whose
+    background write of a step goes on until the next commit starts)."""
+    from cratescale.engine import commit_async, trainer
+
+    state = {"step": None}
+    real_save_state, real_start = trainer.save_state, commit_async.AsyncCommitter.start
+
+    def save_state(engine, store, step, meta, rank):
+        state["step"] = step
+        return real_save_state(engine, store, step, meta, rank)
+
+    def start(self, step, meta, waited_s=0.0):
+        state["step"] = step
+        return real_start(self, step, meta, waited_s)
+
+    trainer.save_state, commit_async.AsyncCommitter.start = save_state, start
+    return state
+
+
+def _plant_writing_kill(at: int) -> None:
+    """SIGKILL every rank while rank 0's background writer is inside a file of step `at` (some bytes of it
+    written, training going on meanwhile)."""
+    from cratescale.checkpoint import durable
+
+    state, real_write = _track_saved_step(), durable.ChecksumWriter.write
+
+    def write(self, data):
+        done = real_write(self, data)
+        if state["step"] == at and self.size > 0:
+            _kill_group()
+        return done
+
+    durable.ChecksumWriter.write = write
 
 
 def _plant_faults(faults: dict) -> None:
@@ -200,6 +229,9 @@ def _plant_faults(faults: dict) -> None:
         raise ValueError(f"unknown fault mode {mode!r}")
     if mode == "enospc":
         _plant_enospc(at, faults.get("match", ""))
+        return
+    if mode == "writing":
+        _plant_writing_kill(at)
         return
     from cratescale.checkpoint import commit as commit_mod
     from cratescale.checkpoint import retention

@@ -58,8 +58,9 @@ def test_trainer_checkpoint_on_a_full_tmpfs(tmp_path, fault_manifest, rank_serve
     run_dir = tmp_path / "run"
     root = run_dir / "checkpoints"
     # A commit of the tiny model is ~1.3 MB: two fit in 3 MiB, the third (before retention frees one) does not.
+    # The asynchronous commit: the write fails in the background writers, the error comes at the next step.
     config = write_config(TINY_JOB, run_dir, ["checkpoint.every_steps=1", "checkpoint.keep_last=2",
-                                              "schedule.steps=8"])
+                                              "schedule.steps=8", "checkpoint.async_commit=true"])
     with mounted_tmpfs(root, "3m"):
         free_empty = _free(root)
         reader = Reader(root)
@@ -77,7 +78,8 @@ def test_trainer_checkpoint_on_a_full_tmpfs(tmp_path, fault_manifest, rank_serve
         assert store.latest().step == 2 and store.latest_pointer() == "step_000000002"
         for commit in store.commits():
             store.verify(commit)
-        assert sorted(os.listdir(root)) == ["catalog.parquet", "latest", "step_000000001", "step_000000002"]
+        assert sorted(os.listdir(root)) == ["catalog.parquet", "incarnation", "latest", "step_000000001",
+                                              "step_000000002"]
         assert reader.errors == [] and reader.checks > 0
         # The partial third save was ~1 MB: its space is back (only the two commits and ~pages of slack use it).
         assert _free(root) + sum(c.bytes for c in store.commits()) + (256 << 10) >= free_empty
@@ -89,14 +91,18 @@ def test_trainer_checkpoint_on_a_full_tmpfs(tmp_path, fault_manifest, rank_serve
         store.verify(store.latest())
 
 
-@pytest.mark.parametrize("rank, match", [(1, "optim_states"), (0, "model_states"), (1, "rng"), (0, "rng")],
-                         ids=["rank1-zero-shard", "rank0-model", "rank1-rng", "rank0-rng"])
-def test_trainer_enospc_injected_on_one_rank(tmp_path, fault_manifest, rank_server, rank, match):
+@pytest.mark.parametrize("rank, match, background", [(1, "optim_states", False), (0, "model_states", False),
+                                                    (1, "rng", False), (0, "rng", False),
+                                                    (1, "optim_states", True), (0, "model_states", True)],
+                         ids=["rank1-zero-shard", "rank0-model", "rank1-rng", "rank0-rng", "async-rank1-zero-shard",
+                              "async-rank0-model"])
+def test_trainer_enospc_injected_on_one_rank(tmp_path, fault_manifest, rank_server, rank, match, background):
     """ENOSPC on ONE rank (its share of a node-local disk), inside and after DeepSpeed's save: the other rank
-    must not be left waiting in one of DeepSpeed's barriers; both stop with the same one-line error."""
+    must not be left waiting in one of DeepSpeed's barriers; both stop with the same one-line error. With the
+    asynchronous commit the write fails in the rank's background writer and surfaces at the next step."""
     run_dir = tmp_path / "run"
     config = write_config(TINY_JOB, run_dir, ["checkpoint.every_steps=1", "checkpoint.keep_last=2",
-                                              "schedule.steps=8"])
+                                              "schedule.steps=8", f"checkpoint.async_commit={background}".lower()])
     job = rank_server.start(config, fault_manifest, 2, faults={"mode": "enospc", "rank": rank, "step": 3,
                                                                "match": match})
     codes = job.wait(timeout=120)
@@ -105,7 +111,8 @@ def test_trainer_enospc_injected_on_one_rank(tmp_path, fault_manifest, rank_serv
     assert all(line.startswith(ERROR) and f"rank {rank}: {ENOSPC}" in line and match in line for line in lines)
     store = CheckpointStore(run_dir / "checkpoints")
     assert store.latest().step == 2 and not store.tmp_path(3).exists()
-    assert sorted(os.listdir(store.root)) == ["catalog.parquet", "latest", "step_000000001", "step_000000002"]
+    assert sorted(os.listdir(store.root)) == ["catalog.parquet", "incarnation", "latest", "step_000000001",
+                                              "step_000000002"]
 
 
 # ---- the embedding store --------------------------------------------------------------------------------

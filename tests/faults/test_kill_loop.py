@@ -3,7 +3,8 @@ bitwise where an uninterrupted one ends (weights, optimizer state, data order).
 
 Training: 2 ranks (gloo, ZeRO-2), a commit every step with keep_last=1 (so every commit also deletes), killed
 >= 21 times: during start-up, mid-step, while the ranks write step_N.tmp, and at planted points of the commit
-protocol (between COMMITTED and the rename, after the rename, mid-retention delete, mid pointer swap).
+protocol (between COMMITTED and the rename, after the rename, mid-retention delete, mid pointer swap, and
+inside the asynchronous commit's background write while the next step trains: the default commit path).
 Extraction: `python -m cratescale.embeddings extract` SIGKILLed several times mid-way, rerun, byte-identical.
 """
 from __future__ import annotations
@@ -38,8 +39,9 @@ def test_kill9_loop_loses_nothing(tmp_path, fault_manifest, rank_server, referen
     assert report.problems == [], report.problems           # every check: latest() loads and verifies
     assert report.during_write >= 3                          # kills really landed inside saves
     assert report.completed_step == KILL_STEPS
-    # Every step is trained again at most once per kill (commit every step: at most the step in flight).
-    assert 0 <= report.steps_redone <= report.kills
+    # At most two steps trained again per kill (commit every step, asynchronous: the step in flight, and the
+    # one whose commit was still being written in the background).
+    assert 0 <= report.steps_redone <= 2 * report.kills
 
     step, weights = final_weights(run_dir)
     assert step == reference_run["step"] == KILL_STEPS

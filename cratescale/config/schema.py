@@ -76,6 +76,9 @@ class ParallelConfig(Strict):
     # Overlap the gradient reduction with backward (more bucket memory); null keeps DeepSpeed's default (off
     # for ZeRO-1/2, on for ZeRO-3). One H100, world size 1: 4% slower (nothing to overlap there).
     overlap_comm: bool | None = None
+    # A collective waits this long for a peer before it fails (a lost node ends its survivors' ranks in
+    # bounded time, then the supervisor resumes on the nodes left); torch's own default is 30 minutes.
+    collective_timeout_s: int = Field(600, ge=5)
 
     @model_validator(mode="after")
     def _compile_needs_zero_le_2(self) -> "ParallelConfig":

@@ -71,7 +71,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
 
     run_dir = Path(run_dir)
     entered = time.perf_counter()
-    init_distributed(world, job.parallel.backend)
+    init_distributed(world, job.parallel.backend, timeout_s=job.parallel.collective_timeout_s)
     sched = job.schedule
     steps_per_epoch = count_train_samples(manifest) // sched.global_batch
     if steps_per_epoch < 1:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -160,16 +161,18 @@ class ShardWorker:
                                  "split": m["split"].astype(str).to_numpy()})
         self.store.write_shard(k, feats, metadata)
         return {"shard": k, "rows": len(rows), "seconds": time.perf_counter() - t0, "encode_seconds": t_enc,
-                "replaced": int((got != m["sample_id"].to_numpy()).sum()), "pid": os.getpid()}
+                "replaced": int((got != m["sample_id"].to_numpy()).sum()), "pid": os.getpid(),
+                "host": socket.gethostname()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data UDF: each input row is a task, "shards" = comma-separated shard indices."""
         records = [r for group in batch["shards"] for r in self.run_shards(_parse_group(group))]
-        return {key: np.array([r[key] for r in records], dtype=np.float64 if "seconds" in key else np.int64)
+        return {key: np.array([r[key] for r in records], dtype=_RECORD_DTYPES.get(key, np.int64))
                 for key in RECORD_KEYS}
 
 
-RECORD_KEYS = ("shard", "rows", "seconds", "encode_seconds", "replaced", "pid")
+RECORD_KEYS = ("shard", "rows", "seconds", "encode_seconds", "replaced", "pid", "host")
+_RECORD_DTYPES = {"seconds": np.float64, "encode_seconds": np.float64, "host": np.str_}
 
 
 def _parse_group(group: Any) -> list[int]:
@@ -207,22 +210,6 @@ def group_shards(todo: Sequence[int], actors: int, shards_per_task: int = 0) -> 
     if shards_per_task <= 0:
         shards_per_task = max(1, min(8, math.ceil(len(todo) / (2 * max(actors, 1)))))
     return [list(todo[i:i + shards_per_task]) for i in range(0, len(todo), shards_per_task)]
-
-
-def init_ray(address: str | None = None) -> None:
-    """Join `address`, or start a small local Ray (capped object store, no dashboard) if none is running.
-    Local workers get this checkout on PYTHONPATH so they can import cratescale and data_pipeline."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
-    else:
-        from data_pipeline.local_ray import start_local_ray
-
-        start_local_ray(log_to_driver=True)
 
 
 def _fingerprint(path: Path) -> str:
@@ -302,7 +289,7 @@ def _run_ray(groups: list[list[int]], kwargs: dict, actors: int, address: str | 
              num_gpus: float) -> list[dict]:
     import ray
 
-    init_ray(address)
+    start_or_join_ray(address, log_to_driver=True)
     # One block per task, so the pool hands tasks to actors one at a time (dynamic load balance).
     items = [{"shards": ",".join(map(str, g))} for g in groups]
     ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -73,7 +73,8 @@ def _run_units(units: Iterable[Unit], opts: IngestOptions, workers: int, ray_add
     ray, started = _start_ray(ray_address, workers)
     on_ready()
     try:
-        task = ray.remote(num_cpus=1)(process_unit)
+        # SPREAD: units go round the cluster's nodes instead of filling the driver's node first
+        task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(process_unit)
         inflight: dict = {}
 
         def drain(limit: int) -> None:

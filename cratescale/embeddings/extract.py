@@ -34,7 +34,6 @@ from cratescale.models import create_model, model_from_config
 
 BASE_FEATURES = ("cls", "mean")
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ExtractionError(RuntimeError):
@@ -289,6 +288,8 @@ def _run_ray(groups: list[list[int]], kwargs: dict, actors: int, address: str | 
              num_gpus: float) -> list[dict]:
     import ray
 
+    from data_pipeline.local_ray import start_or_join_ray
+
     start_or_join_ray(address, log_to_driver=True)
     # One block per task, so the pool hands tasks to actors one at a time (dynamic load balance).
     items = [{"shards": ",".join(map(str, g))} for g in groups]
@@ -296,7 +297,7 @@ def _run_ray(groups: list[list[int]], kwargs: dict, actors: int, address: str | 
     ds = ds.map_batches(
         ShardWorker, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(actors, len(groups)), max_tasks_in_flight_per_actor=1),
-        num_cpus=num_cpus, num_gpus=num_gpus or None)
+        num_cpus=num_cpus, num_gpus=num_gpus or None, scheduling_strategy="SPREAD")  # actors on every node
     return ds.take_all()
 
 

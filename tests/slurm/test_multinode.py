@@ -17,7 +17,7 @@ import pytest
 import submitit
 import torch
 
-from multinode import HOSTS, MN_CONF, NODES, kill_node, mn_down, mn_up, on_node, rendezvous_lines, up_nodes
+from multinode import HOSTS, NODES, kill_node, mn_up, on_node, rendezvous_lines, up_nodes
 from cratescale.checkpoint import CheckpointStore
 from cratescale.engine.metrics import read_metrics
 from cratescale.launch import slurm_tools
@@ -32,20 +32,7 @@ STEPS = 40
 COMMON = [f"schedule.steps={STEPS}", "logging.every_steps=1"]
 
 
-@pytest.fixture(scope="module")
-def mn_cluster():
-    started = up_nodes() < NODES
-    if started:
-        mn_up(NODES)
-    yield
-    if started:
-        mn_down()
-
-
-@pytest.fixture(autouse=True)
-def mn_conf(mn_cluster, monkeypatch):
-    """sbatch/scontrol/sacct (and submitit, and the launcher) talk to the multi-node cluster in this test."""
-    monkeypatch.setenv("SLURM_CONF", MN_CONF)
+pytestmark = [pytest.mark.multinode, pytest.mark.usefixtures("mn_conf")]
 
 
 def launch(run_dir: Path, manifest: Path, name: str, extra: list[str], processes: list) -> subprocess.Popen:

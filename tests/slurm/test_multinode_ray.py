@@ -14,28 +14,33 @@ from pathlib import Path
 
 import pytest
 
-from multinode import MN_CONF, NODES, up_nodes
 from cratescale.launch import slurm_tools
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "cluster" / "ray_in_allocation.sbatch"
 
 
-@pytest.fixture(autouse=True)
-def mn_conf(monkeypatch):
-    if up_nodes() < NODES:   # test_multinode.py's fixture brings it up; alone, this module needs it up too
-        from multinode import mn_up
-
-        mn_up(NODES)
-    monkeypatch.setenv("SLURM_CONF", MN_CONF)
+pytestmark = [pytest.mark.multinode, pytest.mark.usefixtures("mn_conf")]
 
 
-def test_ray_head_and_worker_on_two_nodes_and_ingest_spreads_over_both(tmp_path):
+def test_ray_head_and_worker_on_two_nodes_and_ingest_and_extraction_spread_over_both(tmp_path):
+    import torch
+
+    from cratescale.checkpoint.export import export_weights
+    from cratescale.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("crate_mae_debug")
+    export_weights(model.state_dict(), model.config, {"step": 0, "run_name": "mn-ray"}, tmp_path / "export")
     out = tmp_path / "manifest"
     env = dict(os.environ, RAY_INTERFACE="eth0", RAY_OBJECT_STORE_BYTES="100000000", PYTHON=sys.executable,
                RAY_RUN_DIR=str(tmp_path / "ray"), PYTHONPATH=str(REPO))
-    driver = [sys.executable, "-m", "data_pipeline.ingest", "synthetic://shapes?n=96&classes=4&size=32&seed=2",
-              str(out), "--shard-size", "8", "--workers", "4", "--no-progress"]
+    py = sys.executable
+    driver = ["bash", "-c",   # the driver joins the allocation's Ray through $RAY_ADDRESS: no --ray-address
+              f"{py} -m data_pipeline.ingest 'synthetic://shapes?n=96&classes=4&size=32&seed=2' {out} "
+              f"--shard-size 8 --workers 4 --no-progress && {py} -m cratescale.embeddings extract "
+              f"{tmp_path / 'export'} {out} {tmp_path / 'store'} --actors 2 --shard-rows 16 --shards-per-task 1 "
+              f"--batch-size 16 --loader pil"]
     job_id = subprocess.run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", "--cpus-per-task=1",
                              "-o", str(tmp_path / "ray-%j.out"), str(SCRIPT), *driver],
                             capture_output=True, text=True, env=env, check=True, cwd=tmp_path).stdout.strip()
@@ -50,6 +55,9 @@ def test_ray_head_and_worker_on_two_nodes_and_ingest_spreads_over_both(tmp_path)
     counts = dict(item.split() for item in hosts.removeprefix("units per host: ").split(", "))
     assert set(counts) == {"node1", "node2"} and sum(map(int, counts.values())) == 12, hosts
     assert (out / "manifest.parquet").exists()
+    shards = next(line for line in log.splitlines() if line.startswith("shards per host:"))
+    counts = dict(item.split() for item in shards.removeprefix("shards per host: ").split(", "))
+    assert set(counts) == {"node1", "node2"} and sum(map(int, counts.values())) == 6, shards
     # nothing left behind: no Ray process in either node, no temp dir
     for n in (1, 2):
         pids = subprocess.run(["ip", "netns", "pids", f"csmn-node{n}"], capture_output=True, text=True).stdout.split()

@@ -109,7 +109,9 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
         kind=job.data.loader, num_threads=job.data.num_threads, hw_decoder_load=job.data.hw_decoder_load,
         prefetch_depth=job.data.prefetch_depth)
     batches = iter(loader)
-    accum = job.grad_accum
+    # From the live world, as deepspeed_config does: a job requeued onto fewer nodes than its config names (a
+    # lost node, an elastic -N1-2 allocation) keeps its global batch with more accumulation.
+    accum = sched.global_batch // (sched.micro_batch * world.world_size)
     dtype = torch.bfloat16 if job.parallel.precision == "bf16" else torch.float32
     flops_per_image = train_flops_per_image(model)
 

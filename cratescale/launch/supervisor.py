@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 
-from cratescale.config import load_job, load_profile
+from cratescale.config import dump_job, load_job, load_profile
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
 from cratescale.launch.paths import RunPaths
@@ -154,6 +154,7 @@ class Supervisor:
         if left < 1:
             return "PENDING"  # no node to run on: wait for one to come back
         self.job.cluster.nodes = min(self.job.cluster.nodes, left)
+        dump_job(self.job, self.paths.config)  # the run's record says what it runs on now
         self.node_failures += 1
         self.resubmits += 1
         print(f"supervisor: job {old} lost a node (NODE_FAIL); resuming on {self.job.cluster.nodes} node(s) "

@@ -141,9 +141,9 @@ class Supervisor:
         batch and sample sequence on fewer ranks."""
         from cratescale.launch.slurm_tools import SlurmError, job_info, usable_nodes
 
-        old = self.submitit_job.job_id
+        waiting = ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING")
         try:
-            if job_info(old).get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING"):
+            if job_info(self.submitit_job.job_id).get("JobState") in waiting:
                 self.submitit_job.cancel(check=False)
                 return "COMPLETING"  # resubmit once SLURM has let go of it (next poll)
             left = usable_nodes(self.job.cluster.partition or self.profile.partition)
@@ -157,8 +157,6 @@ class Supervisor:
         dump_job(self.job, self.paths.config)  # the run's record says what it runs on now
         self.node_failures += 1
         self.resubmits += 1
-        print(f"supervisor: job {old} lost a node (NODE_FAIL); resuming on {self.job.cluster.nodes} node(s) "
-              f"from its newest commit (trained to step {summary['step']})", flush=True)
         self.submit()
         return "REQUEUED"
 

@@ -239,7 +239,7 @@ def test_a_lost_node_ends_its_peers_and_the_run_resumes_on_the_node_left(tmp_pat
     worst = max((weights[k].float() - v.float()).abs().max().item() for k, v in ref_weights.items())
     print(f"2 -> 1 node: largest weight difference to the uninterrupted 2-rank run {worst:.2e}")
     for key, value in ref_weights.items():   # 2 -> 1 rank: same samples, reduction order differs
-        torch.testing.assert_close(weights[key], value, rtol=1e-2, atol=1e-3, msg=key)
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=key)   # measured: 0.0
     # the same global sample sequence; steps after the last commit ran twice (before and after the loss)
     got = {s: sorted(set(ids)) for s, ids in consumed_samples(run_dir).items()}
     assert got == consumed_samples(reference)

@@ -18,7 +18,6 @@ import submitit
 import torch
 
 from multinode import HOSTS, NODES, kill_node, mn_up, on_node, rendezvous_lines, up_nodes
-from cratescale.checkpoint import CheckpointStore
 from cratescale.engine.metrics import read_metrics
 from cratescale.launch import slurm_tools
 from cratescale.launch.progress import run_summary

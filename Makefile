@@ -26,10 +26,16 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q tests/unit
 
+# NODES=1 (default): the single-node cluster the tiers use. NODES=N>1: an N-node cluster, one network
+# namespace per node (cluster/dev/mn_up.sh; clients need SLURM_CONF=/var/lib/cratescale-slurm-mn/etc/slurm.conf).
+NODES ?= 1
 slurm-up:
-	bash cluster/dev/slurm_up.sh
+	if [ "$(NODES)" -gt 1 ]; then bash cluster/dev/slurm_up.sh >/dev/null && NODES=$(NODES) bash cluster/dev/mn_up.sh; \
+	else bash cluster/dev/slurm_up.sh; fi
 
+# Stops both clusters, by pid.
 slurm-down:
+	bash cluster/dev/mn_down.sh
 	bash cluster/dev/slurm_down.sh
 
 clean:

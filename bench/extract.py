@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cratescale.checkpoint.export import export_weights  # noqa: E402
-from cratescale.embeddings.extract import init_ray, load_model, run_extraction  # noqa: E402
+from cratescale.embeddings.extract import load_model, run_extraction  # noqa: E402
+from data_pipeline.local_ray import start_or_join_ray  # noqa: E402
 from cratescale.models import create_model  # noqa: E402
 
 THREADS = 2
@@ -90,7 +91,7 @@ def main() -> int:
                     shard_rows=args.shard_rows, chunk_rows=args.shard_rows, split=None, num_cpus_per_actor=0.5,
                     num_gpus_per_actor=0.0, amp=None)
         if not args.only_inprocess:
-            init_ray()                                        # Ray start-up is not part of any number
+            start_or_join_ray()                                        # Ray start-up is not part of any number
         configs = (("extract in-process", 0, THREADS), ("extract Ray, 1 actor", 1, THREADS),
                    ("extract Ray, 2 actors", 2, 1))
         runs: dict[str, list] = collections.defaultdict(list)

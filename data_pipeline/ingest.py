@@ -45,13 +45,15 @@ class IngestResult:
     seconds: float = 0.0
     startup_seconds: float = 0.0  # starting Ray (0 when inline or Ray was already running)
     workers: int = 0  # tasks in flight (0: inline)
+    hosts: Counter = field(default_factory=Counter)  # units processed per host
 
     def summary(self) -> str:
         rate = (self.samples + self.rejected_count) / max(self.seconds - self.startup_seconds, 1e-9)
         lines = [f"ingested {self.samples} samples in {self.classes} classes from a {self.source_kind} source "
                  f"in {self.seconds:.1f} s ({self.startup_seconds:.1f} s starting Ray, then {rate:.0f} files/s, "
                  f"{self.workers or 'no'} Ray tasks in flight)",
-                 f"manifest: {self.manifest}", f"rejected: {self.rejected_count} -> {self.rejected}"]
+                 f"manifest: {self.manifest}", f"rejected: {self.rejected_count} -> {self.rejected}",
+                 "units per host: " + ", ".join(f"{h} {n}" for h, n in sorted(self.hosts.items()))]
         lines += [f"  {n:6d}  {reason}" for reason, n in self.reasons.most_common(10)]
         return "\n".join(lines)
 
@@ -61,17 +63,11 @@ Workers = int | Literal["auto"]
 
 def _start_ray(ray_address: str | None, workers: Workers):
     import ray
-    if ray.is_initialized():
-        return ray, False
-    if ray_address:
-        # Ship this package to the cluster's workers (harmless where it is installed already).
-        ray.init(address=ray_address, log_to_driver=False,
-                 runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
-    else:
-        from data_pipeline.local_ray import start_local_ray
 
-        start_local_ray(num_cpus=None if workers == "auto" else max(2, workers))  # None: this machine's cores
-    return ray, True
+    from data_pipeline.local_ray import start_or_join_ray
+
+    # None: this machine's cores (a cluster that is joined has its own)
+    return ray, start_or_join_ray(ray_address, num_cpus=None if workers == "auto" else max(2, workers))
 
 
 def cluster_cpus(ray) -> int:
@@ -92,7 +88,8 @@ def _run_units(units: Iterable[Unit], opts: IngestOptions, workers: Workers, ray
     workers = cluster_cpus(ray) if workers == "auto" else workers
     on_ready()
     try:
-        task = ray.remote(num_cpus=1)(process_unit)
+        # SPREAD: units go round the cluster's nodes instead of filling the driver's node first
+        task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(process_unit)
         inflight: dict = {}
 
         def drain(limit: int) -> None:
@@ -144,6 +141,7 @@ def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shar
     plan: Plan = plan_source(source, shard_size if reshard else LISTING_CHUNK, shard_size)
     parts: list = []  # one pa.Table of rows per finished unit
     rejects: list[dict] = []  # from tasks; plan.rejects (driver-side) may grow while streaming
+    hosts: Counter = Counter()
     known = None if plan.stream is not None or any(u.count is None for u in plan.units) \
         else sum(u.count for u in plan.units) + len(plan.rejects)
     ready = [t0]
@@ -156,6 +154,7 @@ def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shar
 
         def on_result(unit: Unit, res: dict) -> None:
             parts.append(res["rows"])
+            hosts[res["host"]] += 1
             rejects.extend(res["rejects"])
             done = bar.tasks[0].completed + res["seen"]
             bar.update(tid, completed=done, rate=done / max(time.perf_counter() - ready[0], 1e-9),
@@ -173,7 +172,7 @@ def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shar
         _remove_stale_shards(out, set(table["path"].unique().to_pylist()))
     return IngestResult(manifest, rejected_path, plan.kind, table.num_rows, len(table["class_name"].unique()),
                         len(rejects), Counter(_reason_kind(r["reason"]) for r in rejects), time.perf_counter() - t0,
-                        ready[0] - t0, workers)
+                        ready[0] - t0, workers, hosts)
 
 
 def _reason_kind(reason: str) -> str:

@@ -6,6 +6,7 @@ driver's memory does not grow with the dataset (shards are written by the task i
 from __future__ import annotations
 
 import os
+import socket
 import time
 import zlib
 from dataclasses import dataclass
@@ -149,7 +150,8 @@ class _ShardSink:
 
 
 def process_unit(unit: Unit, opts: IngestOptions) -> dict:
-    """Validate every item of `unit`; returns {"rows" (a pa.Table), "rejects", "seen", "seconds"}."""
+    """Validate every item of `unit`; returns {"rows" (a pa.Table), "rejects", "seen", "seconds", "host"
+    (where it ran: a Ray cluster spreads units over its nodes)}."""
     t0 = time.perf_counter()
     reader = ByteReader()
     rows: list[dict] = []
@@ -183,4 +185,4 @@ def process_unit(unit: Unit, opts: IngestOptions) -> dict:
         sink.flush()
     reader.close()
     return {"rows": rows_to_table(rows), "rejects": rejects, "seen": len(rows) + len(rejects),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "host": socket.gethostname()}

@@ -16,9 +16,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        from data_pipeline.local_ray import start_local_ray
+        from data_pipeline.local_ray import start_or_join_ray
 
-        start_local_ray(num_cpus=2)
+        start_or_join_ray(num_cpus=2)
     yield ray
     # Left running for the rest of the session; pytest's exit shuts it down.
 

@@ -104,6 +104,9 @@ class ParallelConfig(Strict):
     # loader's fp32 pixels (the model casts its own input to bf16), or "bf16", the bf16-cast input (the behaviour
     # before issue 12). Measured on a shortened cifar10 recipe in BENCHMARKS.md.
     bf16_target: Literal["fp32", "bf16"] = "fp32"
+    # A collective waits this long for a peer before it fails (a lost node ends its survivors' ranks in
+    # bounded time, then the supervisor resumes on the nodes left); torch's own default is 30 minutes.
+    collective_timeout_s: int = Field(600, ge=5)
 
     @model_validator(mode="after")
     def _compile_needs_zero_le_2(self) -> "ParallelConfig":

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from cratescale.distributed.device import bind_gpu, check_cuda
+from cratescale.distributed.rendezvous import bind_gloo_to_master_route
 from cratescale.distributed.world import WorldInfo
 
 
@@ -28,6 +29,7 @@ def init_distributed(world: WorldInfo, backend: str = "auto", timeout_s: int = 6
     os.environ.update(RANK=str(world.rank), WORLD_SIZE=str(world.world_size), LOCAL_RANK=str(world.local_rank),
                       MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
     if backend == "gloo":
+        bind_gloo_to_master_route(world.rank, world.master_addr, world.master_port)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # DeepSpeed JIT-compiles a shared-memory op (~30 s) at its first init; gloo does not need it.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

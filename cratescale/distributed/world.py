@@ -6,6 +6,8 @@ import subprocess
 import zlib
 from dataclasses import dataclass
 
+from cratescale.distributed.rendezvous import master_address
+
 
 @dataclass(frozen=True)
 class WorldInfo:
@@ -52,6 +54,6 @@ def world_from_env(env: dict[str, str] | None = None) -> WorldInfo:
     addr = env.get("MASTER_ADDR")
     if addr is None:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        addr = _first_host(nodelist) if nodelist else "127.0.0.1"
+        addr = master_address(_first_host(nodelist)) if nodelist else "127.0.0.1"
     port = int(env.get("MASTER_PORT", _port_for(job_id)))
     return WorldInfo(rank, world, local, addr, port, job_id)

@@ -26,15 +26,21 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from cratescale.embeddings.extract import extract
-    out = extract(args.export, args.manifest, args.store, features=tuple(args.features.split(",")),
-                  layers=tuple(int(x) for x in args.layers.split(",") if x), dtype=args.dtype,
-                  batch_size=args.batch_size, actors=args.actors, image_size=args.image_size,
-                  loader_kind=args.loader, shard_rows=args.shard_rows, chunk_rows=args.chunk_rows,
-                  split=args.split, ray_address=args.ray_address, shards_per_task=args.shards_per_task,
-                  num_gpus_per_actor=args.gpus_per_actor, max_restarts=args.max_restarts,
-                  rss_limit=None if args.rss_limit_mb is None else int(args.rss_limit_mb * 2**20))
+    from collections import Counter
+
+    from cratescale.embeddings.extract import run_extraction
+    out, records = run_extraction(
+        args.export, args.manifest, args.store, features=tuple(args.features.split(",")),
+        layers=tuple(int(x) for x in args.layers.split(",") if x), dtype=args.dtype, batch_size=args.batch_size,
+        actors=args.actors, image_size=args.image_size, loader_kind=args.loader, shard_rows=args.shard_rows,
+        chunk_rows=args.chunk_rows, split=args.split, ray_address=args.ray_address, num_cpus_per_actor=0.5,
+        num_gpus_per_actor=args.gpus_per_actor, amp="auto", threads_per_actor=None,
+        shards_per_task=args.shards_per_task, max_restarts=args.max_restarts,
+        rss_limit=None if args.rss_limit_mb is None else int(args.rss_limit_mb * 2**20))
     print(out)
+    if records:
+        hosts = Counter(str(r["host"]) for r in records)
+        print("shards per host: " + ", ".join(f"{h} {n}" for h, n in sorted(hosts.items())))
     return 0
 
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -203,16 +204,18 @@ class ShardWorker:
                                  "split": m["split"].astype(str).to_numpy(), "valid": valid})
         self.store.write_shard(k, feats, metadata)
         return {"shard": k, "rows": len(rows), "seconds": time.perf_counter() - t0, "encode_seconds": t_enc,
-                "invalid": int((~valid).sum()), "pid": os.getpid(), "gpu": self.gpu, "memory_held": self.memory_held}
+                "invalid": int((~valid).sum()), "pid": os.getpid(), "gpu": self.gpu, "memory_held": self.memory_held,
+                "host": socket.gethostname()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data UDF: each input row is a task, "shards" = comma-separated shard indices."""
         records = [r for group in batch["shards"] for r in self.run_shards(_parse_group(group))]
-        return {key: np.array([r[key] for r in records], dtype=np.float64 if "seconds" in key else np.int64)
+        return {key: np.array([r[key] for r in records], dtype=_RECORD_DTYPES.get(key, np.int64))
                 for key in RECORD_KEYS}
 
 
-RECORD_KEYS = ("shard", "rows", "seconds", "encode_seconds", "invalid", "pid", "gpu", "memory_held")
+RECORD_KEYS = ("shard", "rows", "seconds", "encode_seconds", "invalid", "pid", "gpu", "memory_held", "host")
+_RECORD_DTYPES = {"seconds": np.float64, "encode_seconds": np.float64, "host": np.str_}
 
 
 def _parse_group(group: Any) -> list[int]:

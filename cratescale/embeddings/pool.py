@@ -8,34 +8,21 @@ shard committed so far stays committed: a rerun with smaller settings resumes.
 """
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from cratescale.embeddings.memory import MemoryPlan, available_memory, cluster_nodes, plan_extraction
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 class ActorsFailed(RuntimeError):
     """The actor pool gave up: the cause in one line."""
 
 
 def init_ray(address: str | None = None) -> None:
-    """Join `address`, or start a small local Ray (capped object store, no dashboard) if none is running.
-    Local workers get this checkout on PYTHONPATH so they can import cratescale and data_pipeline."""
-    import ray
+    """Join `address` (or $RAY_ADDRESS inside an allocation), or start a small local Ray: the project's one
+    start-or-join (data_pipeline/local_ray.py), with its one runtime_env policy."""
+    from data_pipeline.local_ray import start_or_join_ray
 
-    if ray.is_initialized():
-        return
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
-    else:
-        from data_pipeline.local_ray import start_local_ray
-
-        start_local_ray(log_to_driver=True)
+    start_or_join_ray(address, log_to_driver=True)
 
 
 def plan_for(config: dict[str, Any], image_size: int | None, batch_size: int | str, actors: int | str,
@@ -78,7 +65,7 @@ def run_pool(groups: list[list[int]], kwargs: dict, plan: MemoryPlan, num_cpus: 
         ShardWorker, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(plan.actors, len(groups)), max_tasks_in_flight_per_actor=1),
         num_cpus=num_cpus, num_gpus=num_gpus or None, memory=plan.per_actor,
-        max_restarts=max_restarts, max_task_retries=max_restarts)
+        max_restarts=max_restarts, max_task_retries=max_restarts, scheduling_strategy="SPREAD")  # every node
     try:
         return ds.take_all()
     except Exception as err:  # noqa: BLE001 - whatever ended the pool, the run stops with its cause

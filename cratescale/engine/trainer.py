@@ -106,7 +106,7 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
 
     run_dir = Path(run_dir)
     entered = time.perf_counter()
-    backend = init_distributed(world, job.parallel.backend)
+    backend = init_distributed(world, job.parallel.backend, timeout_s=job.parallel.collective_timeout_s)
     sched = job.schedule
     steps_per_epoch = count_train_samples(manifest) // sched.global_batch
     if steps_per_epoch < 1:
@@ -163,7 +163,9 @@ def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_
                   f"slice (rank 0: {route.get('reason', 'ok')})", flush=True)
 
     batches = iter(loader)
-    accum = job.grad_accum
+    # From the live world, as deepspeed_config does: a job requeued onto fewer nodes than its config names (a
+    # lost node, an elastic -N1-2 allocation) keeps its global batch with more accumulation.
+    accum = sched.global_batch // (sched.micro_batch * world.world_size)
     # The model casts its input to its own dtype; the pixels it is given are also the loss's target, so a bf16
     # run hands over fp32 pixels unless parallel.bf16_target asks for the bf16-quantised target.
     bf16_input = job.parallel.precision == "bf16" and job.parallel.bf16_target == "bf16"

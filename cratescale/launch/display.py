@@ -34,5 +34,7 @@ class TrainingDisplay:
         self.progress.update(self.task, completed=status["step"], total=status["total_steps"],
                              state=status["state"], info=info)
         if status["state"] != self.last_state:
-            self.console.log(f"job {status['job_id']}: {status['state']}")
+            lost = f" (lost a node: {status['node_failures']}, now {status['nodes']} node(s))" \
+                if status.get("node_failures") and status["state"] == "REQUEUED" else ""
+            self.console.log(f"job {status['job_id']}: {status['state']}{lost}")
             self.last_state = status["state"]

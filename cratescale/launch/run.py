@@ -9,6 +9,7 @@ from cratescale.launch.array import expand_array, pretrain_array, write_members
 from cratescale.launch.datacheck import check_data
 from cratescale.launch.paths import RunPaths
 from cratescale.launch.stages import STAGES, StageError, console
+from data_pipeline.local_ray import start_or_join_ray as start_ray  # joins $RAY_ADDRESS inside an allocation
 
 
 def resolve(job: JobConfig) -> tuple[JobConfig, RunPaths]:
@@ -83,19 +84,6 @@ def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: l
                              job.cluster.tasks_per_node, profile.cpus_per_task, profile.gpus_per_node)
         except ValueError as err:
             raise ConfigError(f"cluster: {err}") from None
-
-
-def start_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    else:
-        from data_pipeline.local_ray import start_local_ray
-
-        start_local_ray()
 
 
 def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: str | None = None) -> int:

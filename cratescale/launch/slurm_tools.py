@@ -158,6 +158,20 @@ def job_info(job_id: str | int) -> dict[str, str]:
     return next((r for r in recs if r.get("JobId") == str(job_id)), recs[0] if recs else {})
 
 
+def job_history(job_id: str | int) -> list[str]:
+    """Every recorded state of a job, oldest first (sacct -D keeps the runs a requeue replaced), e.g.
+    ["NODE_FAIL", "PENDING"]: SLURM requeues a job that lost a node, and then plain sacct shows only PENDING."""
+    out = _check("sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", str(job_id))
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def usable_nodes(partition: str) -> int:
+    """Nodes of `partition` that can take a job: not DOWN, DRAINED/DRAINING, FAILed or NOT_RESPONDING."""
+    bad = ("DOWN", "DRAIN", "FAIL", "NOT_RESPONDING", "POWER")
+    return sum(1 for node in node_info().values()
+               if partition in node["partitions"] and not any(b in node["state"] for b in bad))
+
+
 def held_seconds(info: dict[str, str], now: datetime | None = None) -> float | None:
     """Seconds a requeued job has been held for BeginTime (a lower bound), or None if it is not such a job.
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from cratescale.config import load_job, load_profile
+from cratescale.config import dump_job, load_job, load_profile
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
 from cratescale.launch.failures import RankFailure, classify_failure, clear_failures, job_failure, may_retry
@@ -46,6 +46,7 @@ class Supervisor:
         self.progress = RunProgress(self.paths.run_dir)
         self.step_at_submit = 0
         self.failure: RankFailure | None = None
+        self.node_failures = 0
 
     def submit(self) -> str:
         executor = make_executor(self.job, self.profile, self.paths.submitit_dir / "%j")
@@ -61,6 +62,7 @@ class Supervisor:
 
     def _save_state(self) -> None:
         state = {"executor": self.job.cluster.executor, "job_ids": self.submissions, "resubmits": self.resubmits,
+                 "node_failures": self.node_failures, "nodes": self.job.cluster.nodes,
                  "submitit_dir": str(self.paths.submitit_dir)}
         tmp = self.paths.launch_state.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
@@ -97,7 +99,9 @@ class Supervisor:
     def poll(self) -> dict[str, Any]:
         state = self._state()
         summary = self.progress.update()
-        if state in _CRASHED and not self._old_job_gone():
+        if state not in ("RUNNING", "COMPLETED", "UNSUBMITTED") and self._lost_a_node():
+            state = self._resume_on_nodes_left(summary)
+        elif state in _CRASHED and not self._old_job_gone():
             state = "COMPLETING"  # look again at the next poll
         elif state in _CRASHED and self._may_resubmit(summary):
             # SLURM requeues a job that stops on a signal under the same id; a job that died (kill -9 of its
@@ -106,7 +110,8 @@ class Supervisor:
             self.submit()
             state = "REQUEUED"
         return {"state": state, "job_id": self.submissions[-1] if self.submissions else None,
-                "done": state in _DONE, "requeues": self.resubmits, **summary}
+                "done": state in _DONE, "requeues": self.resubmits, "node_failures": self.node_failures,
+                "nodes": self.job.cluster.nodes, **summary}
 
     def _old_job_gone(self) -> bool:
         """Never two jobs on one run_dir: SLURM must have finished the old one (sacct can run ahead of it)."""
@@ -122,6 +127,44 @@ class Supervisor:
             self.submitit_job.cancel(check=False)  # sacct said it ended, SLURM has it again: ours now
             return False
         return not info or info.get("JobState") in _DONE
+
+    def _lost_a_node(self) -> bool:
+        """SLURM ended the job NODE_FAIL. It requeues such a job itself, for the full node count, and then
+        submitit (and plain sacct) report PENDING or a final NODE_FAIL (SLURM_MULTINODE.md pitfall 13): ask
+        sacct for the job's whole history instead."""
+        if self.job.cluster.executor != "slurm":
+            return False
+        from cratescale.launch.slurm_tools import SlurmError, job_history
+
+        try:
+            return "NODE_FAIL" in job_history(self.submitit_job.job_id)
+        except SlurmError:
+            return False
+
+    def _resume_on_nodes_left(self, summary: dict[str, Any]) -> str:
+        """Take over a job that lost a node: cancel SLURM's requeue (it would wait for the dead node) and
+        resubmit on the nodes that are left. The run resumes elastically from its newest commit: same global
+        batch and sample sequence on fewer ranks."""
+        from cratescale.launch.slurm_tools import SlurmError, job_info, usable_nodes
+
+        waiting = ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING")
+        try:
+            if job_info(self.submitit_job.job_id).get("JobState") in waiting:
+                self.submitit_job.cancel(check=False)
+                return "COMPLETING"  # resubmit once SLURM has let go of it (next poll)
+            left = usable_nodes(self.job.cluster.partition or self.profile.partition)
+        except SlurmError:
+            return "COMPLETING"  # sacct/scontrol hiccup: look again at the next poll
+        if summary["finished"] or self.resubmits >= self.job.cluster.max_requeues:
+            return "NODE_FAIL"
+        if left < 1:
+            return "PENDING"  # no node to run on: wait for one to come back
+        self.job.cluster.nodes = min(self.job.cluster.nodes, left)
+        dump_job(self.job, self.paths.config)  # the run's record says what it runs on now
+        self.node_failures += 1
+        self.resubmits += 1
+        self.submit()
+        return "REQUEUED"
 
     def _may_resubmit(self, summary: dict[str, Any]) -> bool:
         # Resubmit after a preemption or a transient crash, as SLURM's requeue would; never after an error

@@ -68,6 +68,33 @@ def slurm_cluster():
     return parts
 
 
+@pytest.fixture(scope="session")
+def mn_cluster():
+    """The multi-node dev cluster (cluster/dev/mn_up.sh) for the multinode tier: started here when it is not up,
+    stopped (by pid) at the end of the session if this session started it."""
+    from multinode import NODES, mn_down, mn_up, up_nodes
+
+    started = up_nodes() < NODES
+    if started:
+        if os.geteuid() != 0:
+            pytest.fail("the multi-node cluster is not up and starting it needs root", pytrace=False)
+        t0 = time.monotonic()
+        mn_up(NODES)
+        print(f"\n[slurm] started the {NODES}-node dev cluster in {time.monotonic() - t0:.1f} s")
+    yield
+    if started:
+        mn_down()
+
+
+@pytest.fixture
+def mn_conf(mn_cluster, monkeypatch):
+    """sbatch/scontrol/sacct (and submitit, the launcher, Ray's sbatch) talk to the multi-node cluster in this
+    test only; the other tiers keep the single-node one."""
+    from multinode import MN_CONF
+
+    monkeypatch.setenv("SLURM_CONF", MN_CONF)
+
+
 # ---------------------------------------------------------------------------------------------- shared helpers
 def scontrol_job(job_id: str) -> dict[str, str]:
     """`scontrol show job` as a dict ({} once SLURM forgot the job)."""

@@ -43,9 +43,9 @@ sys.exit(main(sys.argv[1:-1]))
 def ray_local():
     """Ray for this module: the session's if one runs, else a fresh local one (address="local", so a stale
     /tmp/ray/ray_current_cluster left by some other `ray start` is never joined)."""
-    from cratescale.embeddings.extract import init_ray
+    from data_pipeline.local_ray import start_or_join_ray
 
-    init_ray()
+    start_or_join_ray()
     import ray
 
     return ray

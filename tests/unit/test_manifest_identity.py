@@ -87,7 +87,7 @@ def test_ingest_stage_rebuilds_another_source_rebases_a_moved_root(tmp_path):
 
 def test_ingest_defaults_to_one_task_per_cpu_of_the_ray_cluster(tmp_path):
     """A Ray cluster of 5 CPUs (more than this machine has: Ray takes the number it is given) gets 5 in flight."""
-    code = ("from data_pipeline.local_ray import start_local_ray; start_local_ray(num_cpus=5)\n"
+    code = ("from data_pipeline.local_ray import start_or_join_ray; start_or_join_ray(num_cpus=5)\n"
             "from data_pipeline.ingest import run_ingest\n"
             f"res = run_ingest({SHAPES!r}, {str(tmp_path)!r}, shard_size=4, progress=False)\n"
             "print('workers', res.workers)\nprint(res.summary())")

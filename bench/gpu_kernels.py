@@ -6,7 +6,6 @@ against a head-major copy. In --cpu-smoke the kernel runs in Triton's interprete
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from cratescale.distributed.wrap import select_attention_backend
 from cratescale.models.layers import MSSA, PatchEmbed
 from gpu_harness import Bench, cleanup, sync
-from gpu_train import engine_step, job_engine, time_steps, train_row
+from gpu_train import engine_step, first_step_s, job_engine, time_steps, train_row
 
 SMALL_BATCHES = (64, 128, 256)  # per GPU; jobs/imagenet21k.yaml runs 64 (4096 over 64 GPUs)
 
@@ -97,10 +96,7 @@ def section_small_batch(b: Bench) -> None:
             overrides = tuple(o for o in (f"parallel.compile_mode={mode}", attention) if o)
             engine, model, _, _ = job_engine(b, crate, batch, large["img_size"], compiled, overrides)
             step = engine_step(engine, model, batch)
-            t0 = time.perf_counter()
-            step()
-            sync(b.device)
-            first_s = time.perf_counter() - t0
+            first_s = first_step_s(b, step)
             rate = batch / time_steps(b, step, 3, b.args.row_seconds, 100)
             b.add("small batch", f"{crate} engine {'compile' if compiled else 'eager (smoke)'} {mode}, bs {batch} per GPU",
                   measured=rate, unit="img/s",

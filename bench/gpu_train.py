@@ -88,6 +88,14 @@ def time_steps(b: Bench, step: Callable[[], None], min_steps: int, seconds: floa
     return (time.perf_counter() - t0) / more
 
 
+def first_step_s(b: Bench, step: Callable[[], None]) -> float:
+    """Seconds of one step, synced: a row's first step (loader start-up, compile, CUDA-graph capture)."""
+    t0 = time.perf_counter()
+    step()
+    sync(b.device)
+    return time.perf_counter() - t0
+
+
 def find_batch(b: Bench, make: Callable[[int], Callable[[], None]], start: int, cap: int):
     """Double the batch until OOM (or cap); keep the last that fit. Returns (batch, [[batch, s/step], ...])."""
     best, probes, batch = 0, [], start
@@ -146,9 +154,7 @@ def train_row(b: Bench, name: str, layout: str, compiled: bool, variant: str = "
         batch, probes = eager["batch"] * (2 if variant == "act-ckpt" else 1), []
         t0 = time.perf_counter()
         step = make(batch)
-        step()
-        sync(b.device)
-        first_s = time.perf_counter() - t0
+        first_s = time.perf_counter() - t0 + first_step_s(b, step)
     else:
         batch, probes = find_batch(b, make, b.args.batch_start, b.args.batch_cap)
         step, first_s = make(batch), 0.0
@@ -284,10 +290,7 @@ def engine_row(b: Bench, compiled: bool, overrides: tuple[str, ...] = ()) -> Non
     batch = eager["batch"]
     engine, model, job_file, backend = job_engine(b, name, batch, eager["img_size"], compiled, overrides)
     step = engine_step(engine, model, batch)
-    t0 = time.perf_counter()
-    step()
-    sync(b.device)
-    first_s = time.perf_counter() - t0
+    first_s = first_step_s(b, step)
     per_step = time_steps(b, step, 3, b.args.row_seconds, 50)
     flops = train_flops_per_image(model)
     what = f"{name} all DeepSpeed ZeRO-2 engine" + (" compile" if compiled else "") + "".join(

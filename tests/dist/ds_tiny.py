@@ -32,6 +32,25 @@ def init_dist(rank: int, world: int, port: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
+def spawn(worker, out: Path, world: int = 2) -> None:
+    """Run `worker(rank, world, port, out)` on `world` spawned gloo ranks and wait for them."""
+    import torch.multiprocessing as mp
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    mp.spawn(worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+
+
+def finish() -> None:
+    """A spawned worker's end: wait for the other ranks, then leave without C++ teardown (as ranks do)."""
+    import torch.distributed as dist
+
+    from cratescale.distributed import exit_without_teardown
+
+    dist.barrier()
+    dist.destroy_process_group()
+    exit_without_teardown(0)
+
+
 def make_engine(stage: int, world: int, load_universal: bool = False, bf16: bool = False):
     import deepspeed
 

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from cratescale.checkpoint import CheckpointStore, CheckpointWriteError
-from cratescale.distributed import exit_without_teardown
 from tests.dist import ds_tiny
 
 pytestmark = pytest.mark.dist
@@ -131,18 +129,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     ds_tiny.init_dist(rank, world, port)
     for stage in STAGES:
         _scenarios(Path(out), rank, world, stage)
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_teardown(0)
+    ds_tiny.finish()
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("commit_async")
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    mp.spawn(_worker, args=(2, ds_tiny.free_port(), str(out)), nprocs=2, join=True)
+    ds_tiny.spawn(_worker, out)
     return {(s, r): torch.load(out / f"z{s}_rank{r}.pt", weights_only=False) for s in STAGES for r in (0, 1)}
 
 

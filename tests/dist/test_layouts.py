@@ -8,19 +8,16 @@ catalog.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.dist import ds_tiny
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import ExportError, consolidate
 from cratescale.checkpoint.layout import ds_layout
 from cratescale.checkpoint.universal import UniversalConversionError, ensure_universal
-from cratescale.distributed import exit_without_teardown
 
 pytestmark = pytest.mark.dist
 LAYOUTS = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
@@ -41,18 +38,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             torch.save(ds_tiny.full_weights(engine), Path(out) / f"z{stage}_{precision}_module.pt")
         else:
             ds_tiny.full_weights(engine)  # collective under ZeRO-3
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_teardown(0)
+    ds_tiny.finish()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("layouts")
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    mp.spawn(_worker, args=(2, ds_tiny.free_port(), str(out)), nprocs=2, join=True)
+    ds_tiny.spawn(_worker, out)
     return out
 
 

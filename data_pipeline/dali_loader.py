@@ -7,6 +7,7 @@ route (crop-window decode, or full decode + slice) is chosen by gpu_decode.py.
 """
 from __future__ import annotations
 
+import copy
 import sys
 
 import numpy as np
@@ -35,12 +36,13 @@ def _driver_initialised() -> bool:
 
 def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threads: int, device: str,
                    py_workers: int, device_id: int | None = None, hw_decoder_load: float = 0.65,
-                   prefetch_depth: int = 2, decode: str = "roi"):
+                   prefetch_depth: int = 2, decode: str = "roi", parallel: bool = True):
     """prefetch_depth: batches DALI prepares ahead (more hides decode jitter, costs one batch of memory each).
     hw_decoder_load: with the mixed decoder, the share of images sent to the GPU's hardware JPEG engines
     (A100/H100 NVJPG, outside the SMs); the rest take the CUDA path (Huffman on the CPU threads).
     decode: "roi" decodes only the crop window (fn.decoders.image_slice); "full" decodes the whole image and
-    slices the window out after (on the GPU with device "gpu"), the route around a crashing ROI decoder."""
+    slices the window out after (on the GPU with device "gpu"), the route around a crashing ROI decoder.
+    parallel=False: the feed runs in this process and each run() is one whole iteration (the decode checker)."""
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
@@ -48,17 +50,18 @@ def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threa
         raise ValueError(f"build_pipeline: decode must be 'roi' or 'full', got {decode!r}")
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
+    workers = dict(py_num_workers=max(1, py_workers),
+                   py_start_method=worker_start_method(device, _driver_initialised())) if parallel else {}
     pipe = Pipeline(batch_size=batch_size, num_threads=max(1, num_threads),
-                    device_id=device_id if device == "gpu" else None, py_num_workers=max(1, py_workers),
-                    py_start_method=worker_start_method(device, _driver_initialised()),
-                    prefetch_queue_depth=prefetch_depth)
+                    device_id=device_id if device == "gpu" else None, prefetch_queue_depth=prefetch_depth, **workers)
     train = feed.mode == "train"
     dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64, types.INT64, types.INT32, types.INT64]
     if train:
         dtypes.append(types.FLOAT)
     with pipe:
-        outs = fn.external_source(source=feed, batch=False, parallel=True, num_outputs=len(dtypes), dtype=dtypes,
-                                  prefetch_queue_depth=2)
+        queue = {"prefetch_queue_depth": 2} if parallel else {}
+        outs = fn.external_source(source=feed, batch=False, parallel=parallel, num_outputs=len(dtypes),
+                                  dtype=dtypes, **queue)
         data, anchor, shape, flip, sid, label, bad, bad_row = outs[:8]
         mixed = {"device": "mixed", "hw_decoder_load": hw_decoder_load} if device == "gpu" else {"device": "cpu"}
         window = {"normalized_anchor": True, "normalized_shape": True}
@@ -123,14 +126,19 @@ class DaliBackend:
         self.decode_route = choose_route(gpu_decode, device, lambda: probe_once(args))
         if self.decode_route["fallbacks"]:
             print(describe(self.decode_route), file=sys.stderr, flush=True)
-        self.pipe = build_pipeline(**args, decode=self.decode_route["decode"])
+        self.feed, self.batch_size = feed, batch_size
+        self._args = {**args, "decode": self.decode_route["decode"]}
+        self.next_sample = feed.offset  # the feed's n of the first sample not yet handed out
+        self.recoveries = 0
+        self.pipe = build_pipeline(**self._args)
 
     def __iter__(self):
         copied = None
         while True:
             if copied is not None:  # the next run() may reuse the last outputs' memory: their copies must be done
                 copied.synchronize()
-            outs = self.pipe.run()
+            outs = self._run()
+            self.next_sample += self.batch_size
             batch = {"images": _to_torch(outs[0]),
                      "labels": _to_torch(outs[2]).reshape(-1),
                      "sample_ids": _to_torch(outs[1]).reshape(-1)}
@@ -140,6 +148,34 @@ class DaliBackend:
             batch["bad_row"] = _to_torch(outs[4]).reshape(-1)
             copied = _copies_queued(outs[0])
             yield batch
+
+    def _run(self):
+        """The next batch. A JPEG that passes the feed's byte check but does not decode ends DALI's whole pipeline
+        (a critical error, not a per-sample one): find the sample, mark it failed so the feed gives its
+        deterministic replacement (counted as bad, like PIL's), rebuild from the first sample not handed out."""
+        for _ in range(MAX_RECOVERIES_PER_BATCH):
+            try:
+                return self.pipe.run()
+            except RuntimeError as exc:
+                if not _is_decode_error(exc):
+                    raise
+                self._recover(exc)
+        raise RuntimeError(f"DALI: {MAX_RECOVERIES_PER_BATCH} undecodable samples within one batch from sample "
+                           f"{self.next_sample}; stopping")
+
+    def _recover(self, exc: RuntimeError) -> None:
+        close_pipeline(self.pipe)
+        self.pipe = None
+        n = first_undecodable(self._args, self.next_sample, self.batch_size * (self._args.get("prefetch_depth", 2) + 2),
+                              exc)
+        self.feed.failed[n] = self.feed.failed.get(n, 0) + 1
+        self.feed.offset = self.next_sample
+        self.recoveries += 1
+        path, offset, _ = self.feed.manifest.location(int(self.feed.sample(n, failed=1)["bad_row"]))
+        where = path if offset < 0 else f"{path}@{offset}"
+        print(f"DALI: {where} did not decode ({_decode_reason(exc)}); sample replaced, pipeline rebuilt "
+              f"(recovery {self.recoveries})", file=sys.stderr, flush=True)
+        self.pipe = build_pipeline(**self._args)
 
     def close(self) -> None:
         """Stop the pipeline and its Python workers now rather than at garbage collection."""
@@ -154,3 +190,38 @@ def close_pipeline(pipe) -> None:
         pipe._shutdown()
     if pool is not None:
         pool.close()
+
+
+MAX_RECOVERIES_PER_BATCH = 64  # past this many undecodable samples in one batch the data is not worth training on
+
+
+def _is_decode_error(exc: BaseException) -> bool:
+    return "Critical error in pipeline" in str(exc) and "fn.decoders.image" in str(exc)
+
+
+def _decode_reason(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if "failure" in line or "rror:" in line]
+    return lines[-1] if lines else "decoder error"
+
+
+def first_undecodable(args: dict, start: int, window: int, exc: RuntimeError) -> int:
+    """The feed's n of the first sample from `start` that the same decoder, on the same device with the same
+    window, fails on alone (batch 1, in this process, one iteration per run). Raises `exc`'s one-line reason
+    when none of the next `window` does (the failure was not one sample's)."""
+    feed = copy.copy(args["feed"])
+    feed.offset, feed.failed = start, dict(feed.failed)
+    checker = dict(args, feed=feed, batch_size=1, prefetch_depth=1, parallel=False)
+    pipe, j = build_pipeline(**checker), 0
+    try:
+        while j < window:
+            try:
+                pipe.run()
+            except RuntimeError as err:
+                if _is_decode_error(err):
+                    return start + j
+                raise
+            j += 1
+    finally:
+        close_pipeline(pipe)
+    raise RuntimeError(f"DALI pipeline failed ({_decode_reason(exc)}) but none of samples {start}..{start + window - 1} "
+                       f"fails alone") from exc

@@ -65,6 +65,10 @@ class SampleFeed:
         self._sampler: GlobalSampler | None = None
         self._reader = ByteReader()
         self._step_cache: tuple[int, dict] | None = None
+        # Where a (re)built DALI pipeline's sample 0 falls, and the samples a decoder could not decode (n ->
+        # how many candidates failed, so the feed gives the next one): see dali_loader.DaliBackend._recover.
+        self.offset = 0
+        self.failed: dict[int, int] = {}
 
     def __getstate__(self):
         # Workers reload the manifest themselves: pickling 14M rows per worker would cost more.
@@ -110,8 +114,9 @@ class SampleFeed:
             return None, READ_ERROR
         return (data, 0) if quick_jpeg_ok(data, size) else (None, DECODE_ERROR)
 
-    def train_sample(self, n: int, failed: bool = False) -> dict:
-        """The rank's n-th sample; `failed`: its bytes did not decode, give the replacement."""
+    def train_sample(self, n: int, failed: int = 0) -> dict:
+        """The rank's n-th sample; `failed` > 0: its bytes did not decode, and neither did the first
+        failed - 1 replacements: give the next replacement."""
         step, j = self.start_step + n // self.per_rank, n % self.per_rank
         p = self._step_params(step)
         ma, row = self.manifest, int(p["rows"][j])
@@ -120,17 +125,18 @@ class SampleFeed:
             return {"data": data, "anchor": p["anchor"][j], "shape": p["shape"][j], "flip": p["flip"][j],
                     "sample_id": ma.sample_id[row], "label": ma.label[row], "noise": p["mask_noise"][j], "bad": 0,
                     "bad_row": -1}
-        return self._replacement(p["epoch"], p["position"] + j, code, row)
+        return self._replacement(p["epoch"], p["position"] + j, code, row, skip=max(0, int(failed) - 1))
 
-    def _replacement(self, epoch: int, position: int, code: int, bad_row: int) -> dict:
-        """Next decodable sample after `position` in this epoch's permutation (W-independent); FILLER marked
-        NO_REPLACEMENT when none of the next MAX_REPLACEMENTS is."""
+    def _replacement(self, epoch: int, position: int, code: int, bad_row: int, skip: int = 0) -> dict:
+        """The next decodable sample after `position` in this epoch's permutation (W-independent), passing over
+        `skip` that a decoder refused; FILLER marked NO_REPLACEMENT when none of the next MAX_REPLACEMENTS is."""
         ma, perm = self.manifest, self.sampler.permutation(epoch)
         for k in range(1, MAX_REPLACEMENTS + 1):
             row = int(ma.rows[perm[(position + k) % len(perm)]])
             data, _ = self._read_checked(row)
-            if data is not None:
+            if data is not None and skip == 0:
                 break
+            skip -= data is not None
         else:
             data, code = FILLER, code | NO_REPLACEMENT
         sid = ma.sample_id[row]
@@ -142,7 +148,7 @@ class SampleFeed:
                 "bad_row": bad_row}
 
     # -- eval ----------------------------------------------------------------------------
-    def eval_sample(self, n: int, failed: bool = False) -> dict:
+    def eval_sample(self, n: int, failed: int = 0) -> dict:
         ma = self.manifest
         row = int(self.eval_rows[min(n, len(self.eval_rows) - 1)])
         anchor, shape = center_window(ma.width[[row]], ma.height[[row]])
@@ -153,13 +159,14 @@ class SampleFeed:
                 "sample_id": ma.sample_id[row], "label": ma.label[row], "noise": None, "bad": bad,
                 "bad_row": row if bad else -1}
 
-    def sample(self, n: int, failed: bool = False) -> dict:
-        """Sample n; with failed=True the deterministic replacement a decoder falls back to."""
+    def sample(self, n: int, failed: int = 0) -> dict:
+        """Sample n; with failed > 0 the deterministic replacement a decoder falls back to."""
         return self.train_sample(n, failed) if self.mode == "train" else self.eval_sample(n, failed)
 
     def __call__(self, sample_info) -> tuple:
         """DALI external_source (sample mode) entry point."""
-        s = self.sample(int(sample_info.idx_in_epoch))
+        n = self.offset + int(sample_info.idx_in_epoch)
+        s = self.sample(n, self.failed.get(n, 0))
         out = (np.frombuffer(s["data"], dtype=np.uint8), np.asarray(s["anchor"], np.float32),
                np.asarray(s["shape"], np.float32), np.array([s["flip"]], np.int32),
                np.array([s["sample_id"]], np.int64), np.array([s["label"]], np.int64), np.array([s["bad"]], np.int32),

@@ -231,11 +231,10 @@ def _damage(manifest: Path) -> tuple[list[int], list[int]]:
 def _train(server, manifest: Path, run_dir: Path):
     from tests.dist.harness import final_weights, write_config
 
-    # PIL: with DALI a JPEG that passes the byte check but does not decode ("scramble") is a critical error that
-    # ends DALI's whole pipeline (nvImageCodec failure '#3', 2026-12-01), not a per-sample failure to replace:
-    # an open finding of issue 13 item 1. The replacement logic itself is the loaders' shared code.
+    # tiny.yaml's DALI: the "scramble" JPEG passes the byte check and ends DALI's pipeline (nvImageCodec failure);
+    # the backend finds it, replaces it as PIL would and rebuilds the pipeline (dali_loader.DaliBackend._run).
     config = write_config(TINY_JOB, run_dir, ["schedule.steps=4", "logging.every_steps=1",
-                                              "checkpoint.every_steps=100", "data.loader=pil"])
+                                              "checkpoint.every_steps=100"])
     job = server.start(config, manifest, 2)
     codes = job.wait()
     assert codes == [0, 0], f"{codes}\n{job.output(0)}\n{job.output(1)}"

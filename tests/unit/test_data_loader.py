@@ -209,3 +209,48 @@ def test_mixed_gpu_decoder_matches_cpu(manifest, hw_decoder_load):
         for a, b in zip(_take(c, 2), _take(g, 2)):
             assert b["images"].is_cuda and torch.equal(a["sample_ids"], b["sample_ids"])
             assert np.corrcoef(a["images"].flatten(), b["images"].cpu().flatten())[0, 1] > 0.99
+
+
+@pytest.fixture
+def scrambled_folder(tmp_path):
+    """64 small synthetic JPEGs as files, two with the middle third of their bytes scrambled: SOI/EOI and size
+    intact, so they pass the feed's byte check, and neither DALI (a critical pipeline error) nor PIL decodes them."""
+    from data_pipeline.reader import ByteReader
+
+    synthetic = ingest("synthetic://shapes?n=64&classes=4&size=32&seed=1", tmp_path / "syn", workers=0,
+                       progress=False)
+    reader = ByteReader()
+    for r in pq.read_table(synthetic).to_pylist():
+        path = tmp_path / "src" / r["class_name"] / f"{r['sample_id']:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(reader.read(r["path"], r["offset"], r["size"]))
+    m = ingest(str(tmp_path / "src"), tmp_path / "data", workers=0, progress=False)
+    rows = pq.read_table(m).to_pylist()
+    for row in (5, 40):
+        data = bytearray(open(rows[row]["path"], "rb").read())
+        third = len(data) // 3
+        data[third:2 * third] = np.random.default_rng(row).integers(0, 256, third, dtype=np.uint8).tobytes()
+        open(rows[row]["path"], "wb").write(bytes(data))
+    return m, [rows[5]["sample_id"], rows[40]["sample_id"]]
+
+
+@needs_dali
+def test_dali_recovers_from_a_jpeg_that_ends_its_pipeline(scrambled_folder, capfd):
+    m, scrambled = scrambled_folder
+    seen = {}
+    for kind in ("pil", "dali"):
+        with _train(m, kind, state=LoaderState(0, 0, 3), global_batch=16, micro_batch=8) as ld:
+            seen[kind] = (torch.cat([next(ld)["sample_ids"] for _ in range(16)]).tolist(), ld.bad_samples)
+            if kind == "dali":
+                recoveries = ld._backend.recoveries
+    ids, bad = seen["dali"]
+    assert seen["dali"] == seen["pil"]  # the same replacements, in the same places, counted the same
+    assert bad == recoveries == 4 and not set(ids) & set(scrambled) and len(ids) == 128  # 2 files x 2 epochs
+    err = capfd.readouterr().err
+    assert err.count("did not decode (nvImageCodec failure") == 4 and "0005.jpg" in err
+    # Evaluation: the row keeps its place and is marked invalid; the rows after it are decoded as before.
+    rows = np.arange(64)
+    ev = list(make_eval_loader(m, rows, batch_size=16, image_size=SIZE, kind="dali"))
+    valid = torch.cat([b["valid"] for b in ev])
+    assert torch.cat([b["sample_ids"] for b in ev]).tolist() == pq.read_table(m)["sample_id"].to_pylist()
+    assert (~valid).nonzero().flatten().tolist() == [5, 40]

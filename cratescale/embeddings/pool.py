@@ -86,5 +86,7 @@ def failure_cause(err: BaseException) -> str:
         return "actors were killed for memory (over their RSS limit, by Ray's memory monitor or by the OOM killer)"
     if "ActorDiedError" in text or "actor died" in text.lower():
         return "actors died (killed, or their worker process exited)"
+    if "ActorUnavailableError" in text:   # seen when a worker node was lost mid-extraction
+        return "an actor became unreachable (its node was lost or cut off)"
     lines = [line.strip() for line in text.splitlines() if "Error" in line and ":" in line]
     return (lines[-1] if lines else type(err).__name__)[:300]

@@ -13,6 +13,12 @@ from typing import Any
 
 from cratescale.embeddings.memory import MemoryPlan, available_memory, cluster_nodes, plan_extraction
 
+# Every actor of the fixed pool is up before the first task goes out (Ray Data's default hands tasks to whichever
+# actor is ready: on a cluster the actors on the driver's busy node started seconds later and got no shard, so
+# "spread over every node" held only by luck). Bounded: past it the run stops with one line (ActorsFailed).
+ACTOR_START_TIMEOUT_S = 600
+
+
 class ActorsFailed(RuntimeError):
     """The actor pool gave up: the cause in one line."""
 
@@ -58,6 +64,7 @@ def run_pool(groups: list[list[int]], kwargs: dict, plan: MemoryPlan, num_cpus: 
 
     # One block per task, so the pool hands tasks to actors one at a time (dynamic load balance).
     items = [{"shards": ",".join(map(str, g))} for g in groups]
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # Ray 2.60 takes max_restarts / max_task_retries only through ray_remote_args (deprecated for 2.64, which
     # pyproject's pin excludes): without them Ray Data restarts a dead actor forever.
@@ -79,5 +86,7 @@ def failure_cause(err: BaseException) -> str:
         return "actors were killed for memory (over their RSS limit, by Ray's memory monitor or by the OOM killer)"
     if "ActorDiedError" in text or "actor died" in text.lower():
         return "actors died (killed, or their worker process exited)"
+    if "ActorUnavailableError" in text:   # seen when a worker node was lost mid-extraction
+        return "an actor became unreachable (its node was lost or cut off)"
     lines = [line.strip() for line in text.splitlines() if "Error" in line and ":" in line]
     return (lines[-1] if lines else type(err).__name__)[:300]

@@ -17,16 +17,26 @@ PREEMPTED_EXIT = 3
 class TrainTask:
     """Trains the job saved at `config_path`; on a stop request saves, requeues (SLURM) and exits."""
 
-    def __init__(self, config_path: str, manifest: str, peak_flops: float, master_port: int | None = None) -> None:
+    def __init__(self, config_path: str, manifest: str, peak_flops: float, master_port: int | None = None,
+                 attempt: int = 0) -> None:
         self.config_path = config_path
         self.manifest = manifest
         self.peak_flops = peak_flops
         self.master_port = master_port  # local executor: a port known to be free at submission
+        # The supervisor's submission number (CRATESCALE_ATTEMPT, the incarnation rule): pickled with the task,
+        # so SLURM's own requeue of a job keeps it and only the restart count grows.
+        self.attempt = attempt
+
+    def env(self) -> dict[str, str]:
+        """What this submission tells its ranks beyond SLURM's variables."""
+        out = {"CRATESCALE_ATTEMPT": str(self.attempt)}
+        if self.master_port is not None:
+            out["MASTER_PORT"] = str(self.master_port)
+        return out
 
     def __call__(self) -> dict:
         flag = PreemptionFlag()
-        if self.master_port is not None:
-            os.environ["MASTER_PORT"] = str(self.master_port)
+        os.environ.update(self.env())
         world = world_from_env()
         try:
             job = load_job(self.config_path)

@@ -9,10 +9,12 @@ import json
 import socket
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import ray
 
+from cratescale.checkpoint import CheckpointStore
 from cratescale.config import dump_job, load_job, load_profile
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
@@ -30,6 +32,15 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def next_attempt(checkpoints: Path, submitted: int) -> int:
+    """The attempt number of the next submission: above every earlier one, this launcher's (`submitted` so far)
+    and an earlier launcher's (the run's claim). A job of an older attempt that still runs (ranks on a
+    partitioned node, SLURM's own requeue of a job we replaced) is then refused at its claim and at every
+    commit (checkpoint.commit, incarnations)."""
+    claim = CheckpointStore(checkpoints).claim()
+    return max(submitted, claim.get("attempt", 0) + 1 if claim else 0)
 
 
 @ray.remote(num_cpus=0)
@@ -55,6 +66,7 @@ class Supervisor:
         self.step_at_submit = self.progress.update()["step"]
         if self.job.cluster.executor == "local":
             self.task.master_port = _free_port()
+        self.task.attempt = next_attempt(self.paths.checkpoints, len(self.submissions))
         self.submitit_job = executor.submit(self.task)
         self.submissions.append(str(self.submitit_job.job_id))
         self._save_state()

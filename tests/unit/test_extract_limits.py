@@ -150,3 +150,14 @@ def test_actor_killed_for_memory_stops_bounded_and_keeps_commits(setup, tmp_path
     done = EmbeddingStore(store)
     assert done.is_complete() and sorted((store / "commits").iterdir())[0].read_bytes() == marker
     assert np.isfinite(done.read("cls")).all()
+
+
+def test_a_lost_nodes_actor_is_named_in_one_line():
+    """What tests/slurm/test_multinode_ray.py saw when node2 died mid-extraction: Ray Data stops the pool with
+    ActorUnavailableError and a gRPC address; the run's one line says what happened instead."""
+    from cratescale.embeddings.pool import failure_cause
+
+    err = RuntimeError("ray.exceptions.ActorUnavailableError: The actor 6827 is unavailable: The actor is "
+                       "temporarily unavailable: RpcError: RPC error: failed to connect to all addresses; last "
+                       "error: UNKNOWN: ipv4:10.77.0.12:18840: Failed to connect to remote host")
+    assert failure_cause(err) == "an actor became unreachable (its node was lost or cut off)"

@@ -11,12 +11,15 @@ ALLOWED = {
     "kernels": set(),  # Triton kernels that training hands to the models from outside (distributed/wrap.py)
     "config": set(),
     "distributed": {"config", "kernels"},
-    "checkpoint": {"config"},
+    "checkpoint": {"config", "models"},  # an export is loaded into its model (checkpoint/export.py load_model)
     "engine": {"models", "distributed", "checkpoint", "config"},
     "embeddings": {"models", "distributed", "checkpoint", "config"},
-    "evaluation": {"models", "distributed", "checkpoint", "config", "embeddings"},
+    "evaluation": {"models", "distributed", "checkpoint", "config", "embeddings"},  # embeddings: the store only
     "launch": {"models", "distributed", "checkpoint", "config", "engine", "embeddings", "evaluation"},
 }
+# module prefix -> the only modules of an allowed package it may import: evaluation reads stored embeddings,
+# it does not run extraction.
+ONLY = {"evaluation": {"embeddings": ("cratescale.embeddings.store",)}}
 MAY_USE_DATA_PIPELINE = {"engine", "embeddings", "evaluation", "launch"}
 # Models: torch and the standard library only; no distributed, launcher or I/O libraries.
 MODEL_ALLOWED_ROOTS = {"torch", *sys.stdlib_module_names} - {"os", "subprocess", "socket", "pickle", "shutil"}
@@ -41,6 +44,9 @@ def test_import_direction():
                 parts = name.split(".")
                 if parts[0] == "cratescale" and len(parts) > 1 and parts[1] != package and parts[1] not in allowed:
                     problems.append(f"{path.relative_to(REPO)} imports {name}")
+                only = ONLY.get(package, {}).get(parts[1] if len(parts) > 1 else "")
+                if parts[0] == "cratescale" and only is not None and name not in only:
+                    problems.append(f"{path.relative_to(REPO)} imports {name} (only {', '.join(only)})")
                 if parts[0] == "data_pipeline" and package not in MAY_USE_DATA_PIPELINE:
                     problems.append(f"{path.relative_to(REPO)} imports {name}")
                 if package == "models" and (parts[0] not in MODEL_ALLOWED_ROOTS | {"cratescale"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cratescale.config import ConfigError, JobConfig
 from cratescale.launch.paths import RunPaths
-from cratescale.launch.stages import StageError, console
+from cratescale.launch.display import StageError, console
 
 
 def transfer_manifests(job: JobConfig, paths: RunPaths) -> dict[str, Path]:

@@ -68,3 +68,29 @@ def test_the_checker_catches_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from cratescale.launch import run\n")
     assert "cratescale.launch" in imported_modules(bad)
+
+
+def _cycles(package: str) -> list[str]:
+    """Module pairs of cratescale/<package> that import each other, directly or through others (lazy imports too)."""
+    root = REPO / "cratescale" / package
+    mods = {f"cratescale.{package}.{p.stem}": p for p in root.glob("*.py") if p.stem != "__init__"}
+    edges = {m: {n for n in imported_modules(p) if n in mods and n != m} for m, p in mods.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo.extend(edges[m])
+        return False
+
+    return [f"{m} -> {n}" for m in sorted(mods) for n in sorted(edges[m]) if reaches(n, m)]
+
+
+def test_launch_modules_form_no_cycle():
+    """stages runs the follow-ups, the follow-ups do not reach back into stages (the console and StageError
+    live in display.py)."""
+    assert not _cycles("launch"), "\n".join(_cycles("launch"))

@@ -13,7 +13,7 @@ import torch
 
 from cratescale.distributed.wrap import apply_activation_checkpointing, apply_mssa_kernel, select_attention_backend
 from cratescale.models import create_model, param_counts, train_flops_per_image
-from gpu_harness import Bench, cleanup, is_oom, sync
+from bench.gpu_harness import Bench, cleanup, is_oom, sync
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,29 +1,38 @@
-"""DESIGN.md section 2: imports flow one way. Parsed from the source, so lazy imports count too."""
+"""DESIGN.md section 2 as docs/imports.md tables it: imports flow one way. Parsed from the source, so lazy imports
+count too."""
 import ast
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# package -> cratescale packages it may import (besides itself)
-ALLOWED = {
-    "models": set(),
-    "kernels": set(),  # Triton kernels that training hands to the models from outside (distributed/wrap.py)
-    "config": set(),
-    "distributed": {"config", "kernels"},
-    "checkpoint": {"config", "models"},  # an export is loaded into its model (checkpoint/export.py load_model)
-    "engine": {"models", "distributed", "checkpoint", "config"},
-    "embeddings": {"models", "distributed", "checkpoint", "config"},
-    "evaluation": {"models", "distributed", "checkpoint", "config", "embeddings"},  # embeddings: the store only
-    "launch": {"models", "distributed", "checkpoint", "config", "engine", "embeddings", "evaluation"},
-    "compat": set(),  # the doors to library internals (compat/__init__.py): a leaf every package but models may use
-}
-for _package in ALLOWED.keys() - {"models", "kernels", "compat"}:
-    ALLOWED[_package].add("compat")
-# module prefix -> the only modules of an allowed package it may import: evaluation reads stored embeddings,
-# it does not run extraction.
-ONLY = {"evaluation": {"embeddings": ("cratescale.embeddings.store",)}}
-MAY_USE_DATA_PIPELINE = {"engine", "embeddings", "evaluation", "launch"}
+TABLE = REPO / "docs" / "imports.md"
+
+
+def read_table(path: Path = TABLE) -> tuple[dict[str, set[str]], dict[str, dict[str, tuple[str, ...]]], set[str]]:
+    """docs/imports.md's table: package -> packages it may import (besides itself); package -> {package: the only
+    modules of it allowed} (an entry "embeddings.store"); the packages that may import data_pipeline."""
+    allowed: dict[str, set[str]] = {}
+    only: dict[str, dict[str, tuple[str, ...]]] = {}
+    data: set[str] = set()
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or cells[0] in ("package", "---") or not line.startswith("|"):
+            continue
+        package, imports, uses_data = cells
+        allowed[package] = set()
+        if not imports.startswith("nothing"):
+            for entry in (e.strip() for e in imports.split(",")):
+                name, _, module = entry.partition(".")
+                allowed[package].add(name)
+                if module:
+                    only.setdefault(package, {})[name] = (f"cratescale.{entry}",)
+        if uses_data == "yes":
+            data.add(package)
+    return allowed, only, data
+
+
+ALLOWED, ONLY, MAY_USE_DATA_PIPELINE = read_table()
 # Models: torch and the standard library only; no distributed, launcher or I/O libraries.
 MODEL_ALLOWED_ROOTS = {"torch", *sys.stdlib_module_names} - {"os", "subprocess", "socket", "pickle", "shutil"}
 MODEL_FORBIDDEN = ("torch.distributed",)
@@ -37,6 +46,11 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def test_the_table_names_every_package():
+    packages = {p.name for p in (REPO / "cratescale").iterdir() if (p / "__init__.py").exists()}
+    assert set(ALLOWED) == packages, f"{TABLE} lists {sorted(ALLOWED)}, cratescale has {sorted(packages)}"
 
 
 def test_import_direction():

@@ -26,13 +26,14 @@ from typing import Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-from cratescale.models import create_model
+from cratescale.models import create_model  # first, as before the gpu_* modules
 
 from bench.gpu_decode import load_jpegs, prepare_data, section_decode  # noqa: F401
 from bench.gpu_harness import Bench, markdown, sync
 from bench.gpu_kernels import kernel_train_row, section_mssa_kernel, section_patch_embed_and_view, section_small_batch  # noqa: E501
 from bench.gpu_train import engine_row, engine_step, job_engine, make_step, section_attention, train_row
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def section_env(b: Bench) -> None:

@@ -32,8 +32,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 from bench.gpu_decode import load_jpegs
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Pixels after normalisation (units of the ImageNet std, ~58 grey levels): nvJPEG and libjpeg-turbo differ in
 # IDCT rounding and chroma upsampling by a grey level or two, the window edges of a ROI decode by a little more.

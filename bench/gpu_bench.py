@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from cratescale.models import create_model  # first, as before the gpu_* modules
+from cratescale.models import create_model
 
 from bench.gpu_decode import load_jpegs, prepare_data, section_decode  # noqa: F401
 from bench.gpu_harness import Bench, markdown, sync

@@ -21,11 +21,9 @@ Targets: stall <= 0.15x the synchronous commit; total <= 1.2x torch.save + fsync
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,9 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cratescale.checkpoint import CheckpointStore  # noqa: E402
-from cratescale.checkpoint.universal import load_into_engine  # noqa: E402
+from cratescale.checkpoint import CheckpointStore
+from cratescale.checkpoint.universal import load_into_engine
 
 BLOCK = 8 << 20
 TARGET = 1.5
@@ -57,9 +54,12 @@ def build_model(kind: str) -> tuple[nn.Module, callable]:
 
 
 def make_engine(kind: str):
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533",
+    from cratescale.compat.deepspeed import skip_shm_op_build
+    from cratescale.distributed.rendezvous import free_port
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                       DS_ACCELERATOR="cpu")
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # no 30 s JIT on gloo
+    skip_shm_op_build()  # no 30 s JIT on gloo
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")

@@ -1,7 +1,7 @@
 """Per-step overhead of the engine's DeepSpeed ZeRO-2 against a plain torch DDP loop: 2 ranks, gloo, CPU,
 the same model, optimizer and synthetic tensors, timed in the same run (round-robin, step by step).
 
-    .venv/bin/python bench/engine_overhead.py [--steps 10] [--rounds 3] [--models demo,d192]
+    .venv/bin/python -m bench.engine_overhead [--steps 10] [--rounds 3] [--models demo,d192]
 
 Three loops per model, one process group:
   ddp        DistributedDataParallel: zero_grad, forward, backward (bucketed all-reduce), AdamW step
@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from tests.dist.harness import run_local_ranks
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_ranks import run_cpu_ranks  # noqa: E402
 TARGET = 1.15
 # model variants: overrides on top of jobs/demo.yaml (crate_mae_debug, 32 px, patch 8, micro-batch 32)
 MODELS = {
@@ -112,7 +111,6 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(REPO))
     from cratescale.distributed import exit_without_teardown, init_distributed, world_from_env
 
     init_distributed(world_from_env(), "gloo")  # the engine's own init (skips DeepSpeed's shm op build)
@@ -122,8 +120,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, world: int = 2, timeout: float = 300) -> dict:
-    results = run_cpu_ranks(__file__, ["--steps", str(args.steps), "--rounds", str(args.rounds), "--models",
-                                       args.models, "--zero", args.zero], world, timeout)
+    results = run_local_ranks([__file__, "--worker", "--steps", str(args.steps), "--rounds", str(args.rounds),
+                               "--models", args.models, "--zero", args.zero], world, timeout)
     # the slowest rank sets the pace
     return {v: {loop: {k: max(r[v][loop][k] for r in results) for k in results[0][v][loop]}
                 for loop in results[0][v]} for v in results[0]}

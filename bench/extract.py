@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cratescale.checkpoint.export import export_weights  # noqa: E402
-from cratescale.embeddings.extract import load_model, run_extraction  # noqa: E402
-from data_pipeline.local_ray import start_or_join_ray  # noqa: E402
-from cratescale.models import create_model  # noqa: E402
+from cratescale.checkpoint.export import export_weights, load_model
+from cratescale.embeddings.extract import run_extraction
+from data_pipeline.local_ray import start_or_join_ray
+from cratescale.models import create_model
 
 THREADS = 2
 

@@ -19,10 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cratescale.checkpoint.export import export_weights  # noqa: E402
-from cratescale.embeddings.memory import encode_chunk, predict_actor_bytes  # noqa: E402
-from cratescale.models import create_model  # noqa: E402
+from cratescale.checkpoint.export import export_weights
+from cratescale.embeddings.memory import encode_chunk, predict_actor_bytes
+from cratescale.models import create_model
 
 ONE = r"""
 import json, resource, sys

@@ -26,7 +26,7 @@
 #          typing-inspection==0.4.5 typing_extensions==4.16.0
 #   2. .gpudata/ (about 33 MB): 300 photos of the ImageNet sample (the whole 111 MB tar does not fit the
 #      64 MiB that may travel); .gpudata/ must be ignored (a line `.gpudata/` in .gitignore):
-#        .venv/bin/python bench/gpu_bench.py --prepare-data ../shared/data/imagenet-sample.tar \
+#        .venv/bin/python -m bench.gpu_bench --prepare-data ../shared/data/imagenet-sample.tar \
 #          .gpudata/imagenet-sample-300.tar --max-images 300
 #
 # Run on the device (repo root as cwd): carry [".whl", ".gpudata"], timeout_s 600, command `bash bench/gpu.sh`
@@ -60,7 +60,7 @@ DATA=.gpudata
 CHECK_RC=0
 if [ "${SKIP_CHECK:-0}" != 1 ]; then
     SMOKE=""; for a in "$@"; do [ "$a" = "--cpu-smoke" ] && SMOKE="--cpu-smoke"; done
-    timeout -k 10 150 "$PYTHON" bench/gpu_check.py --budget 120 --data "$DATA" $SMOKE
+    timeout -k 10 150 "$PYTHON" -m bench.gpu_check --budget 120 --data "$DATA" $SMOKE
     CHECK_RC=$?
     [ $CHECK_RC -ne 0 ] && echo "gpu.sh: the correctness section failed (rc $CHECK_RC, gpu_check.md); speed rows follow" >&2
 fi
@@ -69,7 +69,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu
 # Python keeps its own deadline (--budget); timeout is the backstop so the whole script ends < 10 min (< 8 min
 # without the correctness section, which takes up to 150 s of it).
 BUDGET=430; [ "${SKIP_CHECK:-0}" != 1 ] && BUDGET=300
-timeout -k 10 $((BUDGET + 30)) "$PYTHON" bench/gpu_bench.py --budget $BUDGET --data "$DATA" "$@"
+timeout -k 10 $((BUDGET + 30)) "$PYTHON" -m bench.gpu_bench --budget $BUDGET --data "$DATA" "$@"
 rc=$?
 [ $rc -eq 124 ] && echo "gpu.sh: gpu_bench.py hit the $((BUDGET + 30)) s backstop; partial results are in \$OUT" >&2
 [ $rc -eq 0 ] && rc=$CHECK_RC

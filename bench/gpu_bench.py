@@ -3,9 +3,9 @@ ViT-MAE-Base (largest batch that fits, the fastest SDPA kernel, eager and torch.
 "all" and "visible") with images/s and MFU against a measured bf16 matmul peak; checkpoint write GB/s
 (torch.save + fsync, and DeepSpeed ZeRO-2 through CheckpointStore); batched nvJPEG decode images/s.
 
-    python3 bench/gpu_bench.py [--budget 420] [--data .gpudata] [--out-dir DIR]
-    python3 bench/gpu_bench.py --cpu-smoke [--data DIR_OR_TAR]      # same code paths, debug models, CPU
-    python3 bench/gpu_bench.py --prepare-data SRC.tar DEST.tar [--max-images 300]
+    python3 -m bench.gpu_bench [--budget 420] [--data .gpudata] [--out-dir DIR]
+    python3 -m bench.gpu_bench --cpu-smoke [--data DIR_OR_TAR]      # same code paths, debug models, CPU
+    python3 -m bench.gpu_bench --prepare-data SRC.tar DEST.tar [--max-images 300]
 
 Every section runs under a time box (SIGALRM) inside one global deadline; a failing section prints its error
 and the rest runs. Rows are printed as they finish; the markdown table and JSON are rewritten after every
@@ -26,15 +26,14 @@ from typing import Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling gpu_* modules
-sys.path.insert(0, str(REPO))
-from cratescale.models import create_model  # noqa: E402
+from cratescale.models import create_model
 
-from gpu_decode import load_jpegs, prepare_data, section_decode  # noqa: E402,F401
-from gpu_harness import Bench, markdown, sync  # noqa: E402
-from gpu_kernels import kernel_train_row, section_mssa_kernel, section_patch_embed_and_view, section_small_batch  # noqa: E402,E501
-from gpu_train import engine_row, engine_step, job_engine, make_step, section_attention, train_row  # noqa: E402
+from bench.gpu_decode import load_jpegs, prepare_data, section_decode  # noqa: F401
+from bench.gpu_harness import Bench, markdown, sync
+from bench.gpu_kernels import kernel_train_row, section_mssa_kernel, section_patch_embed_and_view, section_small_batch  # noqa: E501
+from bench.gpu_train import engine_row, engine_step, job_engine, make_step, section_attention, train_row
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def section_env(b: Bench) -> None:

@@ -1,8 +1,8 @@
 """The correctness section of bench/gpu.sh (issue 15): what only a GPU can show about the GPU path, checked in
 about two minutes before any speed row, so a lent GPU finds these first.
 
-    python3 bench/gpu_check.py [--data .gpudata] [--out-dir DIR] [--budget 120]
-    python3 bench/gpu_check.py --cpu-smoke [--data DIR_OR_TAR]   # same code, CPU routes on both sides
+    python3 -m bench.gpu_check [--data .gpudata] [--out-dir DIR] [--budget 120]
+    python3 -m bench.gpu_check --cpu-smoke [--data DIR_OR_TAR]   # same code, CPU routes on both sides
 
 Checks, in order (each one row: pass / FAIL / skipped with the reason; a crash in one is its FAIL):
   binding      this rank's GPU (distributed/device.py) and nccl; a child with CUDA hidden and GPUs asked must stop
@@ -32,10 +32,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from bench.gpu_decode import load_jpegs
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(REPO))
-from gpu_decode import load_jpegs  # noqa: E402
 
 # Pixels after normalisation (units of the ImageNet std, ~58 grey levels): nvJPEG and libjpeg-turbo differ in
 # IDCT rounding and chroma upsampling by a grey level or two, the window edges of a ROI decode by a little more.

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from gpu_harness import Bench, sync  # noqa: E402
+from bench.gpu_harness import Bench, sync
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 

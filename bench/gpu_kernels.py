@@ -12,8 +12,8 @@ import torch
 
 from cratescale.distributed.wrap import select_attention_backend
 from cratescale.models.layers import MSSA, PatchEmbed
-from gpu_harness import Bench, cleanup, sync
-from gpu_train import engine_step, first_step_s, job_engine, time_steps, train_row
+from bench.gpu_harness import Bench, cleanup, sync
+from bench.gpu_train import engine_step, first_step_s, job_engine, time_steps, train_row
 
 SMALL_BATCHES = (64, 128, 256)  # per GPU; jobs/imagenet21k.yaml runs 64 (4096 over 64 GPUs)
 

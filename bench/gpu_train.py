@@ -4,7 +4,6 @@ product path itself (the job's DeepSpeed ZeRO-2 engine built from jobs/imagenet2
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -13,7 +12,7 @@ import torch
 
 from cratescale.distributed.wrap import apply_activation_checkpointing, apply_mssa_kernel, select_attention_backend
 from cratescale.models import create_model, param_counts, train_flops_per_image
-from gpu_harness import Bench, cleanup, is_oom, sync
+from bench.gpu_harness import Bench, cleanup, is_oom, sync
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,6 +244,7 @@ def job_engine(b: Bench, name: str, batch: int, img_size: int, compiled: bool = 
 
     from cratescale.config import load_job
     from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
+    from cratescale.distributed.rendezvous import free_port
     from cratescale.engine import optim
     from cratescale.engine.trainer import build_model, wrap_for_training
 
@@ -255,10 +255,7 @@ def job_engine(b: Bench, name: str, batch: int, img_size: int, compiled: bool = 
         "cluster.nodes=1", "cluster.tasks_per_node=1", f"schedule.global_batch={batch}",
         f"schedule.micro_batch={batch}", f"parallel.compile={str(compiled).lower()}",
         f"parallel.attention={b.meta.get('sdpa', 'auto')}", *overrides])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    backend = init_distributed(WorldInfo(0, 1, 0, "127.0.0.1", port, "bench"))  # no-op once initialized
+    backend = init_distributed(WorldInfo(0, 1, 0, "127.0.0.1", free_port(), "bench"))  # no-op once initialized
     model = wrap_for_training(build_model(job), job)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optim.make_optimizer(model, job),
                                       config=deepspeed_config(job, 1))

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_pipeline.ingest import _start_ray, run_ingest  # noqa: E402
+from data_pipeline.ingest import _start_ray, run_ingest
 
 SOURCE = "/work/shared/data/imagenet-sample.tar"
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_pipeline.ingest import run_ingest  # noqa: E402
-from data_pipeline.loader import make_train_loader  # noqa: E402
-from data_pipeline.sampler import LoaderState  # noqa: E402
+from data_pipeline.ingest import run_ingest
+from data_pipeline.loader import make_train_loader
+from data_pipeline.sampler import LoaderState
 
 SOURCE = "/work/shared/data/imagenet-sample.tar"
 

@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the torch import
 
-import torch  # noqa: E402
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cratescale.models import create_model, param_counts, train_flops_per_image  # noqa: E402
+from cratescale.models import create_model, param_counts, train_flops_per_image
 
 MODELS = {
     "crate_all": ("crate_mae_base", "all"),

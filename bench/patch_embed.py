@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cratescale.models.layers import PatchEmbed  # noqa: E402
+from cratescale.models.layers import PatchEmbed
 
 
 def main() -> None:

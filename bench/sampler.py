@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -19,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_pipeline.augment import train_params  # noqa: E402
-from data_pipeline.manifest import ROWS_SCHEMA, build_table, read_manifest, write_manifest  # noqa: E402
-from data_pipeline.sampler import GlobalSampler  # noqa: E402
+from data_pipeline.augment import train_params
+from data_pipeline.manifest import ROWS_SCHEMA, build_table, read_manifest, write_manifest
+from data_pipeline.sampler import GlobalSampler
 
 
 def _epoch(n: int, world: int, batch: int) -> tuple[GlobalSampler, np.ndarray]:

@@ -1,10 +1,10 @@
 """Scaling model of CRATE-MAE pretraining under DeepSpeed ZeRO: step time, images/s and the time of one
 ImageNet-21k epoch for 8 to 512 GPUs at a fixed global batch, from a measured per-GPU step time.
 
-    .venv/bin/python bench/scaling.py                              # assumed H100 compute (see ASSUMED below)
-    .venv/bin/python bench/scaling.py --gpu-results bench/results/h100_run*.json [--layout all] [--compiled]
-    .venv/bin/python bench/scaling.py --step-ms 120 --micro-batch 256 [--fixed-ms 8]
-    .venv/bin/python bench/scaling.py --check-cpu                  # 2-rank gloo DeepSpeed check (bench/scaling_check.py)
+    .venv/bin/python -m bench.scaling                              # assumed H100 compute (see ASSUMED below)
+    .venv/bin/python -m bench.scaling --gpu-results bench/results/h100_run*.json [--layout all] [--compiled]
+    .venv/bin/python -m bench.scaling --step-ms 120 --micro-batch 256 [--fixed-ms 8]
+    .venv/bin/python -m bench.scaling --check-cpu                  # 2-rank gloo DeepSpeed check (bench/scaling_check.py)
 
 The model (stated simplifications):
 - Compute per micro-step t(b) = fixed + b / R (R: per-GPU images/s at large batch; fixed: launch overhead and
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +158,6 @@ def compute_from_results(paths: list[Path], model: str, layout: str, compiled: b
 
 
 def assumed_compute(model: str, layout: str) -> Compute:
-    sys.path.insert(0, str(REPO))
     from cratescale.models import create_model, train_flops_per_image
 
     flops = train_flops_per_image(create_model(model, encoder_tokens=layout))
@@ -170,7 +168,6 @@ def assumed_compute(model: str, layout: str) -> Compute:
 
 
 def trainable_params(model: str) -> int:
-    sys.path.insert(0, str(REPO))
     from cratescale.models import create_model, param_counts
 
     return param_counts(create_model(model))["trainable"]
@@ -245,8 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the --check-cpu runs")
     args = p.parse_args(argv)
     if args.check_cpu:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from scaling_check import check_cpu
+        from bench.scaling_check import check_cpu
 
         check_cpu(args.steps, repeats=args.repeats)
         return

@@ -1,7 +1,7 @@
 """The one scale the scaling model (bench/scaling.py) can be checked at here: 2 DeepSpeed ZeRO-2 ranks over
 gloo on this machine's CPUs, against the model's prediction from 1-rank measurements.
 
-    .venv/bin/python bench/scaling.py --check-cpu [--steps 8] [--repeats 2]      # about 1-2 minutes
+    .venv/bin/python -m bench.scaling --check-cpu [--steps 8] [--repeats 2]      # about 1-2 minutes
 """
 from __future__ import annotations
 
@@ -9,29 +9,25 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_ranks import run_cpu_ranks  # noqa: E402
-from scaling import REPO, Compute, Links, fit_line, predict  # noqa: E402
+from bench.scaling import Compute, Links, fit_line, predict
+from tests.dist.harness import run_local_ranks
 
 CHECK_MODEL = dict(embed_dim=384, decoder_embed_dim=384, num_heads=6, decoder_num_heads=6, depth=4, decoder_depth=4)
 
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: gloo all-reduce of a P-sized fp32 buffer, then ZeRO-2 fp32 steps split into fwd/bwd/step."""
-    import importlib
-
     import torch
 
+    from cratescale.compat.deepspeed import skip_shm_op_build
+
     torch.set_num_threads(1)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # ~30 s op build, unused on gloo
+    skip_shm_op_build()  # ~30 s op build, unused on gloo
     import deepspeed
     import torch.distributed as dist
 
-    sys.path.insert(0, str(REPO))
     from cratescale.distributed import exit_without_teardown
     from cratescale.models import create_model
 
@@ -106,7 +102,7 @@ def _count_all_reduce(seen: dict) -> None:
 
 
 def run_ranks(world: int, micro: int, steps: int, timeout: float = 240) -> dict:
-    outs = run_cpu_ranks(__file__, ["--micro", str(micro), "--steps", str(steps)], world, timeout)
+    outs = run_local_ranks([__file__, "--worker", "--micro", str(micro), "--steps", str(steps)], world, timeout)
     return {k: max(o[k] for o in outs) if isinstance(outs[0][k], float) else outs[0][k] for k in outs[0]}
 
 

@@ -2,7 +2,7 @@
 by default, a commit every step with keep_last=1) N times at random moments, restart it each time, then compare
 it bitwise with an uninterrupted run.
 
-    .venv/bin/python bench/soak.py [--kills 200] [--seed 0] [--root DIR] [--loader dali|pil] [--precision bf16|fp32]
+    .venv/bin/python -m bench.soak [--kills 200] [--seed 0] [--root DIR] [--loader dali|pil] [--precision bf16|fp32]
 
 Kill moments (seeded, cycled evenly): start-up, mid-step, the instant step_N.tmp appears, and planted points
 of the commit protocol (COMMITTED written but not renamed, renamed but pointer not moved, mid-retention
@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tests.dist.harness import assert_same_tree, final_weights, optimizer_files, write_config  # noqa: E402
-from tests.faults.killloop import MODES, leftovers, read_sample_log, run_kill_loop  # noqa: E402
-from tests.faults.ranks import RankServer  # noqa: E402
+from tests.dist.harness import assert_same_tree, final_weights, optimizer_files, write_config
+from tests.faults.killloop import MODES, leftovers, read_sample_log, run_kill_loop
+from tests.faults.ranks import RankServer
 
 TINY_JOB = REPO / "tests" / "dist" / "tiny.yaml"
 

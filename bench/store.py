@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cratescale.checkpoint.durable import fsync_path  # noqa: E402
-from cratescale.embeddings.store import EmbeddingStore, StoreInfo  # noqa: E402
+from cratescale.checkpoint.durable import fsync_path
+from cratescale.embeddings.store import EmbeddingStore, StoreInfo
 
 
 def bench(rows: int, dim: int, shard_rows: int, chunk_rows: int, root: Path) -> list[tuple]:

@@ -1,10 +1,20 @@
-"""The one way to start or join Ray, shared by ingest, extraction, the launcher, the benchmarks and the tests."""
+"""The one way to start or join Ray, shared by ingest, extraction, the launcher, the benchmarks and the tests,
+and the project's one door to Ray's internals (here, not in cratescale/compat: data_pipeline imports nothing
+from cratescale, DESIGN.md section 2, and everything that starts Ray comes through this module).
+
+Ray internals (written against ray==2.60.0, pyproject.toml's pin; tests/unit/test_compat.py fails naming it
+when an upgrade moves them):
+- `ray._private.ray_constants.ENABLE_RAY_CLUSTER`: False puts the driver in Ray's single-machine mode, where
+  every server listens on loopback; `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` is the same switch for the processes
+  it starts (the variable Ray reads for it, whatever the OS).
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RAY_PINNED = "2.60.0"
 
 
 def runtime_env() -> dict:
@@ -32,11 +42,16 @@ def start_or_join_ray(address: str | None = None, *, num_cpus: int | None = None
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env())
         return True
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False             # this driver
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the GCS, raylet and workers it starts
+    single_machine_mode()
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, object_store_memory=object_store_mb * 2**20,
              include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
              runtime_env=runtime_env())
     return True
+
+
+def single_machine_mode() -> None:
+    """Ray's single-machine mode for a local Ray started from this process: every server on loopback."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False             # this driver
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # the GCS, raylet and workers it starts

@@ -4,14 +4,15 @@ Readers trust only directories named `step_<N:09d>` that hold a valid `COMMITTED
 pointer is a hint for people and tools, never the source of truth (a crash between the rename and the
 pointer update leaves it stale, and the scan still finds the newest commit).
 
-Collective save (the engine drives it, every rank in the same order):
-    path = store.tmp_path(step)                   # every rank
-    if rank == 0: store.begin(step)               # fresh, empty tmp dir
-    barrier()
-    engine.save_checkpoint(str(path), tag="ds")   # every rank (DeepSpeed barriers inside)
-    torch.save(rng_state, path / f"rank{rank}_rng.pt")
-    barrier()  # better: all-reduce an ok flag so rank 0 aborts when any rank failed
-    if rank == 0: store.commit(step, meta)        # or store.abort(step, exc) when a rank failed
+Collective save (engine/state.py `save_state` drives it): three phases, each followed by an agreement, an
+all-reduce of "did any rank fail" and, when one did, a gather of every rank's one-line reason, so all ranks
+raise together and none is left waiting in a collective:
+    rank 0: store.begin(step)                                  fresh, empty step_N.tmp/        -> agree
+    every rank: engine.save_checkpoint(tmp, tag="ds", save_latest=False), its write errors held
+                back until DeepSpeed's barriers are passed; rank{r}_rng.pt; rank 0 the tag file -> agree
+    rank 0: store.commit(step, meta)                           marker, rename, `latest`         -> agree
+A failed agreement raises on every rank; rank 0 first calls store.abort(step, reason), which removes the tmp
+dir and returns the error to raise.
 Single process: `store.save(step, write_fn, meta)` does the three phases and the clean-up.
 Background writers (engine.commit_async) stream their files' crc32 while writing and hand the sums to
 `commit(step, meta, sealed=...)`, which then checksums only the files it was not told about.

@@ -25,6 +25,7 @@ import zarr
 from cratescale.checkpoint.commit import Commit, CheckpointError
 from cratescale.checkpoint.layout import ds_layout
 from cratescale.checkpoint.universal import DS_TAG
+from cratescale.models import create_model, model_from_config
 
 FORMAT = "cratescale-weights"
 VERSION = 1
@@ -92,19 +93,27 @@ def export_weights(state_dict: Mapping[str, torch.Tensor], model_config: dict[st
     return out
 
 
+def read_export_header(out_dir: Path | str) -> dict[str, Any]:
+    """export.json (format, model_config, provenance, tensors) without loading any weights; raises
+    FileNotFoundError or ExportError (one line naming the file) when it is not an export of this format."""
+    path = Path(out_dir) / INDEX
+    try:
+        header = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"export: {path} not found (not an export dir?)") from exc
+    except ValueError as exc:
+        raise ExportError(f"export: {path} is not valid JSON: {exc}") from exc
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ExportError(f"export: {path} has format {header.get('format')!r} v{header.get('version')}, "
+                          f"expected {FORMAT!r} v{VERSION}")
+    return header
+
+
 def load_export(out_dir: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(state_dict, model_config, provenance) from an export; JSON + zarr only (no pickle), every tensor
     checked against export.json (shape, dtype, crc32). Raises ExportError naming the bad tensor."""
     out = Path(out_dir)
-    try:
-        header = json.loads((out / INDEX).read_text())
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"export: {out / INDEX} not found (not an export dir?)") from exc
-    except ValueError as exc:
-        raise ExportError(f"export: {out / INDEX} is not valid JSON: {exc}") from exc
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise ExportError(f"export: {out / INDEX} has format {header.get('format')!r} v{header.get('version')}, "
-                          f"expected {FORMAT!r} v{VERSION}")
+    header = read_export_header(out)
     group = zarr.open_group(store=str(out / WEIGHTS), mode="r", zarr_format=3)
     state: dict[str, torch.Tensor] = {}
     for entry in header["tensors"]:
@@ -122,6 +131,19 @@ def load_export(out_dir: Path | str) -> tuple[dict[str, torch.Tensor], dict[str,
                               f"(crc32 {crc:08x} != {entry['crc32']:08x}): the data was modified or damaged")
         state[name] = torch.from_numpy(np.require(data, requirements=["C", "W"]))  # keeps 0-d shape
     return state, header["model_config"], header["provenance"]
+
+
+def load_model(out_dir: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model in eval mode, provenance + model_config) from an export: the weights through load_export (no
+    pickle), the architecture from the export's model_config."""
+    state, config, provenance = load_export(out_dir)
+    if "arch" in config:
+        model = model_from_config(config)
+    else:
+        rest = {k: v for k, v in config.items() if k != "name"}
+        model = create_model(config["name"], **rest)
+    model.load_state_dict(state)
+    return model.eval().to(device), {"export": str(Path(out_dir).resolve()), **provenance, "model_config": config}
 
 
 def _module_states(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -187,14 +209,3 @@ def training_provenance(found: Consolidated) -> dict[str, str]:
     """What export.json says about the weights' origin."""
     return {"precision": found.precision, "zero_stages": found.zero_stages, "weights": "fp32 master"}
 
-
-def export_commit(commit: Commit, out_dir: Path | str, model_config: dict[str, Any] | None = None,
-                  overwrite: bool = False) -> Path:
-    """consolidate_fp32 + export_weights with provenance from the commit's meta."""
-    meta = commit.meta
-    found = consolidate(commit)
-    config = model_config if model_config is not None else meta.get("model_config", {})
-    provenance = {"step": commit.step, "run_name": meta.get("run_name"), "config_hash": meta.get("config_hash"),
-                  "checkpoint": str(commit.path), "samples_seen": meta.get("samples_seen"),
-                  **training_provenance(found)}
-    return export_weights(found.state_dict, config, provenance, out_dir, overwrite=overwrite)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import datetime
-import importlib
 import os
 import sys
 
 import torch
 
+from cratescale.compat.deepspeed import skip_shm_op_build
 from cratescale.distributed.device import bind_gpu, check_cuda
 from cratescale.distributed.rendezvous import bind_gloo_to_master_route
 from cratescale.distributed.world import WorldInfo
@@ -31,8 +31,7 @@ def init_distributed(world: WorldInfo, backend: str = "auto", timeout_s: int = 6
     if backend == "gloo":
         bind_gloo_to_master_route(world.rank, world.master_addr, world.master_port)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # DeepSpeed JIT-compiles a shared-memory op (~30 s) at its first init; gloo does not need it.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        skip_shm_op_build()  # DeepSpeed JIT-compiles a shared-memory op (~30 s) at its first init; gloo needs none
     else:
         os.environ["LOCAL_RANK"] = str(bind_gpu(world.local_rank))  # DeepSpeed's engine takes it as the device
     import deepspeed

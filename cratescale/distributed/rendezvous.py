@@ -20,6 +20,14 @@ class RendezvousError(RuntimeError):
     pass
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now, for a single-node rendezvous (the local executor, tests, benchmarks).
+    Another process may take it before the ranks bind it: launchers that see EADDRINUSE start again."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def resolves(host: str) -> bool:
     try:
         socket.getaddrinfo(host, None, socket.AF_INET)

@@ -16,7 +16,6 @@ metadata and NaN features (never the features of a stand-in image); evaluation l
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import socket
@@ -29,11 +28,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from cratescale.checkpoint.export import load_export
+from cratescale.checkpoint.export import load_model, read_export_header
 from cratescale.embeddings.memory import RSS_LIMIT_FACTOR, RssGuard, encode_chunk
 from cratescale.embeddings.pool import init_ray  # noqa: F401 - callers start Ray through extract
-from cratescale.embeddings.store import EmbeddingStore, StoreInfo
-from cratescale.models import create_model, model_from_config
+from cratescale.embeddings.store import EmbeddingStore, StoreInfo, selected_rows
 
 BASE_FEATURES = ("cls", "mean")
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}  # and "auto": bf16 on GPUs
@@ -43,31 +41,12 @@ class ExtractionError(RuntimeError):
     """The extraction ended with shards still uncommitted."""
 
 
-def load_model(export_dir: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, provenance) from an export directory."""
-    state, config, provenance = load_export(export_dir)
-    if "arch" in config:
-        model = model_from_config(config)
-    else:
-        rest = {k: v for k, v in config.items() if k != "name"}
-        model = create_model(config["name"], **rest)
-    model.load_state_dict(state)
-    return model.eval().to(device), {"export": str(Path(export_dir).resolve()), **provenance,
-                                     "model_config": config}
-
-
 def manifest_path_of(path: Path | str) -> Path:
     p = Path(path)
     p = p / "manifest.parquet" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"extract: manifest not found: {p}")
     return p
-
-
-def selected_rows(manifest: pd.DataFrame, split: str | None) -> np.ndarray:
-    if split is None:
-        return np.arange(len(manifest), dtype=np.int64)
-    return np.flatnonzero(manifest["split"].to_numpy() == split).astype(np.int64)
 
 
 def feature_names(features: Sequence[str], layers: Sequence[int]) -> list[str]:
@@ -347,10 +326,3 @@ def run_extraction(export_dir: Path | str, manifest_path: Path | str, store_dir:
         raise ExtractionError(f"extract: {len(missing)} shards of {store.root} are still missing: {missing[:10]}")
     return store.root, records
 
-
-def read_export_header(export_dir: Path | str) -> dict:
-    """export.json (model config + provenance) without loading any weights."""
-    path = Path(export_dir) / "export.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"extract: {path} not found (not an export dir?)")
-    return json.loads(path.read_text())

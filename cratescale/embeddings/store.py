@@ -111,6 +111,14 @@ def _with_defaults(meta: pd.DataFrame) -> pd.DataFrame:
     return meta[[c for c in META_COLUMNS if c in meta.columns]].copy()
 
 
+def selected_rows(manifest: pd.DataFrame, split: str | None) -> np.ndarray:
+    """The manifest rows a store of `split` holds, in manifest order (store row r = manifest row rows[r]);
+    every row when split is None."""
+    if split is None:
+        return np.arange(len(manifest), dtype=np.int64)
+    return np.flatnonzero(manifest["split"].to_numpy() == split).astype(np.int64)
+
+
 def crc32_of(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).tobytes()) & 0xFFFFFFFF
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from cratescale.checkpoint import DS_TAG, CheckpointStore, Commit
 from cratescale.checkpoint.durable import ChecksumWriter
+from cratescale.compat import deepspeed as ds_compat
 from cratescale.engine.state import _agree_or_raise, _attempt, _rng_state, collective_device, with_filename
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def _snapshotting(engine: Any, parts: list[tuple[str, Any]], pin: bool, memo: di
                   pool: dict | None = None) -> Iterator[list[BaseException]]:
     """save_checkpoint with the checkpoint engine's save() taking a host snapshot instead of writing. A failed
     copy (host memory) is recorded, not raised: save_checkpoint holds barriers the other ranks wait in."""
-    ckpt, memo, errors = engine.checkpoint_engine, {} if memo is None else memo, []
+    memo, errors = {} if memo is None else memo, []
 
     def save(state_dict: Any, path: str) -> None:
         try:
@@ -95,11 +96,8 @@ def _snapshotting(engine: Any, parts: list[tuple[str, Any]], pin: bool, memo: di
         except Exception as exc:  # noqa: BLE001 - raised once save_checkpoint returned
             errors.append(exc)
 
-    ckpt.save = save
-    try:
+    with ds_compat.replaced_checkpoint_writes(engine, save):
         yield errors
-    finally:
-        del ckpt.save  # the instance attribute shadowed the method
 
 
 @dataclass
@@ -128,7 +126,7 @@ class AsyncCommitter:
         self._staging: dict[int, list[Any]] = {}
         self.skipped = 0
         self.pin = torch.cuda.is_available() and collective_device().type == "cuda"
-        self.zipfile = getattr(engine.checkpoint_engine, "zipfile_serialization", True)
+        self.zipfile = ds_compat.zipfile_serialization(engine)
 
     # ---- the step boundary -----------------------------------------------------------------
     def commit(self, step: int, meta: dict[str, Any], final: bool = False) -> bool:

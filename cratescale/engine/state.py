@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from cratescale.checkpoint import DS_TAG, CheckpointStore, CheckpointWriteError, Commit
 from cratescale.checkpoint.universal import load_into_engine
+from cratescale.compat import deepspeed as ds_compat
 from cratescale.config import identity_change
 
 log = logging.getLogger(__name__)
@@ -210,16 +211,16 @@ def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
     Files are written through Python file objects, so a failed write keeps its errno (torch.save to a path
     turns ENOSPC into "unexpected pos 128 vs 0")."""
     errors: list[BaseException] = []
-    ckpt = engine.checkpoint_engine
-    real_save, real_copy = ckpt.save, engine._copy_recovery_script
+    real_save, real_copy = ds_compat.checkpoint_save(engine), ds_compat.recovery_script_copy(engine)
+    own_writes, zipfile = ds_compat.writes_with_torch_save(engine), ds_compat.zipfile_serialization(engine)
 
     def save(state_dict: Any, path: str) -> None:
         if errors:
             return  # this rank's part is lost already: write nothing more
         try:
-            if type(ckpt).__name__ == "TorchCheckpointEngine":
+            if own_writes:
                 with open(path, "wb") as f:
-                    torch.save(state_dict, f, _use_new_zipfile_serialization=ckpt.zipfile_serialization)
+                    torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile)
             else:
                 real_save(state_dict, path)
         except Exception as exc:  # noqa: BLE001 - raised after the barriers
@@ -231,11 +232,8 @@ def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
         except Exception as exc:  # noqa: BLE001 - raised after the barriers
             errors.append(exc)
 
-    ckpt.save, engine._copy_recovery_script = save, copy_recovery_script  # instance attributes shadow methods
-    try:
+    with ds_compat.replaced_checkpoint_writes(engine, save, copy_recovery_script):
         yield errors
-    finally:
-        del ckpt.save, engine._copy_recovery_script
 
 
 def save_state(engine: Any, store: CheckpointStore, step: int, meta: dict[str, Any], rank: int) -> Commit:

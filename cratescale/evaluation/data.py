@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cratescale.embeddings.store import EmbeddingStore
+from cratescale.embeddings.store import EmbeddingStore, selected_rows
 
 # The raw-pixel baseline holds (rows x 3*size^2) float32 in memory; past this it refuses with a message.
 PIXEL_MAX_BYTES = 8 << 30
@@ -42,7 +42,6 @@ def load_pixels(store: EmbeddingStore, manifest_path, split: str, image_size: in
     """(flattened normalized pixels (n, 3*size^2) float32, labels, undecodable rows the loader replaced)
     of the same rows as `load_split`: the manifest rows the store was extracted from, resized and
     centre-cropped by the same eval loader."""
-    from cratescale.embeddings.extract import selected_rows
     from data_pipeline.loader import make_eval_loader
 
     rows, labels = split_rows(store, split)

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from cratescale.checkpoint.export import load_model, read_export_header
 from cratescale.evaluation import plots
 from cratescale.evaluation.diagnostics import denormalize, reconstructions, run_diagnostics
 from cratescale.evaluation.protocol import (MODELS, best_layer, compare, evaluate_layers, evaluate_pixels,
@@ -177,8 +178,6 @@ def evaluate(export_dir: Path | str, store_dir: Path | str, manifest_path: Path 
     """The evaluate stage: probe + kNN on the store, the same on `init_store` (the architecture at its
     initialization) and on raw pixels of the same rows, per-layer probes on every stored layer (pooled as
     the first feature), diagnostics of the export's model and of `init_export` on a fixed batch."""
-    from cratescale.embeddings.extract import load_model, read_export_header
-
     protocol = dict(knn_k=knn_k, knn_temperature=knn_temperature, probe=probe, seed=seed)
     size = int(image_size or read_export_header(export_dir)["model_config"]["img_size"])
     results = evaluate_store(store_dir, features=features, **protocol)

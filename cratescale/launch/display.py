@@ -1,10 +1,17 @@
-"""What the launcher prints while a job runs: a rich progress bar fed by the supervisor's polls."""
+"""What the launcher prints while a job runs: one console shared by the stages, a rich progress bar fed by the
+supervisor's polls, and the one-line error a stage ends with."""
 from __future__ import annotations
 
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console()
+
+
+class StageError(RuntimeError):
+    """A stage that did not produce what the next one needs."""
 
 
 class TrainingDisplay:

@@ -8,6 +8,7 @@ from typing import Any
 
 import submitit
 
+from cratescale.compat.submitit import sbatch_text
 from cratescale.config import ConfigError, JobConfig, ProfileConfig
 
 
@@ -52,7 +53,4 @@ def make_executor(job: JobConfig, profile: ProfileConfig, folder: Path) -> submi
 
 def sbatch_script(job: JobConfig, profile: ProfileConfig, folder: Path) -> str:
     """The sbatch file submitit would write for this job (shown by --dry-run; nothing is submitted)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    command = "python -u -m submitit.core._submit " + shlex.quote(str(folder))
-    return _make_sbatch_string(command=command, folder=str(folder), **slurm_parameters(job, profile))
+    return sbatch_text(folder, slurm_parameters(job, profile))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cratescale.config import ConfigError, JobConfig
 from cratescale.launch.paths import RunPaths
-from cratescale.launch.stages import StageError, console
+from cratescale.launch.display import StageError, console
 
 
 def transfer_manifests(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
@@ -60,7 +60,8 @@ def write_init_export(job: JobConfig, paths: RunPaths) -> Path:
 
 
 def run_extract(job: JobConfig, paths: RunPaths) -> None:
-    from cratescale.embeddings.extract import ExtractionError, extract, read_export_header
+    from cratescale.checkpoint.export import read_export_header
+    from cratescale.embeddings.extract import ExtractionError, extract
 
     if not (paths.export / "export.json").exists():
         raise StageError(f"extract: no export in {paths.export} (run the export stage first)")

@@ -8,7 +8,8 @@ from cratescale.config import ConfigError, JobConfig, ProfileConfig, dump_job, l
 from cratescale.launch.array import expand_array, pretrain_array, write_members
 from cratescale.launch.datacheck import check_data
 from cratescale.launch.paths import RunPaths
-from cratescale.launch.stages import STAGES, StageError, console
+from cratescale.launch.display import StageError, console
+from cratescale.launch.stages import STAGES
 from data_pipeline.local_ray import start_or_join_ray as start_ray  # joins $RAY_ADDRESS inside an allocation
 
 

@@ -6,20 +6,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
-from rich.console import Console
 
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import consolidate, export_weights, training_provenance
 from cratescale.config import JobConfig, ProfileConfig
-from cratescale.launch.display import TrainingDisplay
+from cratescale.launch.display import StageError, TrainingDisplay, console
+from cratescale.launch.followups import run_evaluate, run_extract
 from cratescale.launch.paths import RunPaths
 from cratescale.launch.supervisor import Supervisor, follow
-
-console = Console()
-
-
-class StageError(RuntimeError):
-    """A stage that did not produce what the next one needs."""
 
 
 def ingest_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:
@@ -108,14 +102,10 @@ def _save_reconstructions(job: JobConfig, paths: RunPaths, model: Any) -> None:
 
 
 def extract_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:
-    from cratescale.launch.followups import run_extract
-
     run_extract(job, paths)
 
 
 def evaluate_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:
-    from cratescale.launch.followups import run_evaluate
-
     run_evaluate(job, paths)
 
 

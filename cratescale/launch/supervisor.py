@@ -6,7 +6,6 @@ itself under the same id; with the local executor the supervisor resubmits after
 from __future__ import annotations
 
 import json
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +15,7 @@ import ray
 
 from cratescale.checkpoint import CheckpointStore
 from cratescale.config import dump_job, load_job, load_profile
+from cratescale.distributed.rendezvous import free_port
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
 from cratescale.launch.failures import RankFailure, classify_failure, clear_failures, job_failure, may_retry
@@ -26,12 +26,6 @@ _DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_F
 # Ends that a resubmission may cure (kill -9, OOM killer, a lost node, a save that outlived the time limit).
 # CANCELLED is someone's decision: never resubmitted.
 _CRASHED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def next_attempt(checkpoints: Path, submitted: int) -> int:
@@ -65,7 +59,7 @@ class Supervisor:
         self.failure = None
         self.step_at_submit = self.progress.update()["step"]
         if self.job.cluster.executor == "local":
-            self.task.master_port = _free_port()
+            self.task.master_port = free_port()
         self.task.attempt = next_attempt(self.paths.checkpoints, len(self.submissions))
         self.submitit_job = executor.submit(self.task)
         self.submissions.append(str(self.submitit_job.job_id))

@@ -4,40 +4,35 @@ Workers run in `torch.multiprocessing` spawn children; results go to files in th
 """
 from __future__ import annotations
 
-import importlib
 import os
-import socket
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from cratescale.compat.deepspeed import skip_shm_op_build
+from cratescale.distributed.rendezvous import free_port
+
 GLOBAL_BATCH, MICRO, DIM_IN, DIM_H, DIM_OUT = 8, 4, 16, 32, 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_dist(rank: int, world: int, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    # Skip DeepSpeed's ~30 s shared-memory op build (gloo does not need it); see ENVIRONMENT.md.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    skip_shm_op_build()  # DeepSpeed's ~30 s shared-memory op build; gloo does not need it (ENVIRONMENT.md)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def spawn(worker, out: Path, world: int = 2) -> None:
-    """Run `worker(rank, world, port, out)` on `world` spawned gloo ranks and wait for them."""
+def spawn(worker, out: Path, world: int = 2, *args: Any) -> None:
+    """Run `worker(rank, world, port, out, *args)` on `world` spawned gloo ranks and wait for them."""
     import torch.multiprocessing as mp
 
     os.environ["DS_ACCELERATOR"] = "cpu"
-    mp.spawn(worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, free_port(), str(out), *args), nprocs=world, join=True)
 
 
 def finish() -> None:
@@ -94,19 +89,3 @@ def adam_steps(engine) -> list[float]:
     base = getattr(opt, "optimizer", opt)
     return sorted({float(s["step"]) for s in base.state.values() if "step" in s})
 
-
-def save(engine, store, step: int, rank: int, meta: dict) -> Path:
-    """The collective save protocol of CONTRACTS.md."""
-    import torch.distributed as dist
-
-    path = store.tmp_path(step)
-    if rank == 0:
-        store.begin(step)
-    dist.barrier()
-    engine.save_checkpoint(str(path), tag="ds")
-    torch.save({"torch": torch.get_rng_state()}, path / f"rank{rank}_rng.pt")
-    dist.barrier()
-    if rank == 0:
-        store.commit(step, meta)
-    dist.barrier()
-    return path

@@ -1,9 +1,9 @@
-"""Start N training ranks as real processes (gloo) and wait for them."""
+"""Start N ranks as real processes (gloo, loopback) and wait for them: the one local rank launcher of the tests
+and the benchmarks (bench/engine_overhead.py, bench/scaling_check.py), and the training-run helpers around it."""
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +13,10 @@ import torch
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import consolidate_fp32
 from cratescale.config import dump_job, load_job
+from cratescale.distributed.rendezvous import free_port
 
 WORKER = Path(__file__).with_name("train_worker.py")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(base: Path, run_dir: Path, overrides: list[str]) -> Path:
@@ -31,34 +26,49 @@ def write_config(base: Path, run_dir: Path, overrides: list[str]) -> Path:
     return path
 
 
-def start_ranks(config: Path, manifest: Path, world: int, stop_after: int | None = None) -> list[subprocess.Popen]:
+def start_local_ranks(argv: list[str], world: int) -> list[subprocess.Popen]:
+    """`python *argv` as ranks 0..world-1 of a gloo group on a free loopback port, one thread each; stdout and
+    stderr piped together. The ranks import this checkout (PYTHONPATH), as SLURM ranks do."""
     port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                    PYTHONPATH=str(REPO))
-        args = [sys.executable, str(WORKER), str(config), str(manifest)]
-        if stop_after is not None:
-            args.append(str(stop_after))
-        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     return procs
 
 
-def run_ranks(config: Path, manifest: Path, world: int, stop_after: int | None = None,
-              timeout: float = 300, attempts: int = 3) -> list[dict]:
+def run_local_ranks(argv: list[str], world: int, timeout: float = 300, attempts: int = 3) -> list[dict]:
+    """start_local_ranks, wait, and return every rank's last output line as JSON; a rank that fails raises
+    AssertionError with its output's tail."""
     for attempt in range(attempts):
-        procs = start_ranks(config, manifest, world, stop_after)
+        procs = start_local_ranks(argv, world)
         outs = [proc.communicate(timeout=timeout)[0] for proc in procs]
         # The free port can be taken between free_port() and the rendezvous (gloo opens many ephemeral ports):
-        # nothing has trained then, so starting again is the same run.
+        # nothing has run then, so starting again is the same run.
         if any(p.returncode for p in procs) and attempt + 1 < attempts and \
                 any("EADDRINUSE" in out or "address already in use" in out for out in outs):
             continue
         for proc, out in zip(procs, outs):
-            assert proc.returncode == 0, f"rank exited {proc.returncode}:\n{out[-4000:]}"
+            assert proc.returncode == 0, f"{Path(argv[0]).name} rank exited {proc.returncode}:\n{out[-4000:]}"
         return [json.loads(out.strip().splitlines()[-1]) for out in outs]
     raise AssertionError("unreachable")
+
+
+def _worker_argv(config: Path, manifest: Path, stop_after: int | None) -> list[str]:
+    return [str(WORKER), str(config), str(manifest), *([] if stop_after is None else [str(stop_after)])]
+
+
+def start_ranks(config: Path, manifest: Path, world: int, stop_after: int | None = None) -> list[subprocess.Popen]:
+    """The training worker (train_worker.py) as `world` ranks."""
+    return start_local_ranks(_worker_argv(config, manifest, stop_after), world)
+
+
+def run_ranks(config: Path, manifest: Path, world: int, stop_after: int | None = None,
+              timeout: float = 300, attempts: int = 3) -> list[dict]:
+    return run_local_ranks(_worker_argv(config, manifest, stop_after), world, timeout, attempts)
 
 
 def final_weights(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:

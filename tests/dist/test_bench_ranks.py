@@ -2,20 +2,18 @@
 what does not depend on timing is asserted: the traffic the model assumes is the traffic DeepSpeed sends."""
 from __future__ import annotations
 
-import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from bench import scaling_check
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_zero2_all_reduces_the_parameter_count_per_step(capsys):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("scaling_check", BENCH / "scaling_check.py")
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
-    result = check.check_cpu(steps=2, repeats=1)
+    result = scaling_check.check_cpu(steps=2, repeats=1)
     # one bucketed all-reduce of every gradient (+1: the overflow/norm scalar), as the model's 3 units assume
     assert result["params"] == 3_704_640
     assert result["params"] <= result["step_allreduce_elems"] <= result["params"] + 8
@@ -26,10 +24,8 @@ def test_zero2_all_reduces_the_parameter_count_per_step(capsys):
 def test_engine_overhead_bench_runs_its_three_loops_on_two_ranks():
     """bench/engine_overhead.py end to end (DDP, the engine's DeepSpeed, the engine's loop): it imports what
     the trainer uses, so a rename there breaks this and not only the benchmark."""
-    import subprocess
-
-    proc = subprocess.run([sys.executable, str(BENCH / "engine_overhead.py"), "--steps", "2", "--rounds", "1",
-                           "--models", "demo"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "bench.engine_overhead", "--steps", "2", "--rounds", "1",
+                           "--models", "demo"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ratios = [float(m.group(1)) for m in re.finditer(r"^demo .* / ddp .*\]\s+([\d.]+)\s+<=", proc.stdout, re.M)]
     assert len(ratios) == 2 and all(r > 0 for r in ratios), proc.stdout[-1500:]

@@ -18,6 +18,7 @@ from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import ExportError, consolidate
 from cratescale.checkpoint.layout import ds_layout
 from cratescale.checkpoint.universal import UniversalConversionError, ensure_universal
+from cratescale.engine.state import save_state
 
 pytestmark = pytest.mark.dist
 LAYOUTS = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
@@ -33,7 +34,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         engine = ds_tiny.make_engine(stage, world, bf16=precision == "bf16")
         for step in (1, 2, 3):
             ds_tiny.train_step(engine, step, rank, world)
-            ds_tiny.save(engine, _store(Path(out), stage, precision), step, rank, {"world_size": world})
+            save_state(engine, _store(Path(out), stage, precision), step, {"world_size": world}, rank)
         if rank == 0:  # the module weights as the engine holds them (bf16 under bf16; ZeRO-3 gathers)
             torch.save(ds_tiny.full_weights(engine), Path(out) / f"z{stage}_{precision}_module.pt")
         else:

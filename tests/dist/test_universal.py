@@ -10,18 +10,16 @@ A also reloads each commit into a fresh engine at the same world size (native lo
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.dist import ds_tiny
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import consolidate_fp32, export_weights, load_export
 from cratescale.checkpoint.universal import ensure_universal, load_into_engine, universal_dir
-from cratescale.distributed import exit_without_teardown
+from cratescale.engine.state import save_state
 
 pytestmark = pytest.mark.dist
 STAGES = (1, 2, 3)        # universal conversion needs ZeRO partitions
@@ -37,7 +35,7 @@ def _save(out: Path, rank: int, world: int, stage: int) -> None:
     engine = ds_tiny.make_engine(stage, world)
     for step in range(STEPS):
         ds_tiny.train_step(engine, step, rank, world)
-    ds_tiny.save(engine, _store(out, stage, world), STEPS, rank, {"world_size": world, "zero_stage": stage})
+    save_state(engine, _store(out, stage, world), STEPS, {"world_size": world, "zero_stage": stage}, rank)
     saved = ds_tiny.full_weights(engine)  # collective under ZeRO-3
     record = {"weights": saved, "adam_steps": ds_tiny.adam_steps(engine), "global_steps": engine.global_steps}
     ds_tiny.train_step(engine, STEPS, rank, world)
@@ -75,21 +73,16 @@ def _worker(rank: int, world: int, port: int, out: str, actions: list[tuple]) ->
             _save(Path(out), rank, world, action[1])
         else:
             _load(Path(out), rank, world, action[1], action[2])
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_teardown(0)  # as the product's ranks do
+    ds_tiny.finish()
 
 
 def _spawn(world: int, out: Path, actions: list[tuple]) -> None:
-    mp.spawn(_worker, args=(world, ds_tiny.free_port(), str(out), actions), nprocs=world, join=True)
+    ds_tiny.spawn(_worker, out, world, actions)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("universal")
-    os.environ["DS_ACCELERATOR"] = "cpu"
     _spawn(2, out, [("save", s) for s in SAVE_STAGES])
     _spawn(1, out, [("load", s, 2) for s in STAGES] + [("save", 2)])
     _spawn(2, out, [("load", 2, 1)])

@@ -155,7 +155,9 @@ def _preload() -> None:
                  "cratescale.launch.entry", "cratescale.engine.trainer", "data_pipeline.loader",
                  "data_pipeline.pil_loader", "deepspeed.comm.torch"):
         importlib.import_module(name)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    from cratescale.compat.deepspeed import skip_shm_op_build
+
+    skip_shm_op_build()
 
 
 _REPLY_FD: int | None = None
@@ -316,16 +318,10 @@ def _rank_main(rank: int, world: int, port: int, command: dict) -> None:
         os._exit(code)  # never run the server's atexit/pytest machinery in a child
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start(command: dict) -> dict:
-    world, port = int(command["world"]), _free_port()
+    from cratescale.distributed.rendezvous import free_port
+
+    world, port = int(command["world"]), free_port()
     pids: list[int] = []
     for rank in range(world):
         pid = os.fork()

@@ -4,7 +4,7 @@ hand-computed cases."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import io
 import json
 import math
@@ -23,11 +23,7 @@ PY = sys.executable
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"bench.{name}")
 
 
 gpu_bench = _load("gpu_bench")

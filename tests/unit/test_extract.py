@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from cratescale.checkpoint.export import export_weights
-from cratescale.embeddings.extract import _shard_batches, extract, group_shards, load_model
+from cratescale.checkpoint.export import export_weights, load_model
+from cratescale.embeddings.extract import _shard_batches, extract, group_shards
 from cratescale.embeddings.store import EmbeddingStore
 from cratescale.models import create_model
 

@@ -14,7 +14,7 @@ import ray
 
 from cratescale.config import JobConfig, dump_job
 from cratescale.config.load import apply_override, validate
-from cratescale.launch.paths import RunPaths
+from cratescale.config.paths import RunPaths
 from cratescale.launch.stages import StageError, console
 from cratescale.launch.supervisor import Supervisor
 

@@ -12,7 +12,7 @@ from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import consolidate, export_weights, training_provenance
 from cratescale.config import JobConfig, ProfileConfig
 from cratescale.launch.display import TrainingDisplay
-from cratescale.launch.paths import RunPaths
+from cratescale.config.paths import RunPaths
 from cratescale.launch.supervisor import Supervisor, follow
 
 console = Console()
@@ -83,7 +83,7 @@ def _ask_cancel() -> bool:
 
 
 def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Path:
-    from cratescale.engine.trainer import build_model
+    from cratescale.engine.model_build import build_model
 
     commit = CheckpointStore(paths.checkpoints).latest()
     if commit is None:

@@ -17,7 +17,7 @@ from cratescale.config import dump_job, load_job, load_profile
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
 from cratescale.launch.failures import RankFailure, classify_failure, clear_failures, job_failure, may_retry
-from cratescale.launch.paths import RunPaths
+from cratescale.config.paths import RunPaths
 from cratescale.launch.progress import RunProgress
 
 _DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "DEADLINE", "BOOT_FAIL"}

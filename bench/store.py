@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cratescale.checkpoint.durable import fsync_path  # noqa: E402
+from cratescale.files import fsync_path  # noqa: E402
 from cratescale.embeddings.store import EmbeddingStore, StoreInfo  # noqa: E402
 
 

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import torch
 
 from cratescale.checkpoint.commit import Commit, CheckpointError
-from cratescale.checkpoint.durable import fsync_path
+from cratescale.files import fsync_path
 from cratescale.checkpoint.layout import ds_layout
 
 DS_TAG = "ds"             # the DeepSpeed tag every rank saves under: step_N/ds/

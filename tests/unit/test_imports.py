@@ -18,6 +18,8 @@ ALLOWED = {
     "launch": {"models", "distributed", "checkpoint", "config", "engine", "embeddings", "evaluation"},
 }
 MAY_USE_DATA_PIPELINE = {"engine", "embeddings", "evaluation", "launch"}
+# cratescale/files.py (durable writes, standard library only): every package but models and kernels may use it.
+SHARED = {"files"}
 # Models: torch and the standard library only; no distributed, launcher or I/O libraries.
 MODEL_ALLOWED_ROOTS = {"torch", *sys.stdlib_module_names} - {"os", "subprocess", "socket", "pickle", "shutil"}
 MODEL_FORBIDDEN = ("torch.distributed",)
@@ -39,7 +41,9 @@ def test_import_direction():
         for path in sorted((REPO / "cratescale" / package).rglob("*.py")):
             for name in imported_modules(path):
                 parts = name.split(".")
-                if parts[0] == "cratescale" and len(parts) > 1 and parts[1] != package and parts[1] not in allowed:
+                shared = SHARED if package not in ("models", "kernels") else set()
+                if parts[0] == "cratescale" and len(parts) > 1 and parts[1] != package and \
+                        parts[1] not in allowed | shared:
                     problems.append(f"{path.relative_to(REPO)} imports {name}")
                 if parts[0] == "data_pipeline" and package not in MAY_USE_DATA_PIPELINE:
                     problems.append(f"{path.relative_to(REPO)} imports {name}")
@@ -51,6 +55,9 @@ def test_import_direction():
             if name.split(".")[0] not in {"torch", "triton", *sys.stdlib_module_names} or \
                     name.startswith(MODEL_FORBIDDEN):
                 problems.append(f"{path.relative_to(REPO)} (kernels are torch + triton only) imports {name}")
+    for name in imported_modules(REPO / "cratescale" / "files.py"):
+        if name.split(".")[0] not in sys.stdlib_module_names:
+            problems.append(f"cratescale/files.py (standard library only) imports {name}")
     for path in sorted((REPO / "data_pipeline").rglob("*.py")):
         for name in imported_modules(path):
             if name.split(".")[0] == "cratescale" or name.startswith("torch.distributed"):

@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cratescale.config import ConfigError, JobConfig
-from cratescale.config.paths import RunPaths
+from cratescale.config import ConfigError, JobConfig, RunPaths
 from cratescale.launch.stages import StageError, console
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cratescale.config import ConfigError, JobConfig, ProfileConfig, dump_job, load_job, load_profile
+from cratescale.config import ConfigError, JobConfig, ProfileConfig, RunPaths, dump_job, load_job, load_profile
 from cratescale.launch.array import expand_array, pretrain_array, write_members
 from cratescale.launch.datacheck import check_data
-from cratescale.config.paths import RunPaths
 from cratescale.launch.stages import STAGES, StageError, console
 from data_pipeline.local_ray import start_or_join_ray as start_ray  # joins $RAY_ADDRESS inside an allocation
 

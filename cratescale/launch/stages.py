@@ -10,9 +10,8 @@ from rich.console import Console
 
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import consolidate, export_weights, training_provenance
-from cratescale.config import JobConfig, ProfileConfig
+from cratescale.config import JobConfig, ProfileConfig, RunPaths
 from cratescale.launch.display import TrainingDisplay
-from cratescale.config.paths import RunPaths
 from cratescale.launch.supervisor import Supervisor, follow
 
 console = Console()

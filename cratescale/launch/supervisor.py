@@ -13,8 +13,7 @@ from typing import Any
 
 import ray
 
-from cratescale.config import dump_job, load_job, load_profile
-from cratescale.config.paths import RunPaths
+from cratescale.config import RunPaths, dump_job, load_job, load_profile
 from cratescale.files import replace_durable
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor

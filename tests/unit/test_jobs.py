@@ -79,7 +79,7 @@ def test_every_array_member_builds(job, tmp_path):
     from cratescale.config import load_job
     from cratescale.engine.model_build import build_model
     from cratescale.launch.array import expand_array
-    from cratescale.config.paths import RunPaths
+    from cratescale.config import RunPaths
 
     parent = load_job(job, [f"run_dir={tmp_path}/run"])
     members = expand_array(parent, RunPaths.of(parent))

@@ -151,6 +151,7 @@ class LoggingConfig(Strict):
     # Record every consumed sample id per rank and step (samples/rank<r>.jsonl): audits the data order.
     sample_log: bool = False
     tensorboard: bool = True
+    # The launcher's progress bars (ingest, training); false for a console that is a log file.
     progress: bool = True
 
 

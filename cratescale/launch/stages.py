@@ -47,7 +47,7 @@ def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, deta
     console.log(f"pretrain: submitted job {job_id} ({job.cluster.executor} executor, {job.world_size} ranks); "
                 f"logs in {paths.submitit_dir}")
     try:
-        with TrainingDisplay(console) as display:
+        with TrainingDisplay(console, bar=job.logging.progress) as display:
             status = follow(supervisor, display.update)
     except KeyboardInterrupt:
         if _ask_cancel():

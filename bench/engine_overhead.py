@@ -43,7 +43,7 @@ def measure_model(variant: str, steps: int, rounds: int, zero_extra: str = "{}")
     from cratescale.distributed import deepspeed_config
     from cratescale.engine import optim
     from cratescale.engine.state import any_rank
-    from cratescale.engine.trainer import build_model
+    from cratescale.engine.model_build import build_model
 
     job = load_job(REPO / "jobs" / "demo.yaml", MODELS[variant])
     world, rank = dist.get_world_size(), dist.get_rank()

@@ -246,7 +246,7 @@ def job_engine(b: Bench, name: str, batch: int, img_size: int, compiled: bool = 
     from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
     from cratescale.distributed.rendezvous import free_port
     from cratescale.engine import optim
-    from cratescale.engine.trainer import build_model, wrap_for_training
+    from cratescale.engine.model_build import build_model, wrap_for_training
 
     job_file, extra = ("demo.yaml", ["model.overrides={}", f"data.image_size={img_size}", "parallel.precision=bf16"]
                        ) if b.args.cpu_smoke else ("imagenet21k.yaml", [])

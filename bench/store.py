@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cratescale.checkpoint.durable import fsync_path
+from cratescale.files import fsync_path
 from cratescale.embeddings.store import EmbeddingStore, StoreInfo
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .feed import SampleFeed
-from .gpu_decode import choose_route, describe, probe_once
+from .gpu_decode import HW_DECODER_LOAD, choose_route, describe, probe_once
 
 _MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 _STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -35,7 +35,7 @@ def _driver_initialised() -> bool:
 
 
 def build_pipeline(feed: SampleFeed, batch_size: int, image_size: int, num_threads: int, device: str,
-                   py_workers: int, device_id: int | None = None, hw_decoder_load: float = 0.65,
+                   py_workers: int, device_id: int | None = None, hw_decoder_load: float = HW_DECODER_LOAD,
                    prefetch_depth: int = 2, decode: str = "roi", parallel: bool = True):
     """prefetch_depth: batches DALI prepares ahead (more hides decode jitter, costs one batch of memory each).
     hw_decoder_load: with the mixed decoder, the share of images sent to the GPU's hardware JPEG engines

@@ -14,6 +14,10 @@ import sys
 from typing import Callable
 
 GPU_DECODE = ("auto", "roi", "full")
+# The share of images the mixed decoder sends to the hardware JPEG engines (data.hw_decoder_load): the one
+# default of every loader; cratescale/config/schema.py states it too (config may not import data_pipeline),
+# and tests/unit/test_config.py keeps the two equal.
+HW_DECODER_LOAD = 0.75
 PROBE_BATCHES = 2
 PROBE_TIMEOUT_S = 180.0  # spawn + CUDA context + pipeline build + two batches; a hang counts as a failure
 

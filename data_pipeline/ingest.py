@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Literal
 from .manifest import build_table, write_manifest, write_rejected
 from .sources import LISTING_CHUNK, Plan, SourceError, Unit, plan_source
 from .validate import DEFAULT_MAX_PIXELS
-from .work import SHARD_DIR, IngestOptions, process_unit
+from .work import SHARD_DIR, SHARD_SIZE, IngestOptions, process_unit
 
 
 class IngestError(RuntimeError):
@@ -126,7 +126,7 @@ def _remove_stale_shards(out: Path, keep: set[str]) -> None:
             p.unlink()
 
 
-def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shard_size: int = 512,
+def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shard_size: int = SHARD_SIZE,
                val_per_class: int = 0, ray_address: str | None = None, workers: Workers = "auto",
                max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 90, progress: bool = True) -> IngestResult:
     """Ingest `source` into `out`; see the module docstring."""
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out")
     ap.add_argument("--reshard", type=int, default=None, metavar="SHORT_SIDE",
                     help="re-encode good images to RGB JPEG with this short side, into tar shards")
-    ap.add_argument("--shard-size", type=int, default=512, help="samples per written tar shard")
+    ap.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="samples per written tar shard")
     ap.add_argument("--val-per-class", type=int, default=0, help="mark K samples per class as split 'val'")
     ap.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local one")
     ap.add_argument("--workers", type=_workers_arg, default="auto",

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from .feed import NO_REPLACEMENT, SampleFeed, bad_reason
+from .gpu_decode import HW_DECODER_LOAD
 from .manifest import ManifestArrays
 from .sampler import GlobalSampler, LoaderState, SamplerError
 
@@ -88,7 +89,7 @@ def resolve_device(device: str | None) -> str:
 
 
 def _backend(choice: DecoderChoice, feed: SampleFeed, batch_size: int, image_size: int, num_threads: int,
-             py_workers: int, hw_decoder_load: float = 0.65, prefetch_depth: int = 2, gpu_decode: str = "auto"):
+             py_workers: int, hw_decoder_load: float = HW_DECODER_LOAD, prefetch_depth: int = 2, gpu_decode: str = "auto"):
     if choice.kind == "dali":
         from .dali_loader import DaliBackend
         return DaliBackend(feed, batch_size, image_size, num_threads, choice.device, py_workers,
@@ -167,7 +168,7 @@ class TrainLoader:
 def make_train_loader(manifest_path, *, state: LoaderState, rank: int, world_size: int, global_batch: int,
                       micro_batch: int, image_size: int, num_patches: int, kind: str = "dali",
                       num_threads: int = 1, split: str = "train", device: str | None = None,
-                      py_workers: int = 1, hw_decoder_load: float = 0.65, prefetch_depth: int = 2,
+                      py_workers: int = 1, hw_decoder_load: float = HW_DECODER_LOAD, prefetch_depth: int = 2,
                       gpu_decode: str = "auto") -> TrainLoader:
     """Per-rank train micro-batches continuing from `state` (see module docstring). hw_decoder_load,
     prefetch_depth and gpu_decode (data_pipeline/gpu_decode.py) go to DALI; the PIL backend takes
@@ -230,7 +231,7 @@ class EvalLoader:
 
 def make_eval_loader(manifest_path, rows: np.ndarray, batch_size: int, image_size: int, kind: str = "dali",
                      num_threads: int = 1, device: str | None = None, py_workers: int = 1,
-                     hw_decoder_load: float = 0.65, prefetch_depth: int = 2) -> EvalLoader:
+                     hw_decoder_load: float = HW_DECODER_LOAD, prefetch_depth: int = 2) -> EvalLoader:
     """Resize (short side image_size*256/224) + centre crop, rows in the given order, no drop."""
     rows = np.asarray(rows, dtype=np.int64)
     if rows.ndim != 1 or len(rows) == 0 or batch_size <= 0:

@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .durable import replaced_by
+
 MANIFEST_NAME = "manifest.parquet"
 REJECTED_NAME = "rejected.parquet"
 
@@ -50,13 +52,10 @@ def class_sort_key(name: str) -> tuple:
 
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    # Write beside the target and rename: readers never see a half-written file, and a rerun that
-    # produces the same rows produces the same bytes (no timestamps in Parquet metadata).
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # Readers never see a half-written file, and a rerun that produces the same rows produces the same
+    # bytes (no timestamps in Parquet metadata).
+    with replaced_by(path) as f:
+        pq.write_table(table, f, compression="zstd", row_group_size=1 << 20)
 
 
 ROWS_SCHEMA = pa.schema([("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),

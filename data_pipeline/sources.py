@@ -63,7 +63,7 @@ def _chunks(items: list, size: int | None) -> Iterator[list]:
         yield items[i:i + size]
 
 
-def plan_source(source: str, chunk: int | None = LISTING_CHUNK, shard_size: int = 512) -> Plan:
+def plan_source(source: str, chunk: int | None, shard_size: int) -> Plan:
     """Look at `source` and list its work units (a compressed tar gets a lazy stream instead).
 
     Listed files are processed `chunk` per task (None: automatic); synthetic and compressed

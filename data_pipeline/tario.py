@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
+
+from .durable import replaced_by
 
 BLOCK = 512
 RECORD = 20 * BLOCK
@@ -101,10 +102,9 @@ def write_shard(path: Path, members: list[tuple[str, bytes]]) -> list[tuple[int,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     locations = []
     pos = 0
-    with open(tmp, "wb") as f:
+    with replaced_by(path) as f:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -120,7 +120,4 @@ def write_shard(path: Path, members: list[tuple[str, bytes]]) -> list[tuple[int,
             pos += len(data) + pad
         end = pos + 2 * BLOCK
         f.write(b"\0" * (2 * BLOCK + (-end) % RECORD))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return locations

@@ -22,11 +22,16 @@ from .validate import DEFAULT_MAX_PIXELS, describe_error, inspect_image, reencod
 SHARD_DIR = "shards"
 
 
+# Samples per written tar shard (data.shard_size): the one default of ingest; cratescale/config/schema.py states it
+# too (config may not import data_pipeline), and tests/unit/test_config.py keeps the two equal.
+SHARD_SIZE = 1000
+
+
 @dataclass(frozen=True)
 class IngestOptions:
     out_dir: str
     reshard: int | None = None      # short side of re-encoded JPEGs, None keeps the source bytes
-    shard_size: int = 512
+    shard_size: int = SHARD_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
     quality: int = 90
 

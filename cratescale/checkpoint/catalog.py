@@ -5,7 +5,6 @@ atomically after each commit, and rebuilt from the scan when it is missing or un
 """
 from __future__ import annotations
 
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cratescale.files import replacing
 
 if TYPE_CHECKING:
     from cratescale.checkpoint.commit import Commit
@@ -64,20 +65,8 @@ def row_for(commit: "Commit", seconds: float | None, when: float | None = None) 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
     rows = sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])  # last row per step wins
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with replacing(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]] | None:

@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cratescale.checkpoint import catalog as _catalog
-from cratescale.checkpoint.durable import checksum_file, fsync_path, write_file_durable
+from cratescale.checkpoint.durable import checksum_file
 from cratescale.checkpoint.retention import apply_retention
+from cratescale.files import fsync_path, replacing, write_file_durable
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,10 @@ def step_dir_name(step: int) -> str:
 
 
 def replace_file_atomic(path: Path, data: bytes) -> None:
-    """Write `path` through a tmp sibling + os.replace, so readers see the old or the new content."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
+    """Readers see the old or the new content (cratescale/files.py). The bytes go through this module's
+    write_file_durable: tests/faults/ranks.py plants its kill between the pointer's write and its rename there."""
+    with replacing(path) as tmp:
         write_file_durable(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
 
 
 def _list_files(root: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""Durable writes, shared by the checkpoint store and the embedding store."""
+"""Checksummed durable writes of the checkpoint store (the plain durable replace is cratescale/files.py)."""
 from __future__ import annotations
 
 import mmap
@@ -7,22 +7,6 @@ import zlib
 from pathlib import Path
 
 BLOCK = 8 << 20  # 8 MiB read blocks for the checksum pass
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes renames and new entries in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class ChecksumWriter:

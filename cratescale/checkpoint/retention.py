@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from cratescale.checkpoint.durable import fsync_path
+from cratescale.files import fsync_path
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from typing import Any, Iterator
 import torch
 
 from cratescale.checkpoint.commit import Commit, CheckpointError
-from cratescale.checkpoint.durable import fsync_path
 from cratescale.checkpoint.layout import ds_layout
+from cratescale.files import fsync_path
 
 DS_TAG = "ds"             # the DeepSpeed tag every rank saves under: step_N/ds/
 UNIVERSAL_TAG = DS_TAG    # the converted tag inside step_N.universal/

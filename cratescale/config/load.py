@@ -9,6 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from cratescale.config.profile import ProfileConfig, profile_path
 from cratescale.config.schema import JobConfig
+from cratescale.files import replace_durable
 
 
 class ConfigError(ValueError):
@@ -86,6 +87,4 @@ def load_profile(name: str) -> ProfileConfig:
 
 def dump_job(job: JobConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+    replace_durable(path, yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))

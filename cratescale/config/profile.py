@@ -25,7 +25,6 @@ class ProfileConfig(Strict):
     name: str
     scheduler: Literal["slurm", "local"]
     partition: str | None = None
-    preempt_partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
@@ -37,8 +36,6 @@ class ProfileConfig(Strict):
     time_min: int = Field(60, gt=0)
     env: dict[str, str] = Field(default_factory=dict)
     peak_flops_per_gpu: float = Field(..., gt=0)
-    interconnect_gbps: float = Field(100.0, gt=0)
-    ray_interface: str = "lo"
     # "<model>/<encoder_tokens>" -> the measured step on this cluster's GPU; --dry-run turns it into a time estimate
     measured_step: dict[str, MeasuredStep] = Field(default_factory=dict)
 

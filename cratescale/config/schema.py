@@ -37,7 +37,8 @@ class DataConfig(Strict):
     loader: Literal["auto", "dali", "pil"] = "auto"
     num_threads: int = Field(1, ge=1)
     # DALI on GPUs: share of JPEGs for the hardware decoder (BENCHMARKS.md "Input pipeline plan"), and how many
-    # batches the pipeline prepares ahead of the training step.
+    # batches the pipeline prepares ahead of the training step. hw_decoder_load and shard_size are
+    # data_pipeline's defaults too (HW_DECODER_LOAD, SHARD_SIZE; tests/unit/test_config.py keeps them equal).
     hw_decoder_load: float = Field(0.75, ge=0.0, le=1.0)
     prefetch_depth: int = Field(2, ge=1, le=8)
     # GPU JPEG decode route: roi (crop-window decoder), full (whole image + GPU slice), or auto (roi if it
@@ -150,6 +151,7 @@ class LoggingConfig(Strict):
     # Record every consumed sample id per rank and step (samples/rank<r>.jsonl): audits the data order.
     sample_log: bool = False
     tensorboard: bool = True
+    # The launcher's progress bars (ingest, training); false for a console that is a log file.
     progress: bool = True
 
 

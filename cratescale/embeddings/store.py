@@ -27,7 +27,6 @@ Reading it without cratescale:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from cratescale.checkpoint.durable import fsync_path, write_file_durable
+from cratescale.files import fsync_path, replace_durable
 
 FORMAT_VERSION = 1
 META_COLUMNS = ("sample_id", "key", "label", "split", "valid", "row")
@@ -123,14 +122,6 @@ def crc32_of(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).tobytes()) & 0xFFFFFFFF
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """tmp file in the same folder (hidden: readers of the folder skip it), fsync, rename, fsync folder."""
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    write_file_durable(tmp, data)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 class EmbeddingStore:
     """A directory holding a zarr feature group, per-shard metadata and commit markers."""
 
@@ -166,7 +157,7 @@ class EmbeddingStore:
                 dtype=info.dtype, fill_value=np.nan, dimension_names=("row", f"{name}_dim"),
                 compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"))
         # store.json last: its presence means the arrays exist.
-        _write_atomic(root / "store.json", json.dumps(info.to_json(), indent=2, sort_keys=True).encode())
+        replace_durable(root / "store.json", json.dumps(info.to_json(), indent=2, sort_keys=True).encode(), hidden=True)
         return cls(root)
 
     def _check_compatible(self, want: StoreInfo) -> None:
@@ -248,10 +239,10 @@ class EmbeddingStore:
                     fsync_path(f)
             sink = pa.BufferOutputStream()
             pq.write_table(pa.Table.from_pandas(meta, schema=_META_SCHEMA, preserve_index=False), sink)
-            _write_atomic(self.metadata_path(k), sink.getvalue().to_pybytes())
+            replace_durable(self.metadata_path(k), sink.getvalue().to_pybytes(), hidden=True)
             marker = {"shard": k, "rows": n, "start": start,
                       "crc32": {name: crc32_of(a) for name, a in sorted(arrays.items())}}
-            _write_atomic(self.marker_path(k), json.dumps(marker, sort_keys=True).encode())
+            replace_durable(self.marker_path(k), json.dumps(marker, sort_keys=True).encode(), hidden=True)
         except Exception as exc:
             # Disk full, I/O error: leave no part of this shard behind (its rows read as NaN again, the
             # space is freed) and say which shard failed and why, on one line.
@@ -262,7 +253,7 @@ class EmbeddingStore:
 
     def _discard_shard(self, k: int) -> None:
         """Remove every file of shard k: its marker first, then its feature shards, its metadata, and the
-        hidden tmp files of an interrupted _write_atomic (any pid: this process is the shard's only writer)."""
+        hidden tmp files of an interrupted replace_durable (any pid: this process is the shard's only writer)."""
         self.marker_path(k).unlink(missing_ok=True)
         for name in self.info.dims:
             shutil.rmtree(self._shard_dir(name, k), ignore_errors=True)

@@ -9,12 +9,16 @@ from typing import Any
 
 import torch
 
+from cratescale.config import RunPaths
+from cratescale.engine.records import CommitRecord, CommitSkippedRecord, MetricRecord
+
 
 class MetricsWriter:
     """Appends one JSON object per line (readable while training runs) and mirrors scalars to TensorBoard."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        paths = RunPaths.of_run(run_dir)
+        self.path = paths.metrics
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", buffering=1)
         self._tb = None
@@ -22,11 +26,11 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(paths.tensorboard))
             except ImportError:  # tensorboard is optional at run time
                 self._tb = None
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: MetricRecord) -> None:
         record = {"time": time.time(), **record}
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None and "step" in record:
@@ -38,10 +42,25 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+
+
+def say(line: str) -> None:
+    """One console line of the run (rank 0), flushed: the launcher and SLURM logs show it at once."""
+    print(f"[cratescale] {line}", flush=True)
+
+
+def commit_line(record: CommitRecord | CommitSkippedRecord) -> str:
+    """The console line of a finished (or skipped) commit."""
+    if record["kind"] == "commit_skipped":
+        return (f"skipped the commit of step {record['step']}: step {record['writing']} is still being written "
+                f"(checkpoint.when_busy=skip; {record['skipped']} skipped)")
+    stalled = f" (training stalled {record['stall_s']:.2f}s)" if record["async"] else ""
+    return f"committed step {record['step']} in {record['seconds']:.2f}s{stalled}"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunPaths.of_run(run_dir).metrics
     if not path.exists():
         return []
     rows = []

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from cratescale.checkpoint import DS_TAG, CheckpointStore, CheckpointWriteError, Commit
 from cratescale.checkpoint.universal import load_into_engine
 from cratescale.compat import deepspeed as ds_compat
-from cratescale.config import identity_change
+from cratescale.config import JobConfig, identity_change, identity_hash
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,14 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def mean_over_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
 def _os_error(error: BaseException | None) -> OSError | None:
     """The OSError (ENOSPC, EIO, ...) behind an error, if any: torch's zip writer wraps a failed write in
     "RuntimeError: ... unexpected pos", with the OSError as its context."""
@@ -234,6 +242,17 @@ def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
 
     with ds_compat.replaced_checkpoint_writes(engine, save, copy_recovery_script):
         yield errors
+
+
+def checkpoint_meta(job: JobConfig, step: int, world_size: int, identity: dict[str, Any], total_steps: int,
+                    warmup_steps: int, decoder: str, loader_state: dict[str, int]) -> dict[str, Any]:
+    """What a commit records beside the DeepSpeed state (DESIGN.md section 5), read back by plan_resume (global
+    batch, identity), check_decoder, schedule_note (total and warmup steps), the catalog and the status."""
+    global_batch = job.schedule.global_batch
+    return {"step": step, "samples_seen": step * global_batch, "world_size": world_size,
+            "global_batch": global_batch, "config_hash": identity_hash(identity), "identity": identity,
+            "total_steps": total_steps, "warmup_steps": warmup_steps, "job_name": job.name, "decoder": decoder,
+            "loader_state": loader_state}
 
 
 def save_state(engine: Any, store: CheckpointStore, step: int, meta: dict[str, Any], rank: int) -> Commit:

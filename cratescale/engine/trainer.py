@@ -1,28 +1,34 @@
-"""The training loop: DeepSpeed ZeRO over the sampler-driven loader, collective checkpoints, clean stops."""
+"""The training loop: DeepSpeed ZeRO over the sampler-driven loader, collective checkpoints, clean stops.
+
+    train(job, run_dir, manifest, world, peak_flops, should_stop) -> TrainOutcome
+
+runs one `Trainer`: setup() builds everything before the first step (process group, resume plan, engine,
+loader), run() repeats step / log / commit until the schedule ends or a stop is asked, and close() ends the
+loader's workers, the sample log and the metrics writer in `finally`, also when a step raised.
+"""
 from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 
 from cratescale.checkpoint import CheckpointStore
-from cratescale.config import JobConfig, identity_hash, job_identity, schedule_note
+from cratescale.config import JobConfig, RunPaths, job_identity, schedule_note
 from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
-from cratescale.distributed.wrap import (apply_activation_checkpointing, apply_mssa_kernel, compile_model,
-                                        select_attention_backend)
 from cratescale.engine import optim
-from cratescale.engine.data_budget import BadDataBudget, BadDataError
-from cratescale.engine.metrics import MetricsWriter, StepTimer, memory_gb, mfu
 from cratescale.engine.commit_async import AsyncCommitter
-from cratescale.engine.state import (any_rank, check_decoder, claim_run, collective_device, load_state, plan_resume,
-                                     save_state)
-from cratescale.models import create_model, train_flops_per_image
+from cratescale.engine.data_budget import BadDataBudget, BadDataError
+from cratescale.engine.metrics import MetricsWriter, StepTimer, commit_line, memory_gb, mfu, say
+from cratescale.engine.model_build import build_model, count_train_samples, wrap_for_training
+from cratescale.engine.records import CommitRecord, CommitSkippedRecord
+from cratescale.engine.state import (any_rank, check_decoder, checkpoint_meta, claim_run, load_state,
+                                     mean_over_ranks, plan_resume, save_state)
+from cratescale.models import train_flops_per_image
 from data_pipeline.loader import choose_decoder, make_train_loader
 from data_pipeline.manifest import manifest_fingerprint
 from data_pipeline.sampler import LoaderState
@@ -35,221 +41,209 @@ class TrainOutcome:
     total_steps: int
 
 
-def count_train_samples(manifest: Path) -> int:
-    splits = pq.read_table(manifest, columns=["split"]).column("split").to_pylist()
-    return sum(1 for s in splits if s == "train")
+class Trainer:
+    """One training process of a job; the state a commit saves is owned by the engine (DeepSpeed, RNG) and the
+    loader (`loader.state()`), and `commit` asks them for it."""
 
+    def __init__(self, job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_flops: float) -> None:
+        self.job, self.world, self.peak_flops = job, world, peak_flops
+        self.manifest = Path(manifest)
+        self.paths = RunPaths(Path(run_dir), self.manifest.parent)
+        self.entered = time.perf_counter()
+        self.closing = ExitStack()  # what setup opened, closed in reverse order by close(), even after an error
+        self.writer: MetricsWriter | None = None  # rank 0 only
+        self.sample_log = None
 
-def build_model(job: JobConfig) -> torch.nn.Module:
-    torch.manual_seed(job.seed)  # identical init on every rank
-    overrides = dict(job.model.overrides)
-    overrides.setdefault("img_size", job.data.image_size)
-    return create_model(job.model.name, **overrides)
+    def setup(self) -> None:
+        import deepspeed
 
+        job, world, sched = self.job, self.world, self.job.schedule
+        backend = init_distributed(world, job.parallel.backend, timeout_s=job.parallel.collective_timeout_s)
+        self.steps_per_epoch = count_train_samples(self.manifest) // sched.global_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{self.manifest}: fewer training samples than one global batch ({sched.global_batch})")
+        self.total = optim.total_steps(job, self.steps_per_epoch)
+        self.warmup = optim.warmup_steps(job, self.steps_per_epoch)
+        self.peak = optim.peak_lr(job)
+        self.store = CheckpointStore(self.paths.checkpoints, job.checkpoint.keep_last, job.checkpoint.keep_every)
+        self.identity = job_identity(job, manifest_fingerprint(self.manifest))
+        claim_run(self.store, world.rank)  # before resuming: a stale incarnation (partitioned node) is refused here
+        self.plan = plan_resume(self.store, self.identity, sched.global_batch, world.world_size,
+                                job.checkpoint.allow_config_change)
+        self.decoder = choose_decoder(job.data.loader, "gpu" if backend == "nccl" else "cpu")  # never a quiet CPU route
+        self.decoder_was = check_decoder(self.plan.commit, self.decoder.identity, self.decoder.why,
+                                         job.checkpoint.allow_decoder_change)
+        model = self._model()
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim.make_optimizer(model, job),
+                                                    config=deepspeed_config(job, world.world_size, self.plan.elastic))
+        if world.is_main:
+            self.writer = MetricsWriter(self.paths.run_dir, job.logging.tensorboard)
+            self.closing.callback(self.writer.close)
+        self.step = self.resume()
+        self.loader = make_train_loader(
+            self.manifest, state=LoaderState.from_step(self.step, self.steps_per_epoch, sched.global_batch, job.seed),
+            rank=world.rank, world_size=world.world_size, global_batch=sched.global_batch,
+            micro_batch=sched.micro_batch, image_size=job.data.image_size, num_patches=model.num_patches,
+            kind=self.decoder.kind, device=self.decoder.device, num_threads=job.data.num_threads,
+            hw_decoder_load=job.data.hw_decoder_load, prefetch_depth=job.data.prefetch_depth,
+            gpu_decode=job.data.gpu_decode, py_workers=job.data.feed_workers)
+        self.closing.callback(self.loader.close)  # its worker processes and threads end here, not at exit
+        self._log_start()
+        if job.logging.sample_log:
+            path = self.paths.sample_log(world.rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.sample_log = self.closing.enter_context(path.open("a", buffering=1))
+        # From the live world, as deepspeed_config does: a job requeued onto fewer nodes than its config names (a
+        # lost node, an elastic -N1-2 allocation) keeps its global batch with more accumulation.
+        self.accum = sched.global_batch // (sched.micro_batch * world.world_size)
+        # The model casts its input to its own dtype; the pixels it is given are also the loss's target, so a bf16
+        # run hands over fp32 pixels unless parallel.bf16_target asks for the bf16-quantised target.
+        bf16_input = job.parallel.precision == "bf16" and job.parallel.bf16_target == "bf16"
+        self.dtype = torch.bfloat16 if bf16_input else torch.float32
+        self.flops_per_image = train_flops_per_image(model)
+        self.last_commit = self.step if self.plan.commit is not None else -1
+        self.committer = AsyncCommitter(self.engine, self.store, world.rank, job.checkpoint.when_busy,
+                                        on_done=self._on_commit)
+        self.budget = BadDataBudget(job.data.max_bad_fraction, job.data.bad_window_steps, sched.global_batch)
 
-def wrap_for_training(model: torch.nn.Module, job: JobConfig) -> torch.nn.Module:
-    """What only training wants (export, planning and extraction take the plain model)."""
-    select_attention_backend(job.parallel.attention)
-    if job.parallel.attention == "mssa_triton":
-        apply_mssa_kernel(model)
-    if job.parallel.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if job.parallel.compile:
-        compile_model(model, None if job.parallel.compile_mode == "default" else job.parallel.compile_mode)
-    return model
+    def _model(self) -> torch.nn.Module:
+        model = build_model(self.job)
+        if self.plan.commit is None and self.job.checkpoint.start_fresh_from_weights:
+            from cratescale.checkpoint.export import load_export
 
+            state_dict, _, _ = load_export(Path(self.job.checkpoint.start_fresh_from_weights))
+            model.load_state_dict(state_dict)
+        return wrap_for_training(model, self.job)
 
-def _open_sample_log(run_dir: Path, rank: int):
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    return (run_dir / "samples" / f"rank{rank}.jsonl").open("a", buffering=1)
+    def resume(self) -> int:
+        """The step to continue after: the planned commit's (its DeepSpeed state and RNG streams), else 0."""
+        if self.plan.commit is None:
+            return 0
+        return int(load_state(self.engine, self.plan, self.world.rank)["step"])
 
-
-def _mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
-
-
-def _check_data(budget: BadDataBudget, loader, writer: MetricsWriter | None, step: int) -> None:
-    """Every rank agrees on the step's bad samples; past the budget every rank raises here together, before
-    the step trains and with the last commit untouched. The one line goes to metrics.jsonl and the console."""
-    try:
-        budget.check(loader.bad)
-    except BadDataError as exc:
-        if writer:
-            writer.write({"kind": "end", "step": step, "status": "bad_data", "error": str(exc)})
-            writer.close()
-            print(f"[cratescale] {exc}", flush=True)
-        raise
-
-
-def _commit_logger(writer: MetricsWriter | None) -> Callable[[dict], None]:
-    """One metrics row and one console line per finished (or skipped) asynchronous commit, rank 0."""
-    def log(record: dict) -> None:
-        if writer is None:
+    def _log_start(self) -> None:
+        decoder, was, world, route = self.decoder, self.decoder_was, self.world, self.loader.decode_route
+        route = {**route, "fallbacks": round(mean_over_ranks([route["fallbacks"]])[0] * world.world_size)}  # sum
+        note = schedule_note(self.plan.commit.meta, self.total, self.warmup) if self.plan.commit else None
+        if not self.writer:
             return
-        writer.write(record)
-        if record["kind"] == "commit":
-            print(f"[cratescale] committed step {record['step']} in {record['seconds']:.2f}s "
-                  f"(training stalled {record['stall_s']:.2f}s)", flush=True)
-        else:
-            print(f"[cratescale] skipped the commit of step {record['step']}: step {record['writing']} is still "
-                  f"being written (checkpoint.when_busy=skip; {record['skipped']} skipped)", flush=True)
-    return log
+        speed = self.job.parallel.model_dump(include={"compile", "compile_mode", "activation_checkpointing",
+                                                      "attention"})
+        self.writer.write({"kind": "start", "step": self.step, "world_size": world.world_size,
+                           "elastic": self.plan.elastic, "resumed": self.plan.commit is not None,
+                           "total_steps": self.total, "job_id": world.job_id,
+                           "setup_s": round(time.perf_counter() - self.entered, 3), "speed": speed,
+                           "decoder": decoder.identity, "decoder_why": decoder.why, "decoder_changed_from": was,
+                           "gpu_decode": route, "schedule_note": note})
+        if note:
+            say(note)
+        say(f"decoder: {decoder.identity} ({decoder.why})"
+             + (f"; resumed from a run decoded by {was} (checkpoint.allow_decoder_change)" if was else ""))
+        if route["fallbacks"]:
+            say(f"data.gpu_decode: {route['fallbacks']} rank(s) fell back to full decode + GPU slice "
+                 f"(rank 0: {route.get('reason', 'ok')})")
+
+    def run(self, should_stop: Callable[[], bool]) -> TrainOutcome:
+        job, batches, first_step, status = self.job, iter(self.loader), self.step + 1, "completed"
+        self.timer, self.window_loss, self.window_steps = StepTimer(), 0.0, 0
+        while self.step < self.total:
+            if any_rank(should_stop()):
+                status = "preempted"
+                break
+            lr = optim.lr_at(self.step, self.peak, self.warmup, self.total)
+            self.train_step(batches, lr)
+            if self.writer and self.step == first_step:
+                # this process's first step: loader start-up and (with parallel.compile) the compile
+                self.writer.write({"kind": "first_step", "step": self.step,
+                                   "seconds_since_start": time.perf_counter() - self.entered})
+            if self.step % job.logging.every_steps == 0 or self.step == self.total:
+                self.log(lr)
+            self.committer.poll()  # a background write that failed on any rank raises here, on every rank
+            if self.step % job.checkpoint.every_steps == 0 and self.step < self.total:
+                self.commit()
+        self.commit(final=True)  # waits for the write in flight first, then for its own
+        if self.writer:
+            self.writer.write({"kind": "end", "step": self.step, "status": status})
+        return TrainOutcome(status, self.step, self.total)
+
+    def train_step(self, batches: Iterator[dict], lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(self.accum)]  # the step's data, checked before any of it trains
+        self.timer.data_wait += time.perf_counter() - t0
+        self._check_data()
+        for batch in micro_batches:
+            images = batch["images"].to(self.engine.device, self.dtype, non_blocking=True)
+            loss, _, _ = self.engine(images, batch["mask_noise"].to(self.engine.device, non_blocking=True))
+            self.engine.backward(loss)
+            self.engine.step()
+            self.window_loss += loss.detach().float() / self.accum  # stays on the device: no sync per micro-step
+            if self.sample_log:
+                self.sample_log.write(json.dumps({"step": self.step, "ids": batch["sample_ids"].tolist()}) + "\n")
+            self.timer.images += batch["images"].shape[0] * self.world.world_size
+        self.step += 1
+        self.window_steps += 1
+
+    def _check_data(self) -> None:
+        """Every rank agrees on the step's bad samples; past the budget every rank raises here together, before
+        the step trains and with the last commit untouched. The one line goes to metrics.jsonl and the console."""
+        try:
+            self.budget.check(self.loader.bad)
+        except BadDataError as exc:
+            if self.writer:
+                self.writer.write({"kind": "end", "step": self.step, "status": "bad_data", "error": str(exc)})
+                say(str(exc))
+            raise
+
+    def log(self, lr: float) -> None:
+        """The logging window's means over ranks: one metrics row and one console line on rank 0."""
+        elapsed, wait, images = self.timer.window()
+        loss, wait_frac = mean_over_ranks([float(self.window_loss) / self.window_steps, wait / elapsed])
+        rate = images / elapsed
+        if self.writer:
+            self.writer.write({"kind": "train", "step": self.step, "loss": loss, "lr": lr, "images_per_s": rate,
+                               "data_wait": wait_frac, "epoch": self.step / self.steps_per_epoch,
+                               "mfu": mfu(rate, self.flops_per_image, self.peak_flops, self.world.world_size),
+                               "memory_gb": memory_gb(), "bad_samples": self.budget.total})  # summed over ranks
+            say(f"step {self.step}/{self.total} loss {loss:.4f} lr {lr:.2e} {rate:.0f} img/s wait {wait_frac:.0%}")
+        self.timer.reset()
+        self.window_loss, self.window_steps = 0.0, 0
+
+    def commit(self, final: bool = False) -> None:
+        """Commit the state after the current step, once per step; final also waits until it is durable."""
+        at_step = self.step
+        if at_step == self.last_commit:
+            if final:
+                self.committer.drain()  # a stop right after this step's commit started: it must land first
+            return
+        meta = checkpoint_meta(self.job, at_step, self.world.world_size, self.identity, self.total, self.warmup,
+                               self.decoder.identity, self.loader.state().to_dict())
+        if self.job.checkpoint.async_commit:
+            if self.committer.commit(at_step, meta, final=final):
+                self.last_commit = at_step
+            return
+        t0 = time.perf_counter()
+        save_state(self.engine, self.store, at_step, meta, self.world.rank)
+        self.last_commit, seconds = at_step, time.perf_counter() - t0
+        self._on_commit({"kind": "commit", "step": at_step, "seconds": seconds, "stall_s": seconds, "write_s": 0.0,
+                         "async": False})
+
+    def _on_commit(self, record: CommitRecord | CommitSkippedRecord) -> None:
+        """One metrics row and one console line per finished (or skipped) commit, rank 0."""
+        if self.writer:
+            self.writer.write(record)
+            say(commit_line(record))
+
+    def close(self) -> None:
+        self.closing.close()  # ExitStack: each callback runs even when an earlier one raised
 
 
 def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_flops: float,
           should_stop: Callable[[], bool] = lambda: False) -> TrainOutcome:
-    import deepspeed
-
-    run_dir = Path(run_dir)
-    entered = time.perf_counter()
-    backend = init_distributed(world, job.parallel.backend, timeout_s=job.parallel.collective_timeout_s)
-    sched = job.schedule
-    steps_per_epoch = count_train_samples(manifest) // sched.global_batch
-    if steps_per_epoch < 1:
-        raise ValueError(f"{manifest}: fewer training samples than one global batch ({sched.global_batch})")
-    total = optim.total_steps(job, steps_per_epoch)
-    warmup = optim.warmup_steps(job, steps_per_epoch)
-    peak = optim.peak_lr(job)
-
-    store = CheckpointStore(run_dir / "checkpoints", job.checkpoint.keep_last, job.checkpoint.keep_every)
-    identity = job_identity(job, manifest_fingerprint(manifest))
-    chash = identity_hash(identity)
-    claim_run(store, world.rank)  # before resuming: a stale incarnation (partitioned node) is refused here
-    plan = plan_resume(store, identity, sched.global_batch, world.world_size, job.checkpoint.allow_config_change)
-    note = schedule_note(plan.commit.meta, total, warmup) if plan.commit is not None else None
-    decoder = choose_decoder(job.data.loader, "gpu" if backend == "nccl" else "cpu")  # never a quiet CPU route
-    decoder_was = check_decoder(plan.commit, decoder.identity, decoder.why, job.checkpoint.allow_decoder_change)
-    model = build_model(job)
-    if plan.commit is None and job.checkpoint.start_fresh_from_weights:
-        from cratescale.checkpoint.export import load_export
-
-        state_dict, _, _ = load_export(Path(job.checkpoint.start_fresh_from_weights))
-        model.load_state_dict(state_dict)
-    wrap_for_training(model, job)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim.make_optimizer(model, job),
-                                           config=deepspeed_config(job, world.world_size, plan.elastic))
-    step = 0
-    writer = MetricsWriter(run_dir, job.logging.tensorboard) if world.is_main else None
-    if plan.commit is not None:
-        step = int(load_state(engine, plan, world.rank)["step"])
-    loader = make_train_loader(
-        manifest, state=LoaderState.from_step(step, steps_per_epoch, sched.global_batch, job.seed),
-        rank=world.rank, world_size=world.world_size, global_batch=sched.global_batch,
-        micro_batch=sched.micro_batch, image_size=job.data.image_size, num_patches=model.num_patches,
-        kind=decoder.kind, device=decoder.device, num_threads=job.data.num_threads,
-        hw_decoder_load=job.data.hw_decoder_load, prefetch_depth=job.data.prefetch_depth,
-        gpu_decode=job.data.gpu_decode, py_workers=job.data.feed_workers)
-    route = {**loader.decode_route, "fallbacks": round(_mean_over_ranks([loader.decode_route["fallbacks"]])[0]
-                                                       * world.world_size)}  # summed over ranks
-    if writer:
-        writer.write({"kind": "start", "step": step, "world_size": world.world_size, "elastic": plan.elastic,
-                      "resumed": plan.commit is not None, "total_steps": total, "job_id": world.job_id,
-                      # process group, model, engine, resume, loader
-                      "setup_s": round(time.perf_counter() - entered, 3),
-                      "speed": job.parallel.model_dump(include={"compile", "compile_mode", "activation_checkpointing",
-                                                                "attention"}),
-                      "decoder": decoder.identity, "decoder_why": decoder.why, "decoder_changed_from": decoder_was,
-                      "gpu_decode": route, "schedule_note": note})
-        if note:
-            print(f"[cratescale] {note}", flush=True)
-        was = f"; resumed from a run decoded by {decoder_was} (checkpoint.allow_decoder_change)" if decoder_was else ""
-        print(f"[cratescale] decoder: {decoder.identity} ({decoder.why}){was}", flush=True)
-        if route["fallbacks"]:
-            print(f"[cratescale] data.gpu_decode: {route['fallbacks']} rank(s) fell back to full decode + GPU "
-                  f"slice (rank 0: {route.get('reason', 'ok')})", flush=True)
-
-    batches = iter(loader)
-    # From the live world, as deepspeed_config does: a job requeued onto fewer nodes than its config names (a
-    # lost node, an elastic -N1-2 allocation) keeps its global batch with more accumulation.
-    accum = sched.global_batch // (sched.micro_batch * world.world_size)
-    # The model casts its input to its own dtype; the pixels it is given are also the loss's target, so a bf16
-    # run hands over fp32 pixels unless parallel.bf16_target asks for the bf16-quantised target.
-    bf16_input = job.parallel.precision == "bf16" and job.parallel.bf16_target == "bf16"
-    dtype = torch.bfloat16 if bf16_input else torch.float32
-    flops_per_image = train_flops_per_image(model)
-
-    last_commit = step if plan.commit is not None else -1
-    committer = AsyncCommitter(engine, store, world.rank, job.checkpoint.when_busy, on_done=_commit_logger(writer))
-
-    def commit(at_step: int, final: bool = False) -> None:
-        nonlocal last_commit
-        if at_step == last_commit:
-            if final:
-                committer.drain()  # a stop right after this step's commit started: it must land first
-            return
-        meta = {"step": at_step, "samples_seen": at_step * sched.global_batch, "world_size": world.world_size,
-                "global_batch": sched.global_batch, "config_hash": chash, "identity": identity,
-                "total_steps": total, "warmup_steps": warmup, "job_name": job.name, "decoder": decoder.identity,
-                "loader_state": LoaderState.from_step(at_step, steps_per_epoch, sched.global_batch,
-                                                      job.seed).to_dict()}
-        if job.checkpoint.async_commit:
-            if committer.commit(at_step, meta, final=final):
-                last_commit = at_step
-            return
-        t0 = time.perf_counter()
-        save_state(engine, store, at_step, meta, world.rank)
-        last_commit, seconds = at_step, time.perf_counter() - t0
-        if writer:
-            writer.write({"kind": "commit", "step": at_step, "seconds": seconds, "stall_s": seconds, "write_s": 0.0,
-                          "async": False})
-            print(f"[cratescale] committed step {at_step} in {seconds:.2f}s", flush=True)
-
-    sample_log = _open_sample_log(run_dir, world.rank) if job.logging.sample_log else None
-    timer, window_loss, window_steps = StepTimer(), 0.0, 0
-    budget = BadDataBudget(job.data.max_bad_fraction, job.data.bad_window_steps, sched.global_batch)
-    status = "completed"
-    first_step = step + 1
-    while step < total:
-        if any_rank(should_stop()):
-            status = "preempted"
-            break
-        lr = optim.lr_at(step, peak, warmup, total)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(accum)]  # the step's data, checked before any of it trains
-        timer.data_wait += time.perf_counter() - t0
-        _check_data(budget, loader, writer, step)
-        for batch in micro_batches:
-            images = batch["images"].to(engine.device, dtype, non_blocking=True)
-            loss, _, _ = engine(images, batch["mask_noise"].to(engine.device, non_blocking=True))
-            engine.backward(loss)
-            engine.step()
-            window_loss += loss.detach().float() / accum  # stays on the device: no sync per micro-step
-            if sample_log:
-                sample_log.write(json.dumps({"step": step, "ids": batch["sample_ids"].tolist()}) + "\n")
-            timer.images += batch["images"].shape[0] * world.world_size
-        step += 1
-        window_steps += 1
-        if writer and step == first_step:
-            # this process's first step: loader start-up and (with parallel.compile) the compile
-            writer.write({"kind": "first_step", "step": step, "seconds_since_start": time.perf_counter() - entered})
-        if step % job.logging.every_steps == 0 or step == total:
-            elapsed, wait, images = timer.window()
-            loss_mean, wait_frac = _mean_over_ranks([float(window_loss) / window_steps, wait / elapsed])
-            rate = images / elapsed
-            if writer:
-                record = {"kind": "train", "step": step, "loss": loss_mean, "lr": lr, "images_per_s": rate,
-                          "data_wait": wait_frac, "mfu": mfu(rate, flops_per_image, peak_flops, world.world_size),
-                          "memory_gb": memory_gb(), "epoch": step / steps_per_epoch,
-                          "bad_samples": budget.total}  # summed over ranks
-                writer.write(record)
-                print(f"[cratescale] step {step}/{total} loss {loss_mean:.4f} lr {lr:.2e} {rate:.0f} img/s "
-                      f"wait {wait_frac:.0%}", flush=True)
-            timer.reset()
-            window_loss, window_steps = 0.0, 0
-        committer.poll()  # a background write that failed on any rank raises here, on every rank
-        if step % job.checkpoint.every_steps == 0 and step < total:
-            commit(step)
-    commit(step, final=True)  # waits for the write in flight first, then for its own
-    loader.close()  # its worker processes and threads end here, not in interpreter teardown
-    if sample_log:
-        sample_log.close()
-    if writer:
-        writer.write({"kind": "end", "step": step, "status": status})
-        writer.close()
-    return TrainOutcome(status, step, total)
+    trainer = Trainer(job, run_dir, manifest, world, peak_flops)
+    try:
+        trainer.setup()
+        return trainer.run(should_stop)
+    finally:
+        trainer.close()

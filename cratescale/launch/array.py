@@ -12,9 +12,8 @@ from typing import Any
 
 import ray
 
-from cratescale.config import JobConfig, dump_job
+from cratescale.config import JobConfig, RunPaths, dump_job
 from cratescale.config.load import apply_override, validate
-from cratescale.launch.paths import RunPaths
 from cratescale.launch.display import StageError, console
 from cratescale.launch.supervisor import Supervisor
 

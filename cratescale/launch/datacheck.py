@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cratescale.config import ConfigError, JobConfig
-from cratescale.launch.paths import RunPaths
+from cratescale.config import ConfigError, JobConfig, RunPaths
 
 
 def split_counts(manifest: Path) -> tuple[int, int, int]:

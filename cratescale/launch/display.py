@@ -15,11 +15,13 @@ class StageError(RuntimeError):
 
 
 class TrainingDisplay:
-    def __init__(self, console: Console | None = None) -> None:
+    """The bar (off with logging.progress=false: a log file gets no redraws) and one line per state change."""
+
+    def __init__(self, console: Console | None = None, bar: bool = True) -> None:
         self.console = console or Console()
         self.progress = Progress(TextColumn("[bold]{task.fields[state]:<10}"), BarColumn(),
                                  TextColumn("step {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                                 TimeElapsedColumn(), console=self.console, transient=False)
+                                 TimeElapsedColumn(), console=self.console, transient=False, disable=not bar)
         self.task = self.progress.add_task("train", total=None, state="PENDING", info="")
         self.last_state = None
 

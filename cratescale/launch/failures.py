@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cratescale.engine.state import ResumeError
+from cratescale.files import replace_durable
 
 # Errors that a new attempt on the same config and data repeats: the project's own config, data, resume-identity
 # and bad-data errors are ValueErrors (ConfigError, ManifestError, SamplerError, SourceError, ModelConfigError,
@@ -48,9 +49,7 @@ def record_failure(run_dir: Path | str, rank: int, err: BaseException) -> None:
         folder = failures_dir(run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         failure = RankFailure(rank, error_line(err), isinstance(err, DETERMINISTIC_ERRORS))
-        tmp = folder / f"rank{rank}.json.tmp"
-        tmp.write_text(json.dumps(asdict(failure)))
-        tmp.replace(folder / f"rank{rank}.json")
+        replace_durable(folder / f"rank{rank}.json", json.dumps(asdict(failure)))
     except OSError:
         pass
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cratescale.config import ConfigError, JobConfig
-from cratescale.launch.paths import RunPaths
+from cratescale.config import ConfigError, JobConfig, RunPaths
 from cratescale.launch.display import StageError, console
 
 
@@ -50,7 +49,7 @@ def init_store(paths: RunPaths, name: str) -> Path:
 def write_init_export(job: JobConfig, paths: RunPaths) -> Path:
     """The architecture at its initialization (the trainer's build_model, same seed) as an export."""
     from cratescale.checkpoint.export import export_weights
-    from cratescale.engine.trainer import build_model
+    from cratescale.engine.model_build import build_model
 
     if not (paths.init_export / "export.json").exists():
         model = build_model(job)

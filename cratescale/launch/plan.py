@@ -7,12 +7,11 @@ from pathlib import Path
 
 import torch
 
-from cratescale.config import JobConfig, ProfileConfig
+from cratescale.config import JobConfig, ProfileConfig, RunPaths
 from cratescale.distributed import deepspeed_config
 from cratescale.engine import optim
-from cratescale.engine.trainer import build_model, count_train_samples
+from cratescale.engine.model_build import build_model, count_train_samples
 from cratescale.launch.executors import sbatch_script
-from cratescale.launch.paths import RunPaths
 from cratescale.models import train_flops_per_image
 
 

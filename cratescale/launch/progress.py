@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from cratescale.config import RunPaths
+from cratescale.engine.records import EndRecord, FirstStepRecord, MetricRecord, StartRecord, TrainRecord
 
 class RunProgress:
     """Folds metrics.jsonl in as it grows: each update reads only the lines written since the last one, so a
     supervisor polling a months-long run every few seconds does not re-parse the whole file each time."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunPaths.of_run(run_dir).metrics
         self.offset = 0
         self.starts = self.commits = self.preempted = self.lost = self.step = 0
         self.total_steps: int | None = None
-        self.last_train: dict[str, Any] | None = None
-        self.last_start: dict[str, Any] | None = None
+        self.last_train: TrainRecord | None = None
+        self.last_start: StartRecord | None = None
         self.last_time: float | None = None  # when rank 0 last wrote a record (unix seconds)
         self.last_end: str | None = None
         self.first_step_s: float | None = None
@@ -35,26 +37,28 @@ class RunProgress:
                     continue
         return self.summary()
 
-    def _fold(self, row: dict[str, Any]) -> None:
+    def _fold(self, row: MetricRecord) -> None:
         kind = row.get("kind")
         self.last_time = row.get("time", self.last_time)
         if kind == "start":
+            start = cast(StartRecord, row)
             self.starts += 1
-            self.last_start = row
+            self.last_start = start
             self.last_end = None  # a new process (a resume, a longer schedule): not ended until it says so
-            self.total_steps = row.get("total_steps")
-            if row.get("resumed"):
-                self.lost += max(0, self.step - row["step"])
+            self.total_steps = start.get("total_steps")
+            if start.get("resumed"):
+                self.lost += max(0, self.step - start["step"])
         elif kind == "train":
-            self.last_train = row
+            self.last_train = cast(TrainRecord, row)
         elif kind == "commit":
             self.commits += 1
         elif kind == "first_step":
             # rank 0's start of its latest process to its first step (process group, engine, loader, compile)
-            self.first_step_s = round(row["seconds_since_start"], 1)
+            self.first_step_s = round(cast(FirstStepRecord, row)["seconds_since_start"], 1)
         elif kind == "end":
-            self.last_end = row.get("status")
-            self.preempted += row.get("status") == "preempted"
+            end = cast(EndRecord, row)
+            self.last_end = end.get("status")
+            self.preempted += end.get("status") == "preempted"
         if "step" in row:
             self.step = row["step"]
 

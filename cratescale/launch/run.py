@@ -4,10 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cratescale.config import ConfigError, JobConfig, ProfileConfig, dump_job, load_job, load_profile
+from cratescale.config import ConfigError, JobConfig, ProfileConfig, RunPaths, dump_job, load_job, load_profile
 from cratescale.launch.array import expand_array, pretrain_array, write_members
 from cratescale.launch.datacheck import check_data
-from cratescale.launch.paths import RunPaths
 from cratescale.launch.display import StageError, console
 from cratescale.launch.stages import STAGES
 from data_pipeline.local_ray import start_or_join_ray as start_ray  # joins $RAY_ADDRESS inside an allocation
@@ -35,7 +34,7 @@ def check_model(job: JobConfig) -> None:
     """The job's model builds (on the meta device: no memory, no time) and takes the data's image size."""
     import torch
 
-    from cratescale.engine.trainer import build_model
+    from cratescale.engine.model_build import build_model
 
     try:
         with torch.device("meta"):

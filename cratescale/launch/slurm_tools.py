@@ -1,19 +1,16 @@
 """Small SLURM helpers for the launcher: parse `scontrol`/`sinfo` output and check a request before submitting.
 
 Parsers are pure functions (tested without a cluster); the rest are thin subprocess calls to scontrol/sinfo.
-Facts these rely on (SLURM 22.05, see shared/reference/SLURM_DEV.md):
-- a requeued job is held PENDING with Reason=BeginTime for cred_expire s; its SubmitTime is reset to the requeue time;
-- releasing it (StartTime=now) in the same second as the requeue kills it ("Job credential revoked"), so wait >= 2 s.
+The tests' own SLURM helpers (is the dev cluster up, release a held requeue) are tests/slurm/slurm_helpers.py.
 """
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
-from datetime import datetime
 
-__all__ = ["SlurmError", "SlurmRequestError", "check_request", "cluster_available", "held_seconds", "job_info", "node_info",
-           "parse_gpus", "parse_records", "partitions", "partitions_from", "release_if_held", "validate_request"]
+__all__ = ["SlurmError", "SlurmRequestError", "check_request", "job_history", "job_info", "node_info", "parse_gpus",
+           "parse_records", "partitions", "partitions_from", "usable_nodes", "validate_request"]
 
 # A key starts a token: "Key=" at the start or after whitespace. Keys look like JobId, CPUs/Task, AllocNode:Sid.
 _KEY = re.compile(r"(?:^|(?<=\s))([A-Za-z][\w/:.\-]*)=")
@@ -114,19 +111,6 @@ def _check(*cmd: str) -> str:
     return res.stdout
 
 
-def cluster_available(timeout: float = 10) -> bool:
-    """True if the SLURM controller answers (`scontrol ping`) and sinfo lists at least one partition."""
-    try:
-        # ping first: it fails at once when slurmctld is down, while sinfo retries for ~9 s
-        ping = _run("scontrol", "ping", timeout=timeout)
-        if ping.returncode != 0 or " is UP" not in ping.stdout:
-            return False
-        res = _run("sinfo", "-h", "-o", "%R", timeout=timeout)
-    except SlurmError:
-        return False
-    return res.returncode == 0 and bool(res.stdout.strip())
-
-
 def node_info() -> dict[str, dict]:
     """{node: {cpus, gpus, state, partitions}} from `scontrol show -o node`."""
     out = {}
@@ -170,39 +154,6 @@ def usable_nodes(partition: str) -> int:
     bad = ("DOWN", "DRAIN", "FAIL", "NOT_RESPONDING", "POWER")
     return sum(1 for node in node_info().values()
                if partition in node["partitions"] and not any(b in node["state"] for b in bad))
-
-
-def held_seconds(info: dict[str, str], now: datetime | None = None) -> float | None:
-    """Seconds a requeued job has been held for BeginTime (a lower bound), or None if it is not such a job.
-
-    SubmitTime is reset to the requeue time but truncated to the second, so one second is taken off.
-    """
-    if info.get("JobState") != "PENDING" or info.get("Reason") != "BeginTime":
-        return None
-    if int(info.get("Restarts", "0") or 0) < 1:   # an explicit --begin, not a requeue: not ours to release
-        return None
-    try:
-        submitted = datetime.fromisoformat(info["SubmitTime"])
-    except (KeyError, ValueError):
-        return None
-    return ((now or datetime.now()) - submitted).total_seconds() - 1
-
-
-def release_if_held(job_id: str | int, min_held_s: float = 2) -> bool:
-    """Start a requeued job now instead of after cred_expire, once it has been held >= min_held_s.
-
-    Returns True if it released the job. Releasing within the requeue's second makes SLURM kill the job with
-    "Job credential revoked" (state FAILED), hence the wait; call this from a polling loop.
-    """
-    held = held_seconds(job_info(job_id))
-    if held is None or held < min_held_s:
-        return False
-    res = _run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    if res.returncode != 0:   # it may have started or ended between the two calls
-        if held_seconds(job_info(job_id)) is None:
-            return False
-        raise SlurmError(f"scontrol update JobId={job_id} StartTime=now failed: {res.stderr.strip()}")
-    return True
 
 
 def validate_request(partition: str, nodes: int, tasks_per_node: int, cpus_per_task: int,

@@ -9,10 +9,9 @@ import ray
 
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import consolidate, export_weights, training_provenance
-from cratescale.config import JobConfig, ProfileConfig
+from cratescale.config import JobConfig, ProfileConfig, RunPaths
 from cratescale.launch.display import StageError, TrainingDisplay, console
 from cratescale.launch.followups import run_evaluate, run_extract
-from cratescale.launch.paths import RunPaths
 from cratescale.launch.supervisor import Supervisor, follow
 
 
@@ -42,7 +41,7 @@ def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, deta
     console.log(f"pretrain: submitted job {job_id} ({job.cluster.executor} executor, {job.world_size} ranks); "
                 f"logs in {paths.submitit_dir}")
     try:
-        with TrainingDisplay(console) as display:
+        with TrainingDisplay(console, bar=job.logging.progress) as display:
             status = follow(supervisor, display.update)
     except KeyboardInterrupt:
         if _ask_cancel():
@@ -77,7 +76,7 @@ def _ask_cancel() -> bool:
 
 
 def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Path:
-    from cratescale.engine.trainer import build_model
+    from cratescale.engine.model_build import build_model
 
     commit = CheckpointStore(paths.checkpoints).latest()
     if commit is None:

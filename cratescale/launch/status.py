@@ -12,7 +12,7 @@ from rich.table import Table
 
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.commit import read_marker
-from cratescale.config import ConfigError
+from cratescale.config import ConfigError, RunPaths
 from cratescale.launch.progress import run_summary
 
 
@@ -37,8 +37,8 @@ def _state(summary: dict[str, Any], launch_state: dict[str, Any]) -> str:
     return "RUNNING" if summary["started"] else "NOT STARTED"
 
 
-def _last_commit(run: Path) -> tuple[int | None, float | None]:
-    commit = CheckpointStore(run / "checkpoints").latest()
+def _last_commit(paths: RunPaths) -> tuple[int | None, float | None]:
+    commit = CheckpointStore(paths.checkpoints).latest()
     if commit is None:
         return None, None
     marker = read_marker(commit.path) or {}
@@ -47,14 +47,15 @@ def _last_commit(run: Path) -> tuple[int | None, float | None]:
 
 def run_status(run: Path, now: float | None = None) -> dict[str, Any]:
     """Every field the status table shows, as plain values (None: not known yet)."""
-    if not (run / "config.yaml").exists():
+    paths = RunPaths.of_run(run)
+    if not paths.config.exists():
         raise ConfigError(f"status: {run} is not a run directory (no config.yaml)")
     now = time.time() if now is None else now
     summary = run_summary(run)
-    state_file = run / "launch.json"
+    state_file = paths.launch_state
     launch_state = json.loads(state_file.read_text()) if state_file.exists() else {}
     last = summary["last"] or {}
-    commit_step, commit_time = _last_commit(run)
+    commit_step, commit_time = _last_commit(paths)
     age = (lambda t: None if t is None else round(now - t, 1))
     return {"run_dir": str(run), "state": _state(summary, launch_state), "step": summary["step"],
             "total_steps": summary["total_steps"], "restarts": summary["restarts"],

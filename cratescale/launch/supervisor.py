@@ -14,12 +14,12 @@ from typing import Any
 import ray
 
 from cratescale.checkpoint import CheckpointStore
-from cratescale.config import dump_job, load_job, load_profile
+from cratescale.config import RunPaths, dump_job, load_job, load_profile
 from cratescale.distributed.rendezvous import free_port
+from cratescale.files import replace_durable
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
 from cratescale.launch.failures import RankFailure, classify_failure, clear_failures, job_failure, may_retry
-from cratescale.launch.paths import RunPaths
 from cratescale.launch.progress import RunProgress
 
 _DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "DEADLINE", "BOOT_FAIL"}
@@ -70,9 +70,7 @@ class Supervisor:
         state = {"executor": self.job.cluster.executor, "job_ids": self.submissions, "resubmits": self.resubmits,
                  "node_failures": self.node_failures, "nodes": self.job.cluster.nodes,
                  "submitit_dir": str(self.paths.submitit_dir)}
-        tmp = self.paths.launch_state.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.paths.launch_state)
+        replace_durable(self.paths.launch_state, json.dumps(state, indent=1))
 
     def _state(self) -> str:
         job = self.submitit_job

@@ -8,11 +8,10 @@ import torch
 
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import load_export
-from cratescale.config import load_job
+from cratescale.config import RunPaths, load_job
 from cratescale.embeddings.extract import extract
 from cratescale.embeddings.store import EmbeddingStore
-from cratescale.engine.trainer import build_model
-from cratescale.launch.paths import RunPaths
+from cratescale.engine.model_build import build_model
 from cratescale.launch.stages import export_stage
 from data_pipeline.loader import make_eval_loader
 from tests.dist.conftest import BASE_JOB

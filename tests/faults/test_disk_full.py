@@ -183,16 +183,16 @@ def test_embedding_store_enospc_injected_at_the_marker(small_export, monkeypatch
     from cratescale.embeddings.extract import extract
 
     root, manifest = small_export
-    real = store_mod._write_atomic
+    real = store_mod.replace_durable
 
-    def full_disk(path: Path, data: bytes) -> None:
+    def full_disk(path: Path, data: bytes, hidden: bool = False) -> None:
         if path.name == "shard_000002.json":
             with open(path.parent / f".{path.name}.tmp{os.getpid()}", "wb") as f:
                 f.write(data[:5])  # a torn tmp file, as a real ENOSPC mid-write leaves it
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real(path, data)
+        real(path, data, hidden)
 
-    monkeypatch.setattr(store_mod, "_write_atomic", full_disk)
+    monkeypatch.setattr(store_mod, "replace_durable", full_disk)
     with pytest.raises(store_mod.StoreWriteError, match=r"shard 2: write failed.*Errno 28\] No space left"):
         extract(root / "export", manifest, tmp_path / "s", **OPTS)
     store = store_mod.EmbeddingStore(tmp_path / "s")

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import cloudpickle
 import pytest
 
+import slurm_helpers
 from cratescale.launch import slurm_tools
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,9 +55,9 @@ def slurm_cluster():
     """The running dev cluster's partitions; starts it if `sinfo` does not answer."""
     if os.environ.get("CRATESCALE_NO_SLURM") == "1":
         pytest.skip("CRATESCALE_NO_SLURM=1: SLURM tests skipped on purpose")
-    if not slurm_tools.cluster_available():
+    if not slurm_helpers.cluster_available():
         _bring_up()
-        if not slurm_tools.cluster_available():
+        if not slurm_helpers.cluster_available():
             pytest.fail("slurm_up.sh succeeded but sinfo still does not answer", pytrace=False)
     parts = slurm_tools.partitions()
     missing = [p for p in PARTITIONS if p not in parts]
@@ -128,7 +129,7 @@ def wait_done_kicking(job, timeout: float = 120) -> None:
     t0 = time.monotonic()
     info: dict[str, str] = {}
     while not job.done():
-        slurm_tools.release_if_held(job.job_id, min_held_s=2)
+        slurm_helpers.release_if_held(job.job_id, min_held_s=2)
         info = scontrol_job(job.job_id)
         assert time.monotonic() - t0 < timeout, \
             f"job {job.job_id} not done after {timeout} s: {info.get('JobState')} {info.get('Reason')}"

@@ -12,6 +12,7 @@ import pytest
 import submitit
 
 from cratescale.config import load_profile
+import slurm_helpers
 from cratescale.launch import slurm_tools
 
 PROFILE = load_profile("local")
@@ -63,7 +64,7 @@ def _config() -> dict[str, str]:
 
 
 def test_cluster_up_idle_and_configured(slurm_cluster):
-    for name in (PROFILE.partition, PROFILE.preempt_partition):
+    for name in (PROFILE.partition, slurm_helpers.PREEMPT_PARTITION):
         assert slurm_cluster[name]["state"] == "UP" and slurm_cluster[name]["cpus_per_node"] >= 2
     # idle: no leftover jobs from an earlier run hold the node
     t0 = time.monotonic()
@@ -77,7 +78,7 @@ def test_cluster_up_idle_and_configured(slurm_cluster):
     assert "cred_expire=10" in conf["AuthInfo"]
     parts = {r["PartitionName"]: r for r in slurm_tools.parse_records(
         subprocess.run(["scontrol", "show", "-o", "partition"], capture_output=True, text=True).stdout)}
-    low, high = parts[PROFILE.partition], parts[PROFILE.preempt_partition]
+    low, high = parts[PROFILE.partition], parts[slurm_helpers.PREEMPT_PARTITION]
     assert low["PreemptMode"] == "REQUEUE" and int(low["GraceTime"]) > 0
     assert int(high["PriorityTier"]) > int(low["PriorityTier"])
     assert PROFILE.signal_lead_s < int(low["GraceTime"])
@@ -114,7 +115,7 @@ def test_preemption_by_high_partition_requeues_and_resumes(executor, slurm, tmp_
     executor.update_parameters(cpus_per_task=2)   # the whole node: the high job can start only by preempting
     job = executor.submit(Counter(), str(prog), 10)
     slurm.wait_for(lambda: len(slurm.progress_steps(prog)) >= 3, 60, "step 3")
-    hi = subprocess.check_output(["sbatch", "--parsable", "-p", PROFILE.preempt_partition, "-c", "2",
+    hi = subprocess.check_output(["sbatch", "--parsable", "-p", slurm_helpers.PREEMPT_PARTITION, "-c", "2",
                                   "-o", "/dev/null", "--wrap", "sleep 2"], text=True).strip()
     slurm.wait_done_kicking(job)
     res = job.result()
@@ -155,7 +156,7 @@ def test_job_info_and_release_on_plain_jobs(tmp_path):
         time.sleep(0.2)
     info = slurm_tools.job_info(jid)
     assert info["JobId"] == jid and info["Partition"] == PROFILE.partition and info["Restarts"] == "0"
-    assert slurm_tools.release_if_held(jid) is False   # not held: nothing to release
+    assert slurm_helpers.release_if_held(jid) is False   # not held: nothing to release
 
 
 def test_parsers_on_real_world_strings():
@@ -171,6 +172,6 @@ def test_parsers_on_real_world_strings():
     with pytest.raises(ValueError, match="9 GPUs per node asked"):
         slurm_tools.check_request(parts, "gpu", 1, 8, 12, 9)
     held = {"JobState": "PENDING", "Reason": "BeginTime", "Restarts": "1", "SubmitTime": "2026-01-01T00:00:10"}
-    assert slurm_tools.held_seconds(held, now=datetime(2026, 1, 1, 0, 0, 13)) == 2   # 1 s taken off: truncation
-    assert slurm_tools.held_seconds({**held, "Restarts": "0"}) is None              # --begin, not a requeue
-    assert slurm_tools.held_seconds({**held, "Reason": "Priority"}) is None
+    assert slurm_helpers.held_seconds(held, now=datetime(2026, 1, 1, 0, 0, 13)) == 2   # 1 s taken off: truncation
+    assert slurm_helpers.held_seconds({**held, "Restarts": "0"}) is None              # --begin, not a requeue
+    assert slurm_helpers.held_seconds({**held, "Reason": "Priority"}) is None

@@ -19,6 +19,7 @@ import torch
 
 from multinode import HOSTS, NODES, kill_node, mn_up, on_node, rendezvous_lines, up_nodes
 from cratescale.engine.metrics import read_metrics
+import slurm_helpers
 from cratescale.launch import slurm_tools
 from cratescale.launch.progress import run_summary
 from tests.dist.harness import assert_same_tree, consumed_samples, final_weights, run_ranks, write_config
@@ -51,7 +52,7 @@ def finish(proc: subprocess.Popen, run_dir: Path) -> str:
     t0 = time.monotonic()
     while proc.poll() is None:
         if (ids := job_ids(run_dir)):
-            slurm_tools.release_if_held(ids[-1], min_held_s=2)
+            slurm_helpers.release_if_held(ids[-1], min_held_s=2)
         assert time.monotonic() - t0 < 2 * TIMEOUT, f"launcher still running after {2 * TIMEOUT} s"
         time.sleep(0.3)
     text = (run_dir.parent / f"{run_dir.name}-launcher.log").read_text()
@@ -74,7 +75,7 @@ def wait_until(predicate, what: str, run_dir: Path, timeout: float = TIMEOUT) ->
     t0 = time.monotonic()
     while not predicate():
         if (ids := job_ids(run_dir)):
-            slurm_tools.release_if_held(ids[-1], min_held_s=2)
+            slurm_helpers.release_if_held(ids[-1], min_held_s=2)
         assert time.monotonic() - t0 < timeout, f"timed out after {timeout} s waiting for {what}"
         time.sleep(0.1)
 

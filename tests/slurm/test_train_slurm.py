@@ -4,7 +4,7 @@ kind of signal SLURM sends, requeued under the same job id, resumed exactly from
 Every run trains the tiny job of tests/dist/tiny.yaml for STEPS steps on 2 ranks; its final weights are compared
 bitwise with one uninterrupted run of the same config by the tests/dist harness (local processes, no SLURM).
 Signals are sent once the metrics show the run is mid-way, so the tests poll files and SLURM, never sleep fixed
-amounts. Requeued jobs are held cred_expire s; the waits release them after 2 s (slurm_tools.release_if_held).
+amounts. Requeued jobs are held cred_expire s; the waits release them after 2 s (slurm_helpers.release_if_held).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from conftest import queued, sacct_states, wait_done_kicking, wait_sacct
 from cratescale.checkpoint import CheckpointStore
 from cratescale.config import dump_job, load_job, load_profile
 from cratescale.engine.metrics import read_metrics
+import slurm_helpers
 from cratescale.launch import slurm_tools
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
@@ -72,7 +73,7 @@ def wait_until(predicate, timeout: float, what: str, run_dir: Path, job_id=None)
     while not predicate():
         jid = job_id() if callable(job_id) else job_id
         if jid:
-            slurm_tools.release_if_held(jid, min_held_s=2)
+            slurm_helpers.release_if_held(jid, min_held_s=2)
         assert time.monotonic() - t0 < timeout, \
             f"timed out after {timeout} s waiting for {what}; job {jid}: " \
             f"{slurm_tools.job_info(jid).get('JobState') if jid else '-'}\n{log_tail(run_dir)}"
@@ -197,7 +198,7 @@ def test_usr2_sigterm_and_preemption_requeue_under_the_same_id_and_resume_exactl
         ("USR2 (the time-limit signal)", lambda jid: ["scancel", "--signal=USR2", jid]),
         ("scontrol requeue (SIGTERM)", lambda jid: ["scontrol", "requeue", jid]),
         ("preemption by a job in the high partition",   # the whole node: it can start only by preempting us
-         lambda jid: ["sbatch", "--parsable", "-p", PROFILE.preempt_partition, "-c", "2", "-J", high,
+         lambda jid: ["sbatch", "--parsable", "-p", slurm_helpers.PREEMPT_PARTITION, "-c", "2", "-J", high,
                       "-o", "/dev/null", "--wrap", "sleep 2"]),
     ]
     job = submit(run_dir, tiny_manifest, job_names.new("signals"), ["checkpoint.every_steps=50"])

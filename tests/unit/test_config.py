@@ -117,3 +117,14 @@ def test_profile_missing_field(tmp_path):
 
 def test_defaults_are_a_valid_job():
     assert JobConfig().world_size == 2
+
+
+def test_data_pipeline_defaults_are_the_schemas():
+    """config may not import data_pipeline (DESIGN.md section 2), so a default both state is checked here: a
+    loader or ingest called without the job (evaluation, the ingest CLI) behaves as the job's default."""
+    from data_pipeline.gpu_decode import HW_DECODER_LOAD
+    from data_pipeline.work import SHARD_SIZE
+
+    fields = JobConfig.model_fields["data"].annotation.model_fields
+    assert fields["hw_decoder_load"].default == HW_DECODER_LOAD
+    assert fields["shard_size"].default == SHARD_SIZE

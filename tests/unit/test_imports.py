@@ -33,6 +33,9 @@ def read_table(path: Path = TABLE) -> tuple[dict[str, set[str]], dict[str, dict[
 
 
 ALLOWED, ONLY, MAY_USE_DATA_PIPELINE = read_table()
+# cratescale/files.py (durable writes, standard library only; docs/imports.md): every package but models and
+# kernels may use it.
+SHARED = {"files"}
 # Models: torch and the standard library only; no distributed, launcher or I/O libraries.
 MODEL_ALLOWED_ROOTS = {"torch", *sys.stdlib_module_names} - {"os", "subprocess", "socket", "pickle", "shutil"}
 MODEL_FORBIDDEN = ("torch.distributed",)
@@ -59,7 +62,9 @@ def test_import_direction():
         for path in sorted((REPO / "cratescale" / package).rglob("*.py")):
             for name in imported_modules(path):
                 parts = name.split(".")
-                if parts[0] == "cratescale" and len(parts) > 1 and parts[1] != package and parts[1] not in allowed:
+                shared = SHARED if package not in ("models", "kernels") else set()
+                if parts[0] == "cratescale" and len(parts) > 1 and parts[1] != package and \
+                        parts[1] not in allowed | shared:
                     problems.append(f"{path.relative_to(REPO)} imports {name}")
                 only = ONLY.get(package, {}).get(parts[1] if len(parts) > 1 else "")
                 if parts[0] == "cratescale" and only is not None and name not in only:
@@ -74,6 +79,9 @@ def test_import_direction():
             if name.split(".")[0] not in {"torch", "triton", *sys.stdlib_module_names} or \
                     name.startswith(MODEL_FORBIDDEN):
                 problems.append(f"{path.relative_to(REPO)} (kernels are torch + triton only) imports {name}")
+    for name in imported_modules(REPO / "cratescale" / "files.py"):
+        if name.split(".")[0] not in sys.stdlib_module_names:
+            problems.append(f"cratescale/files.py (standard library only) imports {name}")
     for path in sorted((REPO / "data_pipeline").rglob("*.py")):
         for name in imported_modules(path):
             if name.split(".")[0] == "cratescale" or name.startswith("torch.distributed"):

@@ -77,9 +77,9 @@ def test_run_dir_that_cannot_be_created(tmp_path):
 def test_every_array_member_builds(job, tmp_path):
     # --dry-run plans the parent only; every member's overrides must validate and build its model too.
     from cratescale.config import load_job
-    from cratescale.engine.trainer import build_model
+    from cratescale.engine.model_build import build_model
     from cratescale.launch.array import expand_array
-    from cratescale.launch.paths import RunPaths
+    from cratescale.config import RunPaths
 
     parent = load_job(job, [f"run_dir={tmp_path}/run"])
     members = expand_array(parent, RunPaths.of(parent))

@@ -36,3 +36,23 @@ def test_a_line_cut_by_a_kill_is_skipped(tmp_path):
     _append(path, {"kind": "train", "step": 3, "loss": 1.5})
     summary = run_summary(tmp_path)
     assert summary["step"] == 3 and summary["last"]["loss"] == 1.5
+
+
+def test_logging_progress_false_turns_the_bar_off_but_keeps_the_state_lines():
+    """logging.progress reaches the launcher's training display: no bar redraws in a log file, one line per state."""
+    import io
+
+    from rich.console import Console
+
+    from cratescale.launch.display import TrainingDisplay
+
+    status = {"last": None, "restarts": 0, "requeues": 0, "step": 3, "total_steps": 8, "state": "RUNNING",
+              "job_id": "42"}
+    out = {}
+    for bar in (True, False):
+        console = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=100)
+        with TrainingDisplay(console, bar=bar) as display:
+            display.update(status)
+        out[bar] = console.file.getvalue()
+    assert "job 42: RUNNING" in out[True] and "job 42: RUNNING" in out[False]
+    assert "step 3/8" in out[True] and "step 3/8" not in out[False]

@@ -11,7 +11,7 @@ from cratescale.config import load_job
 from cratescale.distributed import deepspeed_config
 from cratescale.distributed.wrap import (apply_activation_checkpointing, compile_model, select_attention_backend,
                                          transformer_blocks)
-from cratescale.engine.trainer import build_model, wrap_for_training
+from cratescale.engine.model_build import build_model, wrap_for_training
 from cratescale.models import create_model
 
 DEMO = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"

@@ -52,8 +52,6 @@ LATEST = "latest"
 INCARNATION = "incarnation"
 MARKER_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{9})$")
-# Test-only hook points (a test subprocess sets one to SIGKILL itself at that exact place).
-TEST_HOOKS: dict[str, Callable[[], None]] = {}
 
 
 class CheckpointError(RuntimeError):
@@ -198,14 +196,12 @@ class CheckpointStore:
                 marker["incarnation"] = self.incarnation
             write_file_durable(tmp / MARKER, json.dumps(marker, sort_keys=True).encode())
             fsync_path(tmp)
-            TEST_HOOKS.get("before_rename", lambda: None)()
             self._check_incarnation(step)
             self._rename_into_place(tmp, final)
         except Exception as exc:
             raise self.abort(step, exc) from exc
         # From here the checkpoint is durable and found by the scan: a failure below must not undo it.
         commit = Commit(step, final, meta, files)
-        TEST_HOOKS.get("after_rename", lambda: None)()
         seconds = time.perf_counter() - t0
         self._after_commit(commit, seconds)
         log.info("checkpoint step %d committed at %s (%.2f GB, %.2f s)", step, final, commit.bytes / 1e9, seconds)

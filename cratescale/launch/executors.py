@@ -15,6 +15,11 @@ from cratescale.config import ConfigError, JobConfig, ProfileConfig
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def time_limit_min(job: JobConfig, profile: ProfileConfig) -> int:
+    """The job's time limit, the same for the local and the SLURM executor: `cluster.time_min`, else the profile's."""
+    return job.cluster.time_min or profile.time_min
+
+
 def slurm_parameters(job: JobConfig, profile: ProfileConfig) -> dict[str, Any]:
     """sbatch parameters (submitit.SlurmExecutor names) for the job on this profile."""
     # Values are shell-quoted below; a name cannot be quoted in `export NAME=...`, so it must be a plain one.
@@ -26,7 +31,7 @@ def slurm_parameters(job: JobConfig, profile: ProfileConfig) -> dict[str, Any]:
         "nodes": job.cluster.nodes,
         "ntasks_per_node": job.cluster.tasks_per_node,
         "cpus_per_task": profile.cpus_per_task,
-        "time": job.cluster.time_min or profile.time_min,
+        "time": time_limit_min(job, profile),
         "partition": job.cluster.partition or profile.partition,
         "signal_delay_s": profile.signal_lead_s,
         "setup": [f"export {key}={shlex.quote(value)}" for key, value in sorted(profile.env.items())],
@@ -42,7 +47,7 @@ def slurm_parameters(job: JobConfig, profile: ProfileConfig) -> dict[str, Any]:
 def make_executor(job: JobConfig, profile: ProfileConfig, folder: Path) -> submitit.Executor:
     if job.cluster.executor == "local":
         executor = submitit.LocalExecutor(folder=str(folder))
-        executor.update_parameters(tasks_per_node=job.world_size, timeout_min=job.cluster.time_min or 60 * 24,
+        executor.update_parameters(tasks_per_node=job.world_size, timeout_min=time_limit_min(job, profile),
                                    name=job.name)
         return executor
     # max_num_timeout bounds how many USR2 stops submitit tolerates; our own requeue path counts separately.

@@ -237,6 +237,7 @@ def _plant_faults(faults: dict) -> None:
         return
     from cratescale.checkpoint import commit as commit_mod
     from cratescale.checkpoint import retention
+    from tests.kill_points import kill_around_rename
 
     state = {"step": None}
     real_commit = commit_mod.CheckpointStore.commit
@@ -247,9 +248,10 @@ def _plant_faults(faults: dict) -> None:
 
     commit_mod.CheckpointStore.commit = commit
     hit = lambda: state["step"] == at  # noqa: E731
-    if mode in ("seal", "after_rename"):
-        hook = "before_rename" if mode == "seal" else "after_rename"
-        commit_mod.TEST_HOOKS[hook] = lambda: _kill_group() if hit() else None
+    if mode in ("seal", "after_rename"):  # sealed and fsynced, just before / just after the rename into place
+        commit_mod.CheckpointStore._rename_into_place = kill_around_rename(
+            commit_mod.CheckpointStore._rename_into_place, "before" if mode == "seal" else "after",
+            lambda: _kill_group() if hit() else None)
     elif mode == "retention":
         # After the deleted commit's marker is gone and half its files are removed: the torn dir must be
         # invisible to readers and cleaned up later.

@@ -14,7 +14,7 @@ from cratescale.checkpoint import CheckpointStore
 REPO = Path(__file__).resolve().parents[2]
 
 # Commits step 1, then saves step 2 (a 96 MiB file in 1 MiB writes) and dies by SIGKILL at `mode`:
-# "writing" (the parent kills it mid-write), "before_rename" / "after_rename" (a hook kills itself).
+# "writing" (the parent kills it mid-write), "before_rename" / "after_rename" (it kills itself around the rename: tests/kill_points.py).
 WRITER = r"""
 import os, signal, sys, time
 from pathlib import Path
@@ -36,7 +36,9 @@ def big(path):
                 time.sleep(60)  # the parent SIGKILLs us here, mid-file
 
 if mode != "writing":
-    commit_mod.TEST_HOOKS[mode] = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    from tests.kill_points import kill_around_rename
+    commit_mod.CheckpointStore._rename_into_place = kill_around_rename(
+        commit_mod.CheckpointStore._rename_into_place, mode.split("_")[0], lambda: os.kill(os.getpid(), signal.SIGKILL))
 store.save(2, big, {"world_size": 1})
 print("NOT KILLED", flush=True)
 """

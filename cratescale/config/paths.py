@@ -7,6 +7,18 @@ from pathlib import Path
 from cratescale.config.schema import JobConfig
 
 
+class _InRun:
+    """A read-only path under the run directory (a descriptor: not a dataclass field)."""
+
+    def __init__(self, name: str, doc: str = "") -> None:
+        self.name, self.__doc__ = name, doc or f"run_dir / {name!r}"
+
+    def __get__(self, paths: "RunPaths | None", owner: type) -> Path:
+        if paths is None:
+            return self  # type: ignore[return-value]  # the class attribute, for help() and introspection
+        return paths.run_dir / self.name
+
+
 @dataclass(frozen=True)
 class RunPaths:
     run_dir: Path
@@ -23,52 +35,23 @@ class RunPaths:
         """The run directory's own files (metrics, checkpoints, status) when the data root is not known."""
         return cls(Path(run_dir), Path(run_dir) / "data")
 
-    @property
-    def config(self) -> Path:
-        return self.run_dir / "config.yaml"
+    config = _InRun("config.yaml")
+    checkpoints = _InRun("checkpoints")
+    metrics = _InRun("metrics.jsonl", "One JSON record per line, written by rank 0 (engine/metrics.py), read by "
+                                      "launch/progress.py.")
+    tensorboard = _InRun("tensorboard")
+    export = _InRun("export")
+    init_export = _InRun("export_init", "The architecture at its initialization: the baseline evaluation compares "
+                                        "against.")
+    embeddings = _InRun("embeddings")
+    report = _InRun("report")
+    submitit_dir = _InRun("submitit")
+    launch_state = _InRun("launch.json")
 
     @property
     def manifest(self) -> Path:
         return self.data_root / "manifest.parquet"
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    @property
-    def metrics(self) -> Path:
-        """One JSON record per line, written by rank 0 (engine/metrics.py), read by launch/progress.py."""
-        return self.run_dir / "metrics.jsonl"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.run_dir / "tensorboard"
-
     def sample_log(self, rank: int) -> Path:
         """Every consumed sample id of `rank` per step (logging.sample_log)."""
         return self.run_dir / "samples" / f"rank{rank}.jsonl"
-
-    @property
-    def export(self) -> Path:
-        return self.run_dir / "export"
-
-    @property
-    def init_export(self) -> Path:
-        """The architecture at its initialization: the baseline evaluation compares against."""
-        return self.run_dir / "export_init"
-
-    @property
-    def embeddings(self) -> Path:
-        return self.run_dir / "embeddings"
-
-    @property
-    def report(self) -> Path:
-        return self.run_dir / "report"
-
-    @property
-    def submitit_dir(self) -> Path:
-        return self.run_dir / "submitit"
-
-    @property
-    def launch_state(self) -> Path:
-        return self.run_dir / "launch.json"

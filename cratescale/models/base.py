@@ -11,6 +11,8 @@ Token layouts (`encoder_tokens`):
 
 from __future__ import annotations
 
+import typing
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
@@ -30,48 +32,76 @@ class ModelInputError(ValueError):
     """Images or mask noise of the wrong shape were passed to a model."""
 
 
+@dataclass(frozen=True)
+class MAESettings:
+    """What every masked autoencoder here takes; an architecture subclasses it with its own fields and defaults."""
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 12
+    decoder_num_heads: int = 12
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    encoder_tokens: str = "all"
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
 class MaskedAutoencoder(nn.Module):
     """Base class; subclasses build blocks, norm, decoder_embed (or None), decoder_blocks,
-    decoder_norm, decoder_pred, then call `_init_weights()`."""
+    decoder_norm, decoder_pred, then call `_init_weights()`. `self.config` (the settings plus name and arch, a
+    plain dict) is what exports store and `registry.model_from_config` rebuilds from."""
 
     arch = ""
-    defaults: dict[str, Any] = {}  # every setting a subclass takes, with its default
+    Settings: type[MAESettings] = MAESettings
 
     @classmethod
-    def settings(cls, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-        """The defaults with `overrides` applied; an unknown setting is an error that names the known ones."""
-        unknown = sorted(set(overrides) - set(cls.defaults))
+    def settings(cls, name: str, overrides: dict[str, Any]) -> MAESettings:
+        """The defaults with `overrides` applied; an unknown setting or a value of the wrong type is an error that
+        names it."""
+        kinds = typing.get_type_hints(cls.Settings)
+        unknown = sorted(set(overrides) - set(kinds))
         if unknown:
-            raise ModelConfigError(f"{name}: unknown {cls.__name__} settings {unknown}; known: {sorted(cls.defaults)}")
-        return {**cls.defaults, **overrides, "name": name, "arch": cls.arch}
+            raise ModelConfigError(f"{name}: unknown {cls.__name__} settings {unknown}; known: {sorted(kinds)}")
+        for key, value in overrides.items():
+            if not _fits(value, kinds[key]):
+                raise ModelConfigError(f"{name}: {key}={value!r} must be {kinds[key].__name__}")
+        return cls.Settings(**overrides)
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, name: str, s: MAESettings) -> None:
         super().__init__()
-        self.config = dict(config)
-        c = self.config
-        if c["encoder_tokens"] not in LAYOUTS:
-            raise ModelConfigError(f"{c['name']}: encoder_tokens={c['encoder_tokens']!r}, expected one of {LAYOUTS}")
-        if c["encoder_tokens"] == "all" and c["decoder_embed_dim"] != c["embed_dim"]:
+        self.config = {**asdict(s), "name": name, "arch": self.arch}
+        if s.encoder_tokens not in LAYOUTS:
+            raise ModelConfigError(f"{name}: encoder_tokens={s.encoder_tokens!r}, expected one of {LAYOUTS}")
+        if s.encoder_tokens == "all" and s.decoder_embed_dim != s.embed_dim:
             raise ModelConfigError(
-                f"{c['name']}: encoder_tokens='all' runs the decoder on the encoder output, so decoder_embed_dim "
-                f"({c['decoder_embed_dim']}) must equal embed_dim ({c['embed_dim']})"
+                f"{name}: encoder_tokens='all' runs the decoder on the encoder output, so decoder_embed_dim "
+                f"({s.decoder_embed_dim}) must equal embed_dim ({s.embed_dim})"
             )
-        if not 0.0 < float(c["mask_ratio"]) < 1.0:
-            raise ModelConfigError(f"{c['name']}: mask_ratio={c['mask_ratio']} must be in (0, 1)")
-        if c["img_size"] % c["patch_size"]:
-            raise ModelConfigError(f"{c['name']}: img_size {c['img_size']} is not a multiple of patch_size {c['patch_size']}")
-        d, dd = c["embed_dim"], c["decoder_embed_dim"]
-        self.patch_embed = PatchEmbed(c["img_size"], c["patch_size"], c["in_chans"], d)
-        self.img_size = c["img_size"]
-        self.patch_size = c["patch_size"]
-        self.in_chans = c["in_chans"]
+        if not 0.0 < float(s.mask_ratio) < 1.0:
+            raise ModelConfigError(f"{name}: mask_ratio={s.mask_ratio} must be in (0, 1)")
+        if s.img_size % s.patch_size:
+            raise ModelConfigError(f"{name}: img_size {s.img_size} is not a multiple of patch_size {s.patch_size}")
+        d, dd = s.embed_dim, s.decoder_embed_dim
+        self.patch_embed = PatchEmbed(s.img_size, s.patch_size, s.in_chans, d)
+        self.img_size = s.img_size
+        self.patch_size = s.patch_size
+        self.in_chans = s.in_chans
         self.num_patches = self.patch_embed.num_patches
-        self.mask_ratio = float(c["mask_ratio"])
-        self.norm_pix_loss = bool(c["norm_pix_loss"])
-        self.encoder_tokens = c["encoder_tokens"]
+        self.mask_ratio = float(s.mask_ratio)
+        self.norm_pix_loss = bool(s.norm_pix_loss)
+        self.encoder_tokens = s.encoder_tokens
         self.len_keep = int(self.num_patches * (1 - self.mask_ratio))
         if self.len_keep < 1:
-            raise ModelConfigError(f"{c['name']}: mask_ratio={c['mask_ratio']} keeps no patch of {self.num_patches}")
+            raise ModelConfigError(f"{name}: mask_ratio={s.mask_ratio} keeps no patch of {self.num_patches}")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # In the "all" layout the mask token enters the encoder (dim d == dd); otherwise the decoder.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from .base import FINAL_LN_EPS, MaskedAutoencoder
+from .base import FINAL_LN_EPS, MAESettings, MaskedAutoencoder
 from .layers import CrateDecoderLayer, CrateEncoderLayer
 
-CRATE_DEFAULTS: dict[str, Any] = dict(
-    img_size=224,
-    patch_size=16,
-    in_chans=3,
-    embed_dim=768,
-    depth=12,
-    num_heads=12,
-    decoder_embed_dim=768,
-    decoder_depth=12,
-    decoder_num_heads=12,
-    mask_ratio=0.75,
-    lambd=0.5,
-    eta=0.1,
-    norm_pix_loss=False,
-    encoder_tokens="all",
-)
+@dataclass(frozen=True)
+class CrateSettings(MAESettings):
+    lambd: float = 0.5  # ISTA sparsity weight
+    eta: float = 0.1    # ISTA step size
 
 
 class CrateMAE(MaskedAutoencoder):
@@ -36,21 +25,18 @@ class CrateMAE(MaskedAutoencoder):
     """
 
     arch = "crate_mae"
-    defaults = CRATE_DEFAULTS
+    Settings = CrateSettings
 
     def __init__(self, name: str = "crate_mae", **kwargs: Any) -> None:
-        c = self.settings(name, kwargs)
-        super().__init__(c)
-        d, dd = c["embed_dim"], c["decoder_embed_dim"]
-        eta, lambd = float(c["eta"]), float(c["lambd"])
+        s: CrateSettings = self.settings(name, kwargs)
+        super().__init__(name, s)
+        d, dd = s.embed_dim, s.decoder_embed_dim
         self.blocks = nn.ModuleList(
-            CrateEncoderLayer(d, c["num_heads"], eta, lambd) for _ in range(c["depth"])
+            CrateEncoderLayer(d, s.num_heads, float(s.eta), float(s.lambd)) for _ in range(s.depth)
         )
         self.norm = nn.LayerNorm(d, eps=FINAL_LN_EPS)
         self.decoder_embed = nn.Linear(d, dd) if dd != d else None
-        self.decoder_blocks = nn.ModuleList(
-            CrateDecoderLayer(dd, c["decoder_num_heads"]) for _ in range(c["decoder_depth"])
-        )
+        self.decoder_blocks = nn.ModuleList(CrateDecoderLayer(dd, s.decoder_num_heads) for _ in range(s.decoder_depth))
         self.decoder_norm = nn.LayerNorm(dd, eps=FINAL_LN_EPS)
-        self.decoder_pred = nn.Linear(dd, c["patch_size"] ** 2 * c["in_chans"])
+        self.decoder_pred = nn.Linear(dd, s.patch_size ** 2 * s.in_chans)
         self._init_weights()

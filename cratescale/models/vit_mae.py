@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from .base import FINAL_LN_EPS, MaskedAutoencoder
+from .base import FINAL_LN_EPS, MAESettings, MaskedAutoencoder
 from .layers import ViTBlock
 
-VIT_DEFAULTS: dict[str, Any] = dict(
-    img_size=224,
-    patch_size=16,
-    in_chans=3,
-    embed_dim=768,
-    depth=12,
-    num_heads=12,
-    decoder_embed_dim=512,
-    decoder_depth=8,
-    decoder_num_heads=16,
-    mlp_ratio=4.0,
-    qkv_bias=True,
-    block_norm_eps=1e-6,
-    mask_ratio=0.75,
-    norm_pix_loss=False,
-    encoder_tokens="visible",
-)
+@dataclass(frozen=True)
+class ViTSettings(MAESettings):
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    encoder_tokens: str = "visible"
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    block_norm_eps: float = 1e-6
 
 
 class ViTMAE(MaskedAutoencoder):
@@ -37,19 +30,19 @@ class ViTMAE(MaskedAutoencoder):
     """
 
     arch = "vit_mae"
-    defaults = VIT_DEFAULTS
+    Settings = ViTSettings
 
     def __init__(self, name: str = "vit_mae", **kwargs: Any) -> None:
-        c = self.settings(name, kwargs)
-        super().__init__(c)
-        d, dd = c["embed_dim"], c["decoder_embed_dim"]
-        ratio, bias, eps = float(c["mlp_ratio"]), bool(c["qkv_bias"]), float(c["block_norm_eps"])
-        self.blocks = nn.ModuleList(ViTBlock(d, c["num_heads"], ratio, bias, eps) for _ in range(c["depth"]))
+        s: ViTSettings = self.settings(name, kwargs)
+        super().__init__(name, s)
+        d, dd = s.embed_dim, s.decoder_embed_dim
+        ratio, bias, eps = float(s.mlp_ratio), s.qkv_bias, float(s.block_norm_eps)
+        self.blocks = nn.ModuleList(ViTBlock(d, s.num_heads, ratio, bias, eps) for _ in range(s.depth))
         self.norm = nn.LayerNorm(d, eps=FINAL_LN_EPS)
-        self.decoder_embed = nn.Linear(d, dd) if c["encoder_tokens"] == "visible" else None
+        self.decoder_embed = nn.Linear(d, dd) if s.encoder_tokens == "visible" else None
         self.decoder_blocks = nn.ModuleList(
-            ViTBlock(dd, c["decoder_num_heads"], ratio, bias, eps) for _ in range(c["decoder_depth"])
+            ViTBlock(dd, s.decoder_num_heads, ratio, bias, eps) for _ in range(s.decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(dd, eps=FINAL_LN_EPS)
-        self.decoder_pred = nn.Linear(dd, c["patch_size"] ** 2 * c["in_chans"])
+        self.decoder_pred = nn.Linear(dd, s.patch_size ** 2 * s.in_chans)
         self._init_weights()

@@ -68,6 +68,7 @@ CASES = [
     (["stages=[ingest,pretrain,deploy]"], "stages.2: Input should be 'ingest'"),
     (["model.name=crate_mae_gigantic"], "model: unknown model 'crate_mae_gigantic'"),
     (["model.overrides.depthh=3"], "model: crate_mae_debug: unknown CrateMAE settings ['depthh']"),
+    (["model.overrides.depth=deep"], "model: crate_mae_debug: depth='deep' must be int"),
     (["data.image_size=40"], "data.image_size: 40, but crate_mae_debug takes 32 px images"),
     (["model.overrides.img_size=30", "data.image_size=30"], "img_size 30 is not a multiple of patch_size 8"),
     (["checkpoint.start_fresh_from_weights=/nonexistent/export"], "checkpoint.start_fresh_from_weights: "),

@@ -83,6 +83,9 @@ def test_config_is_json_and_rebuilds():
         ("vit_mae_base_fair", {"encoder_tokens": "all"}, "decoder_embed_dim"),
         ("crate_mae_debug", {"mask_ratio": 1.0}, "mask_ratio"),
         ("crate_mae_debug", {"img_size": 30}, "patch_size"),
+        ("crate_mae_debug", {"embed_dim": "64"}, "embed_dim='64' must be int"),  # typed per architecture
+        ("vit_mae_debug", {"qkv_bias": 1}, "qkv_bias=1 must be bool"),
+        ("crate_mae_debug", {"qkv_bias": True}, "unknown CrateMAE settings \\['qkv_bias'\\]"),
     ],
 )
 def test_bad_config_raises_clear_error(name, kw, needle):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -109,6 +109,19 @@ class MaskedAutoencoder(nn.Module):
         n = self.num_patches + 1
         self.pos_embed = nn.Parameter(torch.zeros(1, n, d), requires_grad=False)
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n, dd), requires_grad=False)
+
+    def _build(self, encoder_layer: Callable[[], nn.Module], decoder_layer: Callable[[], nn.Module],
+               decoder_embed: bool) -> None:
+        """The architecture's layers in the one order every model creates (and initialises) them: encoder blocks,
+        norm, decoder_embed (only when asked), decoder blocks, decoder norm, pixel head; then the weights."""
+        d, dd = self.config["embed_dim"], self.config["decoder_embed_dim"]
+        self.blocks = nn.ModuleList(encoder_layer() for _ in range(self.config["depth"]))
+        self.norm = nn.LayerNorm(d, eps=FINAL_LN_EPS)
+        self.decoder_embed = nn.Linear(d, dd) if decoder_embed else None
+        self.decoder_blocks = nn.ModuleList(decoder_layer() for _ in range(self.config["decoder_depth"]))
+        self.decoder_norm = nn.LayerNorm(dd, eps=FINAL_LN_EPS)
+        self.decoder_pred = nn.Linear(dd, self.patch_size ** 2 * self.in_chans)
+        self._init_weights()
 
     # ----------------------------------------------------------------- init
     def _init_weights(self) -> None:

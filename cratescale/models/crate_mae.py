@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
-from .base import FINAL_LN_EPS, MAESettings, MaskedAutoencoder
+from .base import MAESettings, MaskedAutoencoder
 from .layers import CrateDecoderLayer, CrateEncoderLayer
+
 
 @dataclass(frozen=True)
 class CrateSettings(MAESettings):
@@ -30,13 +29,6 @@ class CrateMAE(MaskedAutoencoder):
     def __init__(self, name: str = "crate_mae", **kwargs: Any) -> None:
         s: CrateSettings = self.settings(name, kwargs)
         super().__init__(name, s)
-        d, dd = s.embed_dim, s.decoder_embed_dim
-        self.blocks = nn.ModuleList(
-            CrateEncoderLayer(d, s.num_heads, float(s.eta), float(s.lambd)) for _ in range(s.depth)
-        )
-        self.norm = nn.LayerNorm(d, eps=FINAL_LN_EPS)
-        self.decoder_embed = nn.Linear(d, dd) if dd != d else None
-        self.decoder_blocks = nn.ModuleList(CrateDecoderLayer(dd, s.decoder_num_heads) for _ in range(s.decoder_depth))
-        self.decoder_norm = nn.LayerNorm(dd, eps=FINAL_LN_EPS)
-        self.decoder_pred = nn.Linear(dd, s.patch_size ** 2 * s.in_chans)
-        self._init_weights()
+        self._build(lambda: CrateEncoderLayer(s.embed_dim, s.num_heads, float(s.eta), float(s.lambd)),
+                    lambda: CrateDecoderLayer(s.decoder_embed_dim, s.decoder_num_heads),
+                    decoder_embed=s.decoder_embed_dim != s.embed_dim)

@@ -29,6 +29,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return attn @ v
 
 
+
+def attention_with_maps(attention: nn.Module, a: torch.Tensor, want_attention: bool):
+    """(attention(a), its maps) when asked, else (attention(a), None)."""
+    return attention(a, return_attention=True) if want_attention else (attention(a), None)
+
 class MSSA(nn.Module):
     """Multi-head subspace self-attention: one bias-free projection U is query, key and value.
 
@@ -106,10 +111,7 @@ class CrateEncoderLayer(nn.Module):
     def forward_trace(self, z: torch.Tensor, want_attention: bool):
         """Like forward, also returning the MSSA input LN1(Z) and (optionally) the attention maps."""
         a = self.norm1(z)
-        if want_attention:
-            o, attn = self.mssa(a, return_attention=True)
-        else:
-            o, attn = self.mssa(a), None
+        o, attn = attention_with_maps(self.mssa, a, want_attention)
         return self.ista(self.norm2(z + o)), a, attn
 
 
@@ -260,10 +262,7 @@ class ViTBlock(nn.Module):
 
     def forward_trace(self, x: torch.Tensor, want_attention: bool):
         a = self.norm1(x)
-        if want_attention:
-            o, attn = self.attn(a, return_attention=True)
-        else:
-            o, attn = self.attn(a), None
+        o, attn = attention_with_maps(self.attn, a, want_attention)
         x = x + o
         return x + self.mlp(self.norm2(x)), a, attn
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
-from .base import FINAL_LN_EPS, MAESettings, MaskedAutoencoder
+from .base import MAESettings, MaskedAutoencoder
 from .layers import ViTBlock
+
 
 @dataclass(frozen=True)
 class ViTSettings(MAESettings):
@@ -35,14 +34,7 @@ class ViTMAE(MaskedAutoencoder):
     def __init__(self, name: str = "vit_mae", **kwargs: Any) -> None:
         s: ViTSettings = self.settings(name, kwargs)
         super().__init__(name, s)
-        d, dd = s.embed_dim, s.decoder_embed_dim
         ratio, bias, eps = float(s.mlp_ratio), s.qkv_bias, float(s.block_norm_eps)
-        self.blocks = nn.ModuleList(ViTBlock(d, s.num_heads, ratio, bias, eps) for _ in range(s.depth))
-        self.norm = nn.LayerNorm(d, eps=FINAL_LN_EPS)
-        self.decoder_embed = nn.Linear(d, dd) if s.encoder_tokens == "visible" else None
-        self.decoder_blocks = nn.ModuleList(
-            ViTBlock(dd, s.decoder_num_heads, ratio, bias, eps) for _ in range(s.decoder_depth)
-        )
-        self.decoder_norm = nn.LayerNorm(dd, eps=FINAL_LN_EPS)
-        self.decoder_pred = nn.Linear(dd, s.patch_size ** 2 * s.in_chans)
-        self._init_weights()
+        self._build(lambda: ViTBlock(s.embed_dim, s.num_heads, ratio, bias, eps),
+                    lambda: ViTBlock(s.decoder_embed_dim, s.decoder_num_heads, ratio, bias, eps),
+                    decoder_embed=s.encoder_tokens == "visible")

@@ -11,6 +11,7 @@ when an upgrade moves them):
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,16 +43,29 @@ def start_or_join_ray(address: str | None = None, *, num_cpus: int | None = None
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env())
         return True
-    single_machine_mode()
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, object_store_memory=object_store_mb * 2**20,
-             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
-             runtime_env=runtime_env())
+    with single_machine_mode():
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2,
+                 object_store_memory=object_store_mb * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=log_to_driver, runtime_env=runtime_env())
     return True
 
 
-def single_machine_mode() -> None:
-    """Ray's single-machine mode for a local Ray started from this process: every server on loopback."""
+@contextmanager
+def single_machine_mode():
+    """Ray's single-machine mode for the local Ray started inside the block: every server on loopback. The
+    variable is put back afterwards (the GCS and raylet keep it, and the raylet hands it to its workers): a job
+    this process submits later, or a `ray start` it runs, must not inherit it, or a multi-node Ray there refuses
+    to start ("not supported on Windows and OSX")."""
     from ray._private import ray_constants
 
-    ray_constants.ENABLE_RAY_CLUSTER = False             # this driver
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # the GCS, raylet and workers it starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this driver
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before = os.environ.get(name)
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before

@@ -160,7 +160,8 @@ for p in psutil.Process().children(recursive=True):
     except psutil.Error:
         pass
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "node_ip": ray.util.get_node_ip_address(),
-                  "token": get_authentication_mode() == AuthenticationMode.TOKEN, "listen": listen}))
+                  "token": get_authentication_mode() == AuthenticationMode.TOKEN, "listen": listen,
+                  "leaked_env": sorted(k for k in os.environ if k.startswith("RAY_ENABLE_"))}))
 ray.shutdown()
 """
 
@@ -176,6 +177,9 @@ def test_local_ray_listens_on_loopback_only_with_token_auth():
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info["gcs"].startswith("127.0.0.1:") and info["node_ip"] == "127.0.0.1", info
     assert info["token"], "token authentication is off"
+    # The single-machine switch stays with the Ray it started: a later sbatch or `ray start` from this process
+    # (a multi-node Ray in an allocation) must not inherit it.
+    assert info["leaked_env"] == [], info["leaked_env"]
     names = {name for name, _, _ in info["listen"]}
     assert {"gcs_server", "raylet"} <= names, info["listen"]
     exposed = [entry for entry in info["listen"] if entry[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]

@@ -171,7 +171,7 @@ class DaliBackend:
         self.feed.failed[n] = self.feed.failed.get(n, 0) + 1
         self.feed.offset = self.next_sample
         self.recoveries += 1
-        path, offset, _ = self.feed.manifest.location(int(self.feed.sample(n, failed=1)["bad_row"]))
+        path, offset, _ = self.feed.manifest.location(self.feed.row(n))
         where = path if offset < 0 else f"{path}@{offset}"
         print(f"DALI: {where} did not decode ({_decode_reason(exc)}); sample replaced, pipeline rebuilt "
               f"(recovery {self.recoveries})", file=sys.stderr, flush=True)
@@ -223,5 +223,5 @@ def first_undecodable(args: dict, start: int, window: int, exc: RuntimeError) ->
             j += 1
     finally:
         close_pipeline(pipe)
-    raise RuntimeError(f"DALI pipeline failed ({_decode_reason(exc)}) but none of samples {start}..{start + window - 1} "
-                       f"fails alone") from exc
+    raise RuntimeError(f"DALI pipeline failed ({_decode_reason(exc)}) but none of samples "
+                       f"{start}..{start + window - 1} fails alone") from exc

@@ -149,8 +149,7 @@ class SampleFeed:
 
     # -- eval ----------------------------------------------------------------------------
     def eval_sample(self, n: int, failed: int = 0) -> dict:
-        ma = self.manifest
-        row = int(self.eval_rows[min(n, len(self.eval_rows) - 1)])
+        ma, row = self.manifest, self.row(n)
         anchor, shape = center_window(ma.width[[row]], ma.height[[row]])
         data, bad = (None, DECODE_ERROR) if failed else self._read_checked(row)
         if bad:  # keep the row's id and label so results stay aligned; the caller marks the row invalid
@@ -158,6 +157,13 @@ class SampleFeed:
         return {"data": data, "anchor": anchor[0], "shape": shape[0], "flip": np.int32(0),
                 "sample_id": ma.sample_id[row], "label": ma.label[row], "noise": None, "bad": bad,
                 "bad_row": row if bad else -1}
+
+    def row(self, n: int) -> int:
+        """The manifest row sample n reads (before any replacement)."""
+        if self.mode == "eval":
+            return int(self.eval_rows[min(n, len(self.eval_rows) - 1)])
+        step, j = self.start_step + n // self.per_rank, n % self.per_rank
+        return int(self._step_params(step)["rows"][j])
 
     def sample(self, n: int, failed: int = 0) -> dict:
         """Sample n; with failed > 0 the deterministic replacement a decoder falls back to."""

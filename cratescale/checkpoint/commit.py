@@ -42,7 +42,7 @@ from typing import Any, Callable
 from cratescale.checkpoint import catalog as _catalog
 from cratescale.checkpoint.durable import checksum_file
 from cratescale.checkpoint.retention import apply_retention
-from cratescale.files import fsync_path, replacing, write_file_durable
+from cratescale.files import fsync_path, replace_durable, write_file_durable
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,6 @@ def step_dir_name(step: int) -> str:
     if not isinstance(step, int) or step < 0 or step >= 10**9:
         raise ValueError(f"checkpoint step must be an int in [0, 1e9), got {step!r}")
     return f"step_{step:09d}"
-
-
-def replace_file_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old or the new content (cratescale/files.py). The bytes go through this module's
-    write_file_durable: tests/faults/ranks.py plants its kill between the pointer's write and its rename there."""
-    with replacing(path) as tmp:
-        write_file_durable(tmp, data)
 
 
 def _list_files(root: Path) -> list[str]:
@@ -262,7 +255,7 @@ class CheckpointStore:
                     f"{claim.get('attempt')}): refusing to start")
         number = 1 + self._newest_incarnation(claim)
         self.root.mkdir(parents=True, exist_ok=True)
-        replace_file_atomic(self.root / INCARNATION, json.dumps(
+        replace_durable(self.root / INCARNATION, json.dumps(
             {"job": job, "restart": restart, "attempt": attempt, "incarnation": number}).encode())
         self.incarnation = number
         return number
@@ -310,7 +303,7 @@ class CheckpointStore:
     def _point_latest(self, newest: Callable[[], str]) -> Callable[[], None]:
         def point() -> None:
             self._check_incarnation(None)  # a stale writer never moves `latest`
-            replace_file_atomic(self.root / LATEST, newest().encode())
+            replace_durable(self.root / LATEST, newest())
         return point
 
     def _retain(self, newest: int) -> list[int]:
@@ -325,7 +318,7 @@ class CheckpointStore:
             return []
         newest = step_dir_name(steps[-1])
         if self.latest_pointer() != newest:  # first: retention may delete the commit a stale pointer names
-            replace_file_atomic(self.root / LATEST, newest.encode())
+            replace_durable(self.root / LATEST, newest)
         return self._retain(steps[-1])
 
     # ---- read side ---------------------------------------------------------------------------

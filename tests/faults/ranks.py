@@ -269,14 +269,20 @@ def _plant_faults(faults: dict) -> None:
 
         retention.shutil = _Shutil
     elif mode == "pointer":
-        real_write = commit_mod.write_file_durable
+        from contextlib import contextmanager
 
-        def write_file_durable(path, data):
-            real_write(path, data)
-            if hit() and Path(path).name.startswith(commit_mod.LATEST + "."):
-                _kill_group()  # the new pointer is written to its tmp name, not yet renamed over `latest`
+        from cratescale import files as files_mod
 
-        commit_mod.write_file_durable = write_file_durable
+        real_replacing = files_mod.replacing
+
+        @contextmanager
+        def replacing(path, hidden=False):
+            with real_replacing(path, hidden) as tmp:
+                yield tmp
+                if hit() and Path(path).name == commit_mod.LATEST:
+                    _kill_group()  # the new pointer is written to its tmp name, not yet renamed over `latest`
+
+        files_mod.replacing = replacing  # replace_durable looks it up at each call
 
 
 def _rank_main(rank: int, world: int, port: int, command: dict) -> None:

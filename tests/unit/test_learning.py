@@ -5,13 +5,23 @@ gloo with 2 ranks, the export, the Ray extraction and the evaluate stage all run
 report's own baselines are the comparison: the same architecture at its initialization (same seed) and raw
 pixels, through the same probe (C searched) and kNN (k=20, T=0.07) on the same 4,000 / 1,000 split.
 
-What a CI-sized budget shows (docs/cifar10_recipes.md, "Small-scale study"): at 250 steps of 128 the encoder
-barely moves from its initialization. Same model and recipe in one process, top-1 % probe / kNN on the
-final mean feature: pretrained 35.8 / 26.2, init 35.5 / 28.6, raw pixels 35.7 / 35.0 (seed 0); mask 0.5:
-36.4 / 26.2. The differences to init are within the +-1.5 points that 1,000 test images resolve, and kNN
-stays below raw pixels, so no margin over the baselines is asserted here (MARGINS is empty) until a recipe
-at this budget shows one over repeated seeds (LEARNING_SEED=0, 1, 2 runs them). What the test asserts: the
-loss falls, and the report carries the three columns and the per-layer results of both models.
+The recipe (mask 0.5, 600 steps of 128 in the reference layout; docs/cifar10_recipes.md "Learning test") and
+the margins come from its own runs through this test, LEARNING_SEED=0, 1, 2 (2026-12-02, quiet machine, 199-220 s
+each), top-1 points of pretrained over the baseline:
+
+| statistic | seed 0 | seed 1 | seed 2 | asserted |
+|---|---|---|---|---|
+| probe, per-layer gain over init (mean over the 3 blocks) | +2.7 | +3.0 | +3.0 | > 2.0 |
+| kNN, per-layer gain over init (mean over the 3 blocks) | +1.6 | +4.3 | +3.3 | > 1.0 |
+| probe, `mean` feature over raw pixels | +2.9 | +3.1 | +4.4 | > 2.0 |
+| probe, `mean` feature over init | +1.7 | +0.4 | +4.0 | not asserted |
+| kNN, `mean` feature over init / raw pixels | +0.1 / -6.0 | +0.8 / -8.7 | +4.0 / -6.1 | not asserted |
+
+The per-layer gain averages three paired comparisons on the same 1,000 images, which is why it holds where the
+final feature alone (spread 3.6 points over the seeds) does not. kNN stays 6-9 points below raw pixels at this
+budget, as it does at the full recipe's (docs/cifar10_recipes.md); "beats raw pixels" is asserted for the probe
+only, and the random CRATE encoder's probe already matches the pixels', so the init margin is the evidence of
+learning.
 """
 import json
 import os
@@ -30,14 +40,29 @@ pytestmark = pytest.mark.dist
 PER_CLASS = 500
 OVERRIDES = [
     "model.overrides={img_size: 32, patch_size: 4, embed_dim: 96, num_heads: 4, depth: 3, decoder_embed_dim: 96,"
-    " decoder_num_heads: 4, decoder_depth: 1}",
+    " decoder_num_heads: 4, decoder_depth: 1, mask_ratio: 0.5}",
     "data.val_per_class=100", "data.loader=pil", "optim.base_lr=1.5e-3",
-    "schedule={global_batch: 128, micro_batch: 64, steps: 250, warmup_steps: 20}",
-    "parallel.precision=fp32", "checkpoint.every_steps=250", "logging.every_steps=50", "logging.tensorboard=false",
+    "schedule={global_batch: 128, micro_batch: 64, steps: 600, warmup_steps: 20}",
+    "parallel.precision=fp32", "checkpoint.every_steps=600", "logging.every_steps=50", "logging.tensorboard=false",
     "extract.batch_size=500", "extract.actors=1", "evaluate.diagnostic_images=4"]
-# {(method, baseline): points of top-1 the pretrained `mean` feature must beat that baseline by}: below the
-# smallest margin seen over repeated seeds. Empty: no margin holds at this budget yet (see the docstring).
-MARGINS: dict[tuple[str, str], float] = {}
+# {(statistic, baseline): top-1 points pretrained must beat the baseline by}, below the smallest of the
+# docstring's seeds. "layers/<method>": the gain over init averaged over the encoder blocks.
+MARGINS: dict[tuple[str, str], float] = {("layers/linear_probe", "init"): 2.0, ("layers/knn", "init"): 1.0,
+                                         ("mean/linear_probe", "pixels"): 2.0}
+
+
+def layer_gain(layers: dict, method: str) -> float:
+    """Points of top-1 the pretrained model's blocks beat the same blocks at init by, on average."""
+    pretrained, init = layers["pretrained"], layers["init"]
+    return 100 * sum(pretrained[b][method]["top1"] - init[b][method]["top1"] for b in init) / len(init)
+
+
+def margin(metrics: dict, statistic: str, baseline: str) -> float:
+    kind, method = statistic.split("/")
+    if kind == "layers":
+        assert baseline == "init", statistic
+        return layer_gain(metrics["layers"], method)
+    return metrics["comparison"][statistic][f"vs_{baseline}"]
 
 
 def cifar_subset(source: Path, out: Path, per_class: int) -> Path:
@@ -74,6 +99,8 @@ def test_pretraining_beats_init_and_raw_pixels_on_cifar10(tmp_path, shared_data,
         for name, row in table.items():
             print(f"  {name}: pretrained {row['pretrained']:.1f}, init {row['init']:.1f}, pixels "
                   f"{row['pixels']:.1f} ({row['vs_init']:+.1f} / {row['vs_pixels']:+.1f} points)")
+        for method in ("linear_probe", "knn"):
+            print(f"  layers/{method}: {layer_gain(metrics['layers'], method):+.1f} points over init per block")
         print(f"  best layer {metrics['best_layer']}; loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
               f"{time.perf_counter() - t0:.0f} s")
     assert losses[-1] < 0.8 * losses[0], losses
@@ -81,6 +108,5 @@ def test_pretraining_beats_init_and_raw_pixels_on_cifar10(tmp_path, shared_data,
     for name, row in table.items():  # all three columns, through one protocol on the same rows
         r = metrics["results"][name]
         assert row["init"] is not None and row["pixels"] is not None and r["n_test"] == 1000, (name, row)
-    for (method, baseline), margin in MARGINS.items():
-        row = table[f"mean/{method}"]
-        assert row[f"vs_{baseline}"] > margin, (method, baseline, row)
+    for (statistic, baseline), points in MARGINS.items():
+        assert margin(metrics, statistic, baseline) > points, (statistic, baseline, metrics["layers"], table)

@@ -137,13 +137,25 @@ def small_export(tmp_path_factory):
     return root, Path(manifest)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """In-process extraction on one thread, as the CLI runs below (OMP_NUM_THREADS=1): on this CPU (AVX-512,
+    AMX) torch's kernels give other low bits on 1 and 2 threads, so byte-identical holds per thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _extract(root: Path, manifest: Path, store: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cratescale.embeddings", "extract", str(root / "export"),
                            str(manifest), str(store), *COMMON], cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), timeout=300)
 
 
-def test_embedding_store_on_a_full_tmpfs(small_export):
+def test_embedding_store_on_a_full_tmpfs(small_export, one_torch_thread):
     from cratescale.embeddings.store import EmbeddingStore
 
     from cratescale.embeddings.extract import extract

@@ -342,6 +342,10 @@ class CheckpointStore:
         markers = self._markers()
         return sorted(markers, key=lambda s: (_incarnation(markers[s]), s))
 
+    def sealed_times(self) -> dict[int, float]:
+        """step -> when its COMMITTED marker was written, for every commit on disk."""
+        return {step: float(marker.get("time", 0.0)) for step, marker in self._markers().items()}
+
     def load(self, step: int) -> Commit:
         path = self.step_path(step)
         marker = read_marker(path)

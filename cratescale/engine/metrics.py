@@ -72,6 +72,24 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def unrecorded_commits(run_dir: Path, sealed: dict[int, float]) -> list[CommitRecord]:
+    """Rows for the sealed commits (step -> the marker's time) that metrics.jsonl has no commit row for: a process
+    that died between the seal and its row (its peer lost in the agreement that follows the seal, a kill -9).
+    Written by the next start, before its start row, so that metrics, status and lost steps agree with the store."""
+    path = RunPaths.of_run(run_dir).metrics
+    recorded: set[int] = set()
+    if path.exists():
+        with path.open() as f:
+            for line in f:
+                if '"kind": "commit"' in line:  # parse only the commit rows of a weeks-long file
+                    try:
+                        recorded.add(json.loads(line)["step"])
+                    except (json.JSONDecodeError, KeyError):
+                        continue
+    return [{"kind": "commit", "step": step, "seconds": 0.0, "stall_s": 0.0, "write_s": 0.0, "async": False,
+             "recovered": True, "sealed_at": when} for step, when in sorted(sealed.items()) if step not in recorded]
+
+
 class StepTimer:
     """Wall time split into waiting for data and the rest, over a logging window."""
 

@@ -49,10 +49,13 @@ class TrainRecord(TypedDict):
 
 
 # A commit that landed. stall_s: training time lost to it; write_s: written while training went on; wait_s
-# (async only): waiting for the previous write. The functional form because `async` is a keyword.
+# (async only): waiting for the previous write. recovered: sealed by a process that died before writing this row
+# (a peer lost in the agreement after the seal, a kill); the next start wrote it, sealed_at the marker's time.
+# The functional form because `async` is a keyword.
 CommitRecord = TypedDict("CommitRecord", {
     "kind": Literal["commit"], "step": int, "seconds": float, "stall_s": float, "write_s": float, "async": bool,
-    "wait_s": NotRequired[float], "time": NotRequired[float]})
+    "wait_s": NotRequired[float], "recovered": NotRequired[bool], "sealed_at": NotRequired[float],
+    "time": NotRequired[float]})
 
 
 class CommitSkippedRecord(TypedDict):

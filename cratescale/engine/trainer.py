@@ -23,7 +23,8 @@ from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
 from cratescale.engine import optim
 from cratescale.engine.commit_async import AsyncCommitter
 from cratescale.engine.data_budget import BadDataBudget, BadDataError
-from cratescale.engine.metrics import MetricsWriter, StepTimer, commit_line, memory_gb, mfu, say
+from cratescale.engine.metrics import (MetricsWriter, StepTimer, commit_line, memory_gb, mfu, say,
+                                       unrecorded_commits)
 from cratescale.engine.model_build import build_model, count_train_samples, wrap_for_training
 from cratescale.engine.records import CommitRecord, CommitSkippedRecord
 from cratescale.engine.state import (any_rank, check_decoder, checkpoint_meta, claim_run, load_state,
@@ -127,6 +128,9 @@ class Trainer:
         note = schedule_note(self.plan.commit.meta, self.total, self.warmup) if self.plan.commit else None
         if not self.writer:
             return
+        for record in unrecorded_commits(self.paths.run_dir, self.store.sealed_times()):
+            self.writer.write(record)
+            say(f"committed step {record['step']} (sealed by the process before, which ended before recording it)")
         speed = self.job.parallel.model_dump(include={"compile", "compile_mode", "activation_checkpointing",
                                                       "attention"})
         self.writer.write({"kind": "start", "step": self.step, "world_size": world.world_size,

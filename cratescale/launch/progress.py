@@ -52,6 +52,8 @@ class RunProgress:
             self.last_train = cast(TrainRecord, row)
         elif kind == "commit":
             self.commits += 1
+            if row.get("recovered"):  # written at the next start: the step reached before it is what counts
+                return
         elif kind == "first_step":
             # rank 0's start of its latest process to its first step (process group, engine, loader, compile)
             self.first_step_s = round(cast(FirstStepRecord, row)["seconds_since_start"], 1)

@@ -18,11 +18,13 @@ import submitit
 import torch
 
 from multinode import HOSTS, NODES, kill_node, mn_up, on_node, rendezvous_lines, up_nodes
+from cratescale.checkpoint import CheckpointStore
 from cratescale.engine.metrics import read_metrics
 import slurm_helpers
 from cratescale.launch import slurm_tools
 from cratescale.launch.progress import run_summary
-from tests.dist.harness import assert_same_tree, consumed_samples, final_weights, run_ranks, write_config
+from tests.dist.harness import (assert_same_tree, assert_within_elastic_bound, consumed_samples, final_weights,
+                                run_ranks, write_config)
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_JOB = REPO / "tests" / "dist" / "tiny.yaml"
@@ -226,9 +228,14 @@ def test_a_lost_node_ends_its_peers_and_the_run_resumes_on_the_node_left(tmp_pat
     assert "NODE_FAIL" in slurm_tools.job_history(first)
     assert "lost a node" in text
     starts = rows(run_dir, "start")
-    commits_before = [c["step"] for c in rows(run_dir, "commit") if c["time"] < starts[1]["time"]]
+    # Against the store (issue 27): the survivor may seal a commit and die in the agreement after the seal, before
+    # its metrics row; the next start records it, so every commit in the catalog has its row.
+    catalog = CheckpointStore(run_dir / "checkpoints").catalog().to_pylist()
+    sealed_before = [c["step"] for c in catalog if c["time"].timestamp() < starts[1]["time"]]
     assert starts[1]["resumed"] and starts[1]["elastic"] and starts[1]["world_size"] == 1
-    assert starts[1]["step"] == max(commits_before), "the resume did not start at the newest commit"
+    assert starts[1]["step"] == max(sealed_before), "the resume did not start at the newest commit"
+    recorded = {c["step"] for c in rows(run_dir, "commit")}
+    assert {c["step"] for c in catalog} <= recorded, f"commits without a metrics row: {catalog} vs {recorded}"
     assert starts[1]["job_id"] == state["job_ids"][1] != first
     lines = rendezvous_lines(run_dir / "submitit" / state["job_ids"][1])
     assert [line.split(" -> ")[0] for line in lines] == ["rendezvous: rank 0 on node1"], lines
@@ -236,10 +243,7 @@ def test_a_lost_node_ends_its_peers_and_the_run_resumes_on_the_node_left(tmp_pat
     step, weights = final_weights(run_dir)
     _, ref_weights = final_weights(reference)
     assert step == STEPS
-    worst = max((weights[k].float() - v.float()).abs().max().item() for k, v in ref_weights.items())
-    print(f"2 -> 1 node: largest weight difference to the uninterrupted 2-rank run {worst:.2e}")
-    for key, value in ref_weights.items():   # 2 -> 1 rank: same samples, reduction order differs
-        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=key)   # measured: 0.0
+    assert_within_elastic_bound(weights, ref_weights, "2 -> 1 node")
     # the same global sample sequence; steps after the last commit ran twice (before and after the loss)
     got = {s: sorted(set(ids)) for s, ids in consumed_samples(run_dir).items()}
     assert got == consumed_samples(reference)

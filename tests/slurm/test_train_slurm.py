@@ -27,7 +27,8 @@ from cratescale.launch import slurm_tools
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
 from cratescale.launch.progress import run_summary
-from tests.dist.harness import assert_same_tree, consumed_samples, final_weights, start_ranks, write_config
+from tests.dist.harness import (assert_same_tree, assert_within_elastic_bound, consumed_samples, final_weights,
+                                start_ranks, write_config)
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_JOB = REPO / "tests" / "dist" / "tiny.yaml"
@@ -310,8 +311,7 @@ def test_requeue_onto_fewer_tasks_resumes_elastically(tmp_path, tiny_manifest, r
     step, weights = final_weights(run_dir)
     _, ref_weights = reference.weights()
     assert step == STEPS
-    for key, value in ref_weights.items():
-        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert_within_elastic_bound(weights, ref_weights, f"2 -> 1 rank after a stop at step {stop['step']}")
     # the global sample sequence does not depend on the world size
     assert consumed_samples(run_dir) == consumed_samples(reference.run_dir)
 

@@ -56,3 +56,24 @@ def test_logging_progress_false_turns_the_bar_off_but_keeps_the_state_lines():
         out[bar] = console.file.getvalue()
     assert "job 42: RUNNING" in out[True] and "job 42: RUNNING" in out[False]
     assert "step 3/8" in out[True] and "step 3/8" not in out[False]
+
+
+def test_a_commit_sealed_without_its_row_is_recorded_at_the_next_start_and_lost_steps_agree(tmp_path):
+    """Issue 27: the survivor of a lost node sealed step 15 and died in the agreement after the seal, before its
+    metrics row; the next start records it from the store (`recovered`), and the lost steps count from it."""
+    from cratescale.engine.metrics import MetricsWriter, unrecorded_commits
+
+    path = tmp_path / "metrics.jsonl"
+    _append(path, {"kind": "start", "step": 0, "total_steps": 30, "resumed": False},
+            {"kind": "commit", "step": 5}, {"kind": "commit", "step": 10}, {"kind": "train", "step": 17})
+    sealed = {5: 100.0, 10: 200.0, 15: 300.0}   # what the store's markers say
+    missing = unrecorded_commits(tmp_path, sealed)
+    assert [(r["step"], r["recovered"], r["sealed_at"]) for r in missing] == [(15, True, 300.0)]
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    for record in missing:
+        writer.write(record)
+    writer.write({"kind": "start", "step": 15, "total_steps": 30, "resumed": True})
+    writer.close()
+    assert unrecorded_commits(tmp_path, sealed) == []   # recorded once
+    summary = run_summary(tmp_path)
+    assert summary["commits"] == 3 and summary["lost_steps"] == 2   # steps 16 and 17 ran again, not -2 or 5

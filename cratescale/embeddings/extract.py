@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from cratescale.checkpoint.export import load_model, read_export_header
+from cratescale.checkpoint.export import export_fingerprint, load_model, read_export_header
 from cratescale.embeddings.memory import RSS_LIMIT_FACTOR, RssGuard, encode_chunk
 from cratescale.embeddings.pool import init_ray  # noqa: F401 - callers start Ray through extract
 from cratescale.embeddings.store import EmbeddingStore, StoreInfo, selected_rows
@@ -258,7 +258,7 @@ def prepare_store(export_dir: Path | str, manifest_path: Path | str, store_dir: 
                      source={"manifest": str(manifest.resolve()), "fingerprint": _fingerprint(manifest),
                              "split": split, "rows": n},
                      provenance={"export": str(Path(export_dir).resolve()), **provenance, "model_config": config,
-                                 "fingerprint": _fingerprint(Path(export_dir) / "export.json")})
+                                 "fingerprint": export_fingerprint(export_dir)})
     return EmbeddingStore.create(store_dir, info)
 
 

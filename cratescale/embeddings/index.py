@@ -1,18 +1,22 @@
 """A FAISS nearest-neighbour index over one feature of an embedding store, kept beside it in `<store>/index/`.
 
-  <store>/index/<feature>.faiss   the index; ids are store rows
-  <store>/index/<feature>.json    what it indexes: store fingerprint, feature, metric, kind and its parameters, rows
+  <store>/index/<feature>.faiss        the index; ids are store rows
+  <store>/index/<feature>.vectors.npy  IVF-PQ only: the unit vectors as float16 [rows, d], read back (memory-mapped)
+                                       to re-rank a shortlist exactly
+  <store>/index/<feature>.json         what it indexes: store fingerprint, feature, metric, kind and its
+                                       parameters, rows
 
 Metric: cosine, as the kNN evaluation (evaluation/knn.py). Vectors are L2-normalised and searched by L2, whose
 order on unit vectors is the cosine order; the distance reported is 1 - cosine similarity (= |a - b|^2 / 2).
 
 Kind, chosen by size and stated in the .json: exact (IndexFlatL2) up to EXACT_MAX_ROWS rows, which holds every
 vector in memory (4 bytes x d per row); above it IVF-PQ (d/4 sub-quantizers of 8 bits: 1 byte per 4 dims, 16x
-smaller than float32) whose shortlist of candidates is re-ranked exactly with the vectors read back from the
-store: PQ alone found 61% of the exact top 10 on clustered 64-d data, its top 50 re-ranked 98%
-(BENCHMARKS.md "Nearest-neighbour index"). The index is built shard by shard: memory is the index plus one shard
-of float32 (and, for IVF-PQ, its training sample). Rows with NaN features (undecodable images, uncommitted
-shards) are left out and counted.
+smaller than float32) whose shortlist of candidates is re-ranked with the float16 vectors kept on disk beside it:
+PQ alone found 61% of the exact top 10 on clustered 64-d data (100,000 rows), its top 50 re-ranked 98%. Reading
+the shortlist from the store itself instead took 55 ms a query (a 1,024-row chunk decompressed per candidate), the
+memory-mapped copy well under 1 ms (BENCHMARKS.md "Nearest-neighbour index"). The index is built shard by shard:
+memory is the index plus one shard of float32 (and, for IVF-PQ, its training sample). Rows with NaN features
+(undecodable images, uncommitted shards) are left out and counted.
 
 An index whose recorded store fingerprint (store.json and every commit marker) is not the store's now is refused.
 """
@@ -58,6 +62,15 @@ def index_paths(store: EmbeddingStore, feature: str) -> tuple[Path, Path]:
     return base / f"{feature}.faiss", base / f"{feature}.json"
 
 
+def _vectors_path(index_path: Path) -> Path:
+    return index_path.with_name(index_path.name.replace(".faiss", ".vectors.npy"))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    fsync_path(tmp)
+    os.replace(tmp, final)
+
+
 def plan(rows: int, d: int, kind: str = "auto") -> dict[str, Any]:
     """The index kind and its parameters for `rows` vectors of width d, with the reason."""
     if kind == "auto":
@@ -91,10 +104,31 @@ def _blocks(store: EmbeddingStore, feature: str) -> Iterator[tuple[np.ndarray, n
         yield np.arange(start, stop, dtype=np.int64)[ok], _unit(x[ok])
 
 
+class _VectorFile:
+    """The float16 copy [store rows, d] written block by block with pwrite: a memory map would hold every
+    written page in this process's memory until the end (+128 MB at 10^6 x 64)."""
+
+    def __init__(self, path: Path, rows: int, d: int):
+        self.path, self.d = path, d
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, d))  # zero-filled, sparse
+        self.offset = header.offset
+        del header
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, rows: np.ndarray, x: np.ndarray) -> None:
+        if len(rows):
+            block = np.zeros((int(rows[-1] - rows[0]) + 1, self.d), np.float16)
+            block[rows - rows[0]] = x
+            os.pwrite(self.fd, block.tobytes(), self.offset + int(rows[0]) * self.d * 2)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _train_sample(store: EmbeddingStore, feature: str, rows: int, want: int) -> np.ndarray:
     """An evenly strided sample of about `want` rows, read shard by shard."""
     stride = max(1, rows // want)
-    return np.concatenate([x[::stride] for _, x in _blocks(store, feature)])[:want]
+    return np.concatenate([x[::stride].copy() for _, x in _blocks(store, feature)])[:want]  # copy: no whole shard kept
 
 
 def build_index(store: EmbeddingStore, feature: str, kind: str = "auto",
@@ -113,18 +147,23 @@ def build_index(store: EmbeddingStore, feature: str, kind: str = "auto",
         index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, p["nlist"], p["m"], p["nbits"])
         index.train(_train_sample(store, feature, n, p["train_rows"]))
         index.nprobe = p["nprobe"]
+    path, meta_path = index_paths(store, feature)
+    path.parent.mkdir(exist_ok=True)
+    tmp, vectors_tmp = (p.with_name(f".{p.name}.tmp{os.getpid()}") for p in (path, _vectors_path(path)))
+    vectors = None if p["kind"] == "flat" else _VectorFile(vectors_tmp, store.info.num_rows, d)
     added = 0
     for rows, x in _blocks(store, feature):
         index.add_with_ids(x, rows)
+        if vectors is not None:
+            vectors.write(rows, x)
         added += len(rows)
     if added == 0:
         raise StoreError(f"{store.root}: feature {feature!r} has no committed row with finite values to index")
-    path, meta_path = index_paths(store, feature)
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if vectors is not None:
+        vectors.close()
+        _publish(vectors_tmp, _vectors_path(path))
     faiss.write_index(index, str(tmp))
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    _publish(tmp, path)
     meta = {"format": FORMAT, "version": VERSION, "store": str(store.root.resolve()),
             "store_fingerprint": fingerprint, "feature": feature, "dim": d, "metric": METRIC, **p,
             "rows": added, "left_out": store.info.num_rows - added, "faiss": faiss.__version__,
@@ -151,6 +190,8 @@ class NeighbourIndex:
                                   f"shards rewritten or added); rebuild it with `python -m cratescale.embeddings "
                                   f"index {store.root} --feature {feature}`")
         self.index = faiss.read_index(str(path))
+        if self.meta["kind"] != "flat":
+            self.vectors = np.load(_vectors_path(path), mmap_mode="r")
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances (q, k) = 1 - cosine, store rows (q, k)) of the k nearest rows, nearest first; -1 where
@@ -163,9 +204,9 @@ class NeighbourIndex:
         return self._rerank(q, cand, k)
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact distances of the shortlist, from the store's own vectors (one sorted read for all queries)."""
+        """Distances of the shortlist from the float16 unit vectors (one sorted read for all queries)."""
         wanted = np.unique(cand[cand >= 0])
-        vectors = _unit(self.store.read(self.feature, wanted)) if len(wanted) else np.zeros((0, q.shape[1]))
+        vectors = self.vectors[wanted].astype(np.float32)
         dist, rows = np.full((len(q), k), np.inf), np.full((len(q), k), -1, dtype=np.int64)
         for i, c in enumerate(cand):
             c = c[c >= 0]

@@ -7,9 +7,9 @@ For each row count: a real store (EmbeddingStore, float32 as the demo extracts, 
 synthetic features, then in fresh processes (so each peak RSS is its own) the exact index and the IVF-PQ index
 through cratescale.embeddings.index.build_index, each followed by `--queries` single-vector searches (k=10; IVF-PQ
 includes its re-rank). Peak RSS is the whole process (build and queries); rss_before_build_mb is the same process
-after its imports (numpy, pandas, pyarrow, zarr, faiss), before the build. Recall@10 = share of the exact index's 10 nearest that the
-IVF-PQ index returns, for queries drawn fresh from the same distribution (not stored rows). Prints one JSON line
-per measurement; all of them go to --out.
+after its imports (numpy, pandas, pyarrow, zarr, faiss), before the build. Recall@10 = share of the exact index's
+10 nearest that the IVF-PQ index returns, for queries drawn fresh from the same distribution (not stored rows).
+Prints one JSON line per measurement; all of them go to --out.
 
 Data: "clustered" = 1,000 Gaussian centres, each row a centre + 0.6 x N(0, 1) noise (embeddings of a labelled
 set cluster); "gaussian" = isotropic N(0, 1), where every row is nearly equidistant from every other: the worst

@@ -32,6 +32,7 @@ from cratescale.checkpoint.layout import ds_layout
 from cratescale.checkpoint.portable import write_portable
 from cratescale.checkpoint.universal import DS_TAG
 from cratescale.models import model_from_config
+from cratescale.models.pretrained import read_format_json
 
 FORMAT = "cratescale-weights"
 VERSION = 1
@@ -103,17 +104,8 @@ def export_weights(state_dict: Mapping[str, torch.Tensor], model_config: dict[st
 def read_export_header(out_dir: Path | str) -> dict[str, Any]:
     """export.json (format, model_config, provenance, tensors) without loading any weights; raises
     FileNotFoundError or ExportError (one line naming the file) when it is not an export of this format."""
-    path = Path(out_dir) / INDEX
-    try:
-        header = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"export: {path} not found (not an export dir?)") from exc
-    except ValueError as exc:
-        raise ExportError(f"export: {path} is not valid JSON: {exc}") from exc
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise ExportError(f"export: {path} has format {header.get('format')!r} v{header.get('version')}, "
-                          f"expected {FORMAT!r} v{VERSION}")
-    return header
+    return read_format_json(Path(out_dir) / INDEX, FORMAT, VERSION, ExportError, prefix="export: ",
+                            missing="not an export dir?")
 
 
 def load_export(out_dir: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

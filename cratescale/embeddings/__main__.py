@@ -69,7 +69,8 @@ def _neighbours(args: argparse.Namespace) -> int:
         found, view = by_image(index, samples, args.image, args.k)
         title = f"query\n{Path(args.image).name}"
         print(f"query     {args.image}")
-    print(f"index     {index.meta['kind']} over {index.meta['rows']:,} rows of {args.feature!r}, {index.meta['metric']}")
+    meta = index.meta
+    print(f"index     {meta['kind']} over {meta['rows']:,} rows of {args.feature!r}, {meta['metric']}")
     print(f"{'rank':>4} {'row':>8} {'sample_id':>10} {'label':>5}  {'class':<16} {'distance':>8}  key")
     for n in found:
         print(f"{n.rank:>4} {n.row:>8} {n.sample_id:>10} {n.label:>5}  {n.name:<16} {n.distance:>8.4f}  {n.key}")

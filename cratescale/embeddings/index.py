@@ -131,26 +131,18 @@ def _train_sample(store: EmbeddingStore, feature: str, rows: int, want: int) -> 
     return np.concatenate([x[::stride].copy() for _, x in _blocks(store, feature)])[:want]  # copy: no whole shard kept
 
 
-def build_index(store: EmbeddingStore, feature: str, kind: str = "auto",
-                log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build and save the index of `feature`; returns its metadata (what the .json holds)."""
-    if feature not in store.info.dims:
-        raise StoreError(f"{store.root}: no feature {feature!r} (have {sorted(store.info.dims)})")
-    fingerprint, t0 = store_fingerprint(store), time.perf_counter()
+def _new_index(store: EmbeddingStore, feature: str, p: dict[str, Any], rows: int) -> faiss.Index:
     d = store.info.dims[feature]
-    spans = [store.info.shard_range(k) for k in store.committed()]
-    n = sum(b - a for a, b in spans)  # committed rows: the size that picks the kind (NaN rows are few)
-    p = plan(max(n, 1), d, kind)
     if p["kind"] == "flat":
-        index = faiss.IndexIDMap2(faiss.IndexFlatL2(d))
-    else:
-        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, p["nlist"], p["m"], p["nbits"])
-        index.train(_train_sample(store, feature, n, p["train_rows"]))
-        index.nprobe = p["nprobe"]
-    path, meta_path = index_paths(store, feature)
-    path.parent.mkdir(exist_ok=True)
-    tmp, vectors_tmp = (p.with_name(f".{p.name}.tmp{os.getpid()}") for p in (path, _vectors_path(path)))
-    vectors = None if p["kind"] == "flat" else _VectorFile(vectors_tmp, store.info.num_rows, d)
+        return faiss.IndexIDMap2(faiss.IndexFlatL2(d))
+    index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, p["nlist"], p["m"], p["nbits"])
+    index.train(_train_sample(store, feature, rows, p["train_rows"]))
+    index.nprobe = p["nprobe"]
+    return index
+
+
+def _fill(store: EmbeddingStore, feature: str, index: faiss.Index, vectors: _VectorFile | None) -> int:
+    """Add every committed finite row, shard by shard; returns how many."""
     added = 0
     for rows, x in _blocks(store, feature):
         index.add_with_ids(x, rows)
@@ -159,11 +151,39 @@ def build_index(store: EmbeddingStore, feature: str, kind: str = "auto",
         added += len(rows)
     if added == 0:
         raise StoreError(f"{store.root}: feature {feature!r} has no committed row with finite values to index")
-    if vectors is not None:
-        vectors.close()
-        _publish(vectors_tmp, _vectors_path(path))
-    faiss.write_index(index, str(tmp))
-    _publish(tmp, path)
+    return added
+
+
+def build_index(store: EmbeddingStore, feature: str, kind: str = "auto",
+                log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build and save the index of `feature`; returns its metadata (what the .json holds)."""
+    if feature not in store.info.dims:
+        raise StoreError(f"{store.root}: no feature {feature!r} (have {sorted(store.info.dims)})")
+    fingerprint, t0 = store_fingerprint(store), time.perf_counter()
+    d = store.info.dims[feature]
+    n = sum(b - a for a, b in map(store.info.shard_range, store.committed()))  # committed rows pick the kind
+    if n == 0:
+        raise StoreError(f"{store.root}: no committed shard to index yet (`python -m cratescale.embeddings info`)")
+    p = plan(max(n, 1), d, kind)
+    index = _new_index(store, feature, p, n)
+    path, meta_path = index_paths(store, feature)
+    path.parent.mkdir(exist_ok=True)
+    tmp, vectors_tmp = (f.with_name(f".{f.name}.tmp{os.getpid()}") for f in (path, _vectors_path(path)))
+    vectors = None if p["kind"] == "flat" else _VectorFile(vectors_tmp, store.info.num_rows, d)
+    try:
+        added = _fill(store, feature, index, vectors)
+        meta_path.unlink(missing_ok=True)  # first: an old .json never describes the new files
+        if vectors is not None:
+            vectors.close()
+            vectors = None
+            _publish(vectors_tmp, _vectors_path(path))
+        faiss.write_index(index, str(tmp))
+        _publish(tmp, path)
+    finally:
+        if vectors is not None:
+            vectors.close()
+        for f in (tmp, vectors_tmp):
+            f.unlink(missing_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "store": str(store.root.resolve()),
             "store_fingerprint": fingerprint, "feature": feature, "dim": d, "metric": METRIC, **p,
             "rows": added, "left_out": store.info.num_rows - added, "faiss": faiss.__version__,

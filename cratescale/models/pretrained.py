@@ -77,18 +77,27 @@ def _tensor(path: Path, name: str, entry: Any, body: memoryview) -> torch.Tensor
     return torch.frombuffer(body, dtype=dtype, count=numel, offset=begin).reshape(shape)
 
 
+def read_format_json(path: Path, fmt: str, version: int, error: type[Exception], prefix: str = "",
+                     missing: str = "") -> dict[str, Any]:
+    """A JSON file that names its format and version (export.json, config.json); FileNotFoundError when absent,
+    `error` when it is not JSON or another format, each one line naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{prefix}{path} not found ({missing})") from exc
+    except ValueError as exc:
+        raise error(f"{prefix}{path} is not valid JSON: {exc}") from exc
+    if data.get("format") != fmt or data.get("version") != version:
+        raise error(f"{prefix}{path} has format {data.get('format')!r} v{data.get('version')}, "
+                    f"expected {fmt!r} v{version}")
+    return data
+
+
 def read_config(folder: Path | str) -> dict[str, Any]:
     """A pretrained folder's config.json, checked for format and key names."""
     path = Path(folder) / CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise PretrainedError(f"{path} not found (not an export or to-reference folder?)") from exc
-    except ValueError as exc:
-        raise PretrainedError(f"{path} is not valid JSON: {exc}") from exc
-    if config.get("format") != CONFIG_FORMAT or config.get("version") != CONFIG_VERSION:
-        raise PretrainedError(f"{path}: format {config.get('format')!r} v{config.get('version')}, expected "
-                              f"{CONFIG_FORMAT!r} v{CONFIG_VERSION}")
+    config = read_format_json(path, CONFIG_FORMAT, CONFIG_VERSION, PretrainedError,
+                              missing="not an export or to-reference folder?")
     if config.get("key_names") not in KEY_NAMES:
         raise PretrainedError(f"{path}: key_names {config.get('key_names')!r}, expected one of {KEY_NAMES}")
     return config

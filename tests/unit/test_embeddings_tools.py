@@ -131,7 +131,8 @@ def test_bad_requests_are_one_line(store_copy, tmp_path):
     assert "no feature 'nope'" in _one_error_line(_cli("index", store_copy, "--feature", "nope"))
     assert _cli("index", store_copy).returncode == 0
     assert "--row 999 is outside [0, 40)" in _one_error_line(_cli("neighbours", store_copy, "--row", 999))
-    assert "not a readable image" in _one_error_line(_cli("neighbours", store_copy, "--image", store_copy / "store.json"))
+    not_image = _cli("neighbours", store_copy, "--image", store_copy / "store.json")
+    assert "not a readable image" in _one_error_line(not_image)
     assert "must be a positive integer" in _cli("neighbours", store_copy, "--row", 1, "-k", 0).stderr
     assert _cli("neighbours", store_copy).returncode == 2  # neither --row nor --image
     assert "not an embedding store" in _one_error_line(_cli("export", tmp_path, tmp_path / "o", "--format", "npy"))

@@ -127,7 +127,7 @@ def test_damaged_or_foreign_folders_are_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(PretrainedError, match=r"model.safetensors: tensor '.*' .* spans bytes"):
         from_pretrained(out)
-    with pytest.raises(PretrainedError, match="config.json not found"):
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
         from_pretrained(tmp_path)
     other = _export(tmp_path, seed=1)
     config = json.loads((other / "config.json").read_text())

@@ -38,18 +38,18 @@ class Samples:
     def __init__(self, store: EmbeddingStore):
         self.store, path = store, Path(store.info.source.get("manifest", ""))
         self.manifest: pd.DataFrame | None = None
+        self.names: dict[int, str] = {}
         if path.is_file():
             m = pd.read_parquet(path, columns=["path", "offset", "size", "label", "class_name", "split"])
             rows = selected_rows(m, store.info.source.get("split"))
             if len(rows) == store.info.num_rows:  # else not the manifest it was built from: no pictures
                 self.manifest = m.iloc[rows].reset_index(drop=True)
+                first = self.manifest.drop_duplicates("label")
+                self.names = dict(zip(first.label.astype(int), first.class_name.astype(str)))
         self.meta = store.metadata().set_index("row")
 
     def name(self, label: int) -> str:
-        if self.manifest is None:
-            return str(label)
-        names = self.manifest.loc[self.manifest.label == label, "class_name"]
-        return str(names.iloc[0]) if len(names) else str(label)
+        return self.names.get(int(label), str(label))
 
     def image(self, row: int) -> np.ndarray | None:
         """The row's image as stored (HWC uint8 RGB), None without its manifest or bytes."""

@@ -197,3 +197,15 @@ def test_export_npy_and_parquet(tmp_path):
     assert table.column("sample_id").to_pylist() == kept.sample_id.tolist()
     assert "already exists" in _one_error_line(_cli("export", store.root, tmp_path / "pq", "--format", "npy"))
     assert _cli("export", store.root, tmp_path / "x", "--format", "csv").returncode == 2
+
+
+def test_a_store_without_its_manifest_still_answers(store_copy, tmp_path):
+    info = json.loads((store_copy / "store.json").read_text())
+    info["source"]["manifest"] = str(tmp_path / "moved" / "manifest.parquet")
+    (store_copy / "store.json").write_text(json.dumps(info))
+    assert _cli("index", store_copy).returncode == 0
+    done = _cli("neighbours", store_copy, "--row", 2, "-k", 3, "--out", tmp_path / "n.png")
+    assert done.returncode == 0, done.stderr
+    table = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"])]
+    assert len(table) == 3 and all(t[4] == t[3] for t in table)  # label numbers stand in for class names
+    assert (tmp_path / "n.png").stat().st_size > 0

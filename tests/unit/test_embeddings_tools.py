@@ -209,3 +209,14 @@ def test_a_store_without_its_manifest_still_answers(store_copy, tmp_path):
     table = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"])]
     assert len(table) == 3 and all(t[4] == t[3] for t in table)  # label numbers stand in for class names
     assert (tmp_path / "n.png").stat().st_size > 0
+
+
+def test_the_index_benchmark_runs_small(tmp_path):
+    out = tmp_path / "index.json"
+    done = subprocess.run([sys.executable, "bench/index.py", "--rows", "3000", "--dim", "16", "--queries", "20",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["flat", "ivfpq"] and all(r["rows"] == 3000 for r in rows)
+    assert rows[1]["recall_at_10"] >= 0.9 and all(r["peak_rss_mb"] >= r["rss_before_build_mb"] > 0 for r in rows)

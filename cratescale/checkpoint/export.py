@@ -1,17 +1,22 @@
 """Consolidated fp32 weights as a zarr v3 group + export.json; loading executes no pickle.
 
 Layout:  out_dir/weights.zarr/<state-dict key>   one array per tensor (floating tensors as float32)
+         out_dir/model.safetensors, config.json  the same tensors for other tools (portable.py)
          out_dir/export.json                     format, model_config, provenance, tensors [name, shape,
                                                  dtype, crc32 of the C-order little-endian bytes]; the
                                                  provenance says what the run trained in (precision: bf16 |
                                                  fp32) and that the weights are its fp32 master weights
 The export is built in `out_dir.tmp` and renamed, so a visible `out_dir` is always complete.
+
+`python -m cratescale.checkpoint.export to-reference EXPORT OUT`: the authors' key layout (portable.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -24,8 +29,10 @@ import zarr
 
 from cratescale.checkpoint.commit import Commit, CheckpointError
 from cratescale.checkpoint.layout import ds_layout
+from cratescale.checkpoint.portable import write_portable
 from cratescale.checkpoint.universal import DS_TAG
-from cratescale.models import create_model, model_from_config
+from cratescale.models import model_from_config
+from cratescale.models.pretrained import read_format_json
 
 FORMAT = "cratescale-weights"
 VERSION = 1
@@ -71,15 +78,16 @@ def export_weights(state_dict: Mapping[str, torch.Tensor], model_config: dict[st
     tmp.mkdir(parents=True)
     try:
         group = zarr.open_group(store=str(tmp / WEIGHTS), mode="w", zarr_format=3)
-        tensors = []
+        tensors, arrays = [], {}
         for name, tensor in state_dict.items():
             _check_name(name)
-            data = _to_numpy(name, tensor)
+            data = arrays[name] = _to_numpy(name, tensor)
             arr = group.create_array(name=name, shape=data.shape, dtype=data.dtype,
                                      chunks=data.shape if data.ndim else (), compressors=None)
             arr[...] = data
             tensors.append({"name": name, "shape": list(data.shape), "dtype": str(data.dtype), "crc32": _crc(data)})
         header["tensors"] = tensors
+        write_portable(tmp, arrays, model_config, provenance)
         with open(tmp / INDEX, "w") as f:
             json.dump(header, f, indent=1)
             f.flush()
@@ -96,17 +104,8 @@ def export_weights(state_dict: Mapping[str, torch.Tensor], model_config: dict[st
 def read_export_header(out_dir: Path | str) -> dict[str, Any]:
     """export.json (format, model_config, provenance, tensors) without loading any weights; raises
     FileNotFoundError or ExportError (one line naming the file) when it is not an export of this format."""
-    path = Path(out_dir) / INDEX
-    try:
-        header = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"export: {path} not found (not an export dir?)") from exc
-    except ValueError as exc:
-        raise ExportError(f"export: {path} is not valid JSON: {exc}") from exc
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise ExportError(f"export: {path} has format {header.get('format')!r} v{header.get('version')}, "
-                          f"expected {FORMAT!r} v{VERSION}")
-    return header
+    return read_format_json(Path(out_dir) / INDEX, FORMAT, VERSION, ExportError, prefix="export: ",
+                            missing="not an export dir?")
 
 
 def load_export(out_dir: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
@@ -137,13 +136,14 @@ def load_model(out_dir: Path | str, device: str | torch.device = "cpu") -> tuple
     """(model in eval mode, provenance + model_config) from an export: the weights through load_export (no
     pickle), the architecture from the export's model_config."""
     state, config, provenance = load_export(out_dir)
-    if "arch" in config:
-        model = model_from_config(config)
-    else:
-        rest = {k: v for k, v in config.items() if k != "name"}
-        model = create_model(config["name"], **rest)
+    model = model_from_config(config)
     model.load_state_dict(state)
     return model.eval().to(device), {"export": str(Path(out_dir).resolve()), **provenance, "model_config": config}
+
+
+def export_fingerprint(out_dir: Path | str) -> str:
+    """sha256 of export.json, which lists every tensor's crc32: what a store records of the export it came from."""
+    return hashlib.sha256((Path(out_dir) / INDEX).read_bytes()).hexdigest()
 
 
 def _module_states(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -209,3 +209,9 @@ def training_provenance(found: Consolidated) -> dict[str, str]:
     """What export.json says about the weights' origin."""
     return {"precision": found.precision, "zero_stages": found.zero_stages, "weights": "fp32 master"}
 
+
+
+if __name__ == "__main__":
+    from cratescale.checkpoint.portable import main
+
+    sys.exit(main())

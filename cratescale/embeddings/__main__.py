@@ -1,9 +1,12 @@
-"""`python -m cratescale.embeddings info STORE` | `... extract EXPORT MANIFEST STORE [options]`."""
+"""`python -m cratescale.embeddings info STORE` | `... extract EXPORT MANIFEST STORE [options]` |
+`... index STORE [--feature F]` | `... neighbours STORE (--row N | --image PATH) -k K [--out PNG]` |
+`... export STORE OUT --format npy|parquet`."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from cratescale.embeddings.extract import ExtractionError
 from cratescale.embeddings.store import EmbeddingStore, StoreError, format_ranges
@@ -44,6 +47,53 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    from cratescale.embeddings.index import build_index
+
+    build_index(EmbeddingStore(args.store), args.feature, kind=args.kind, log=print)
+    return 0
+
+
+def _neighbours(args: argparse.Namespace) -> int:
+    from cratescale.embeddings.index import NeighbourIndex
+    from cratescale.embeddings.neighbours import Samples, by_image, by_row, picture
+
+    store = EmbeddingStore(args.store)
+    index, samples = NeighbourIndex(store, args.feature), Samples(store)
+    if args.row is not None:
+        found = by_row(index, samples, args.row, args.k)
+        m = samples.meta.loc[args.row]
+        view, title = samples.image(args.row), f"query: row {args.row}\n{samples.name(int(m.label))}"
+        print(f"query     row {args.row} (sample {m.sample_id}, {m.key}, label {m.label} {samples.name(int(m.label))})")
+    else:
+        found, view = by_image(index, samples, args.image, args.k)
+        title = f"query\n{Path(args.image).name}"
+        print(f"query     {args.image}")
+    meta = index.meta
+    print(f"index     {meta['kind']} over {meta['rows']:,} rows of {args.feature!r}, {meta['metric']}")
+    print(f"{'rank':>4} {'row':>8} {'sample_id':>10} {'label':>5}  {'class':<16} {'distance':>8}  key")
+    for n in found:
+        print(f"{n.rank:>4} {n.row:>8} {n.sample_id:>10} {n.label:>5}  {n.name:<16} {n.distance:>8.4f}  {n.key}")
+    if args.out:
+        print(f"picture   {picture(view, title, found, samples, args.out)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cratescale.embeddings.tables import export_tables
+
+    features = args.feature.split(",") if args.feature else None
+    out, n, left = export_tables(EmbeddingStore(args.store), args.out, args.format, features)
+    print(f"{out}: {n:,} rows ({args.format}); {left:,} rows without features left out")
+    return 0
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _int_or_auto(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
@@ -74,9 +124,28 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--split", default=None)
     e.add_argument("--shards-per-task", type=int, default=0, help="0: about two tasks per actor, at most 8")
     e.add_argument("--ray-address", default=None)
+    x = sub.add_parser("index", help="a FAISS nearest-neighbour index of one feature, kept in STORE/index/")
+    x.add_argument("store")
+    x.add_argument("--feature", default="cls")
+    x.add_argument("--kind", default="auto", choices=["auto", "flat", "ivfpq"],
+                   help="auto: exact up to 2,000,000 rows, IVF-PQ above")
+    n = sub.add_parser("neighbours", help="the K nearest rows to a stored row or an image, with labels")
+    n.add_argument("store")
+    query = n.add_mutually_exclusive_group(required=True)
+    query.add_argument("--row", type=int, help="a store row")
+    query.add_argument("--image", help="an image file, encoded by the store's export")
+    n.add_argument("-k", type=_positive, default=10)
+    n.add_argument("--feature", default="cls")
+    n.add_argument("--out", help="a PNG: the query and its neighbours, labels under each")
+    t = sub.add_parser("export", help="features with ids and labels as plain arrays")
+    t.add_argument("store")
+    t.add_argument("out")
+    t.add_argument("--format", required=True, choices=["npy", "parquet"])
+    t.add_argument("--feature", default=None, help="comma-separated (default: every feature)")
     args = p.parse_args(argv)
+    commands = {"info": _info, "extract": _extract, "index": _index, "neighbours": _neighbours, "export": _export}
     try:
-        return _info(args) if args.cmd == "info" else _extract(args)
+        return commands[args.cmd](args)
     except (StoreError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

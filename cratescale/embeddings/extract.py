@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from cratescale.checkpoint.export import load_model, read_export_header
+from cratescale.checkpoint.export import export_fingerprint, load_model, read_export_header
 from cratescale.embeddings.memory import RSS_LIMIT_FACTOR, RssGuard, encode_chunk
 from cratescale.embeddings.pool import init_ray  # noqa: F401 - callers start Ray through extract
 from cratescale.embeddings.store import EmbeddingStore, StoreInfo, selected_rows
@@ -90,6 +90,15 @@ def _ray_assignment() -> tuple[int, int]:
     return (int(ids[0]) if ids else -1), int(held.get("memory", 0))
 
 
+def pooled_features(out: dict[str, Any], features: Sequence[str], layers: Sequence[int]) -> dict[str, torch.Tensor]:
+    """`model.encode`'s output -> the stored features by name ("cls", "mean", "layer_<i>_<cls|mean>"), float32 CPU."""
+    feats = {f: out[f] for f in features}
+    for i, tokens in zip(layers, out.get("layers", [])):
+        pooled = {"cls": tokens[:, 0], "mean": tokens[:, 1:].mean(dim=1)}
+        feats.update({f"layer_{i}_{f}": pooled[f] for f in features})
+    return {k: v.float().cpu() for k, v in feats.items()}
+
+
 class ShardWorker:
     """Loads the model once; `run_shards(ks)` fills shards ks of the store. Also the Ray Data UDF."""
 
@@ -130,11 +139,7 @@ class ShardWorker:
                                              enabled=self.amp is not None):
             out = self.model.encode(images.to(self.device, non_blocking=True),
                                     layers=self.layers if self.layers else None)
-        feats = {f: out[f] for f in self.features}
-        for i, tokens in zip(self.layers, out.get("layers", [])):
-            pooled = {"cls": tokens[:, 0], "mean": tokens[:, 1:].mean(dim=1)}
-            feats.update({f"layer_{i}_{f}": pooled[f] for f in self.features})
-        return {k: v.float().cpu() for k, v in feats.items()}
+        return pooled_features(out, self.features, self.layers)
 
     def run_shards(self, ks: Sequence[int]) -> list[dict[str, Any]]:
         """Fill shards `ks` (skipping committed ones) from ONE loader over their rows: the loader's start-up
@@ -258,7 +263,7 @@ def prepare_store(export_dir: Path | str, manifest_path: Path | str, store_dir: 
                      source={"manifest": str(manifest.resolve()), "fingerprint": _fingerprint(manifest),
                              "split": split, "rows": n},
                      provenance={"export": str(Path(export_dir).resolve()), **provenance, "model_config": config,
-                                 "fingerprint": _fingerprint(Path(export_dir) / "export.json")})
+                                 "fingerprint": export_fingerprint(export_dir)})
     return EmbeddingStore.create(store_dir, info)
 
 

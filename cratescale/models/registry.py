@@ -57,9 +57,12 @@ def create_model(name: str, **overrides: Any) -> MaskedAutoencoder:
 
 
 def model_from_config(config: dict[str, Any]) -> MaskedAutoencoder:
-    """Rebuild a model from its `model.config` (e.g. stored next to a checkpoint)."""
+    """Rebuild a model from its `model.config` (e.g. stored next to a checkpoint). A config without `arch` (exports
+    written before it was recorded) is a registered name plus overrides."""
     rest = {k: v for k, v in config.items() if k not in ("name", "arch")}
     arch = config.get("arch")
+    if arch is None and config.get("name") in MODELS:
+        return create_model(config["name"], **rest)
     if arch not in ARCHS:
         raise ModelConfigError(f"model config has arch={arch!r}, expected one of {', '.join(map(repr, ARCHS))}")
     return ARCHS[arch](name=config.get("name", arch), **rest)

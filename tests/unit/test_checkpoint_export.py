@@ -34,7 +34,7 @@ CONFIG = {"name": "crate_mae_debug", "img_size": 32, "patch_size": 8}
 def test_round_trip_bitwise(tmp_path: Path, monkeypatch) -> None:
     state = _state()
     out = export_weights(state, CONFIG, PROV, tmp_path / "exp")
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "weights.zarr"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "export.json", "model.safetensors", "weights.zarr"]
     assert not (tmp_path / "exp.tmp").exists()
     group = zarr.open_group(str(out / "weights.zarr"), mode="r")
     assert group.metadata.zarr_format == 3 and sorted(group.array_keys()) == sorted(state)

@@ -138,6 +138,14 @@ class ClusterConfig(Strict):
     executor: Literal["local", "slurm"] = "local"
     profile: str = "local"
     nodes: int = Field(1, ge=1)
+    # The fewest nodes a restart may run on after a lost node: the largest count from min_nodes to nodes whose
+    # ranks split the global batch is used, and the full count again once the nodes are back.
+    min_nodes: int = Field(1, ge=1)
+    # No node count fits (too few usable nodes): wait for nodes to return, or stop the run with one line.
+    when_no_fit: Literal["wait", "stop"] = "wait"
+    # How often following a SLURM run asks SLURM (squeue while it lives, sacct once it ended); the run directory
+    # (metrics, commits) is read every second. Schedulers' admins forbid tighter polling of slurmdbd.
+    slurm_poll_s: float = Field(30.0, ge=10)
     tasks_per_node: int = Field(2, ge=1)
     time_min: int | None = Field(None, gt=0)
     partition: str | None = None
@@ -214,6 +222,8 @@ class JobConfig(Strict):
     def _check(self) -> "JobConfig":
         if not _JOB_NAME.match(self.name):
             raise ValueError(f"name {self.name!r}: use letters, digits, '.', '_' or '-' (at most 64), no spaces or quotes")
+        if self.cluster.min_nodes > self.cluster.nodes:
+            raise ValueError(f"cluster.min_nodes {self.cluster.min_nodes} > cluster.nodes {self.cluster.nodes}")
         world = self.world_size
         per_rank, rest = divmod(self.schedule.global_batch, world)
         if rest:

@@ -193,6 +193,15 @@ def _workers_arg(text: str) -> Workers:
         raise argparse.ArgumentTypeError(f"{text!r}: give auto or a number") from None
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"cratescale {version('cratescale')}"
+    except PackageNotFoundError:
+        return "cratescale (not installed: run from a checkout)"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.ingest", description=__doc__.split("\n")[0])
     ap.add_argument("source")
@@ -207,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality for --reshard")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--version", action="version", version=_version())
     a = ap.parse_args(argv)
     try:
         res = run_ingest(a.source, a.out, reshard=a.reshard, shard_size=a.shard_size, val_per_class=a.val_per_class,

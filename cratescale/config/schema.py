@@ -21,6 +21,7 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
+    # A registered model (python -m cratescale.models lists them with their parameter counts).
     name: str = Field("crate_mae_debug", json_schema_extra=IDENTITY)
     # Constructor overrides of the registered size (img_size, patch_size, lambd, eta, mask_ratio, ...).
     overrides: dict[str, Any] = Field(default_factory=dict, json_schema_extra=IDENTITY)
@@ -33,26 +34,35 @@ class DataConfig(Strict):
     root: str | None = None
     # Size hint for --dry-run before ingest has counted (ImageNet-21k fall11: 14,197,122).
     expected_samples: int | None = Field(None, gt=0)
+    # The square side, in pixels, that the loader crops and resizes to (the model's img_size).
     image_size: int = Field(32, gt=0, json_schema_extra=IDENTITY)
+    # The training decoder: dali (DALI, CPU here and nvJPEG on GPUs), pil (PIL workers), or auto (DALI if
+    # installed).
     loader: Literal["auto", "dali", "pil"] = "auto"
+    # DALI's CPU threads per rank.
     num_threads: int = Field(1, ge=1)
     # DALI on GPUs: share of JPEGs for the hardware decoder (BENCHMARKS.md "Input pipeline plan"), and how many
     # batches the pipeline prepares ahead of the training step. hw_decoder_load and shard_size are
     # data_pipeline's defaults too (HW_DECODER_LOAD, SHARD_SIZE; tests/unit/test_config.py keeps them equal).
     hw_decoder_load: float = Field(0.75, ge=0.0, le=1.0)
+    # Batches DALI prepares ahead of the training step.
     prefetch_depth: int = Field(2, ge=1, le=8)
     # GPU JPEG decode route: roi (crop-window decoder), full (whole image + GPU slice), or auto (roi if it
     # survives a two-batch probe in a child process at start-up, else full; data_pipeline/gpu_decode.py).
     gpu_decode: Literal["auto", "roi", "full"] = "auto"
     # Processes that read encoded bytes for DALI's parallel external source (training, extraction, evaluation).
     feed_workers: int = Field(1, ge=1)
+    # Ingest: samples per class held out as the val split (the evaluation's test set).
     val_per_class: int = Field(0, ge=0)
+    # Ingest: re-encode images to this side (shorter edge, JPEG) into new tar shards; null keeps the source bytes.
     reshard: int | None = Field(None, gt=0)
+    # Ingest: samples per tar shard when resharding.
     shard_size: int = Field(1000, gt=0)
     # Bad-data budget (engine/data_budget.py): the run stops with one line when unreadable samples exceed this
     # fraction of the samples seen, or most of the last bad_window_steps steps' samples, or one finds no
     # decodable replacement.
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    # The window, in steps, of the bad-data budget's 'most of the recent samples' rule.
     bad_window_steps: int = Field(10, ge=1)
     # Ingest tasks in flight: one per CPU of the Ray cluster the launcher runs in ("auto"), a number, or 0 (inline).
     ingest_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
@@ -60,8 +70,11 @@ class DataConfig(Strict):
 
 class OptimConfig(Strict):
     base_lr: float = Field(1.5e-4, gt=0, json_schema_extra=IDENTITY)  # scaled by global_batch / 256
+    # AdamW's decoupled weight decay; 1-D parameters (norms, biases) and the tokens and position tables get none.
     weight_decay: float = Field(0.05, ge=0, json_schema_extra=IDENTITY)
+    # AdamW's (beta1, beta2).
     betas: tuple[float, float] = Field((0.9, 0.95), json_schema_extra=IDENTITY)
+    # Clip the global gradient norm to this; null turns clipping off.
     grad_clip: float | None = Field(1.0, gt=0, json_schema_extra=IDENTITY)
 
 
@@ -69,10 +82,16 @@ class ScheduleConfig(Strict):
     # The global batch defines the data order; micro_batch only splits it (as the world size does), and the length
     # and warmup may change on resume (the learning-rate schedule is then recomputed, with a note).
     global_batch: int = Field(64, gt=0, json_schema_extra=IDENTITY)
+    # Images per rank per forward/backward; on a world where it does not divide the per-rank share, smaller ones are
+    # used.
     micro_batch: int = Field(16, gt=0)
+    # Training length in optimizer steps (set this or epochs).
     steps: int | None = Field(None, gt=0)
+    # Training length in epochs of the training split (set this or steps).
     epochs: float | None = Field(None, gt=0)
+    # Linear learning-rate warm-up, in steps (overrides warmup_epochs); then a cosine decay to the end.
     warmup_steps: int | None = Field(None, ge=0)
+    # Linear learning-rate warm-up, in epochs, when warmup_steps is not set.
     warmup_epochs: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
@@ -85,8 +104,12 @@ class ScheduleConfig(Strict):
 
 
 class ParallelConfig(Strict):
+    # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+ gradients), 3 (+
+    # parameters).
     zero_stage: Literal[0, 1, 2, 3] = 2
+    # Training precision: bf16 (fp32 master weights) or fp32.
     precision: Literal["fp32", "bf16"] = "bf16"
+    # The process group's backend: nccl (GPUs), gloo (CPUs), or auto (nccl when CUDA is there).
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # Recompute block activations in backward (memory for about one extra forward); see distributed/wrap.py.
     activation_checkpointing: bool = False
@@ -118,11 +141,15 @@ class ParallelConfig(Strict):
 
 
 class CheckpointConfig(Strict):
+    # Commit a checkpoint every this many steps (and always at a stop and at the end).
     every_steps: int = Field(100, gt=0)
+    # Committed checkpoints kept (the newest is never deleted).
     keep_last: int = Field(3, ge=1)
+    # Also keep every commit whose step is a multiple of this; 0 keeps none beyond keep_last.
     keep_every: int = Field(0, ge=0)
     # Resume from a checkpoint of another run/model/global batch by loading only its weights.
     start_fresh_from_weights: str | None = None
+    # Resume even when the checkpoint's identity (model, optimizer, batch, seed, data) differs, with a warning.
     allow_config_change: bool = False
     # Resume under another decoder (DALI cpu / mixed, PIL, other versions): its pixels differ from the saved run's.
     allow_decoder_change: bool = False
@@ -131,60 +158,95 @@ class CheckpointConfig(Strict):
     # it, or is skipped (counted in metrics and the console). The final/stop commit always waits.
     # Off by default until the whole fault tier has passed with it (tests/faults run it explicitly).
     async_commit: bool = False
+    # With async_commit: a commit asked while one is still writing waits for it (wait) or is skipped and counted
+    # (skip).
     when_busy: Literal["wait", "skip"] = "wait"
 
 
 class ClusterConfig(Strict):
+    # Where training runs: local (processes on this machine, through submitit) or slurm (submitted with sbatch).
     executor: Literal["local", "slurm"] = "local"
+    # A cluster profile from cluster/profiles/ (partition, GPUs and CPUs per node, env, peak FLOP/s), or a path.
     profile: str = "local"
+    # Nodes to train on.
     nodes: int = Field(1, ge=1)
+    # The fewest nodes a restart may run on after a lost node: the largest count from min_nodes to nodes whose
+    # ranks split the global batch is used, and the full count again once the nodes are back.
+    min_nodes: int = Field(1, ge=1)
+    # No node count fits (too few usable nodes): wait for nodes to return, or stop the run with one line.
+    when_no_fit: Literal["wait", "stop"] = "wait"
+    # How often following a SLURM run asks SLURM (squeue while it lives, sacct once it ended); the run directory
+    # (metrics, commits) is read every second. Schedulers' admins forbid tighter polling of slurmdbd.
+    slurm_poll_s: float = Field(30.0, ge=10)
+    # Ranks per node (one per GPU on a GPU cluster).
     tasks_per_node: int = Field(2, ge=1)
+    # The job's time limit in minutes; null takes the profile's.
     time_min: int | None = Field(None, gt=0)
+    # The SLURM partition; null takes the profile's.
     partition: str | None = None
+    # Requeues and resubmissions a run may use in all before it stops.
     max_requeues: int = Field(20, ge=0)
+    # A Ray cluster to join for ingest and extraction; null starts (or joins) a local one.
     ray_address: str | None = None
     array: list[dict[str, Any]] = Field(default_factory=list)  # one run per entry: overrides
 
 
 class LoggingConfig(Strict):
+    # A metrics row and a console line every this many steps.
     every_steps: int = Field(10, gt=0)
     # Record every consumed sample id per rank and step (samples/rank<r>.jsonl): audits the data order.
     sample_log: bool = False
+    # Mirror the metrics to TensorBoard under <run_dir>/tensorboard.
     tensorboard: bool = True
     # The launcher's progress bars (ingest, training); false for a console that is a log file.
     progress: bool = True
 
 
 class TransferSet(Strict):
+    # The set's name: its store is embeddings/<name>, its report report/<name>.
     name: str
+    # The set's images: a folder of class folders, a tar, or synthetic://...
     source: str
+    # Samples per class held out as its test split.
     val_per_class: int = Field(0, ge=0)
 
 
 class ExtractConfig(Strict):
+    # What each store row holds: cls (the class token) and/or mean (mean of the patch tokens).
     features: list[str] = Field(default_factory=lambda: ["cls", "mean"])
+    # Encoder blocks whose mean-pooled output is stored too (evaluate.layers adds every block).
     layers: list[int] = Field(default_factory=list)
+    # The stored features' precision.
     dtype: Literal["float16", "float32"] = "float16"
     # A number, or "auto": the largest batch / most actors the nodes' memory and CPUs (GPUs) hold, from each
     # actor's predicted peak memory (embeddings/memory.py); actors ask Ray for that memory either way.
     batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = 64
+    # Extraction actors (Ray), or auto.
     actors: Annotated[int, Field(ge=1)] | Literal["auto"] = 2
+    # Rows per store shard (the unit one writer owns and commits).
     shard_rows: int = Field(4096, gt=0)
     # GPUs each actor asks Ray for (0: CPU actors, which never touch a GPU); on a GPU the encoder runs in bf16
     # autocast. A dead actor (killed for memory or anything) restarts at most max_restarts times, then the stage
     # stops with one line; committed shards are kept.
     gpus_per_actor: float = Field(0.0, ge=0)
+    # Restarts of a dead extraction actor before the stage stops with one line.
     max_restarts: int = Field(3, ge=0)
     # Datasets to embed; empty means the pretraining data itself.
     datasets: list[TransferSet] = Field(default_factory=list)
 
 
 class EvaluateConfig(Strict):
+    # The stored feature the report's probe and kNN use (cls or mean).
     feature: str = "cls"
+    # Neighbours of the weighted kNN classifier.
     knn_k: int = Field(20, gt=0)
+    # The kNN's softmax temperature over cosine similarities.
     knn_temperature: float = Field(0.07, gt=0)
+    # Fit the linear probe (L-BFGS, C chosen on a validation split).
     probe: bool = True
+    # White-box diagnostics: coding rate, R^c and sparsity per layer, attention maps, reconstructions.
     diagnostics: bool = True
+    # Images shown in the attention and reconstruction figures.
     diagnostic_images: int = Field(8, gt=0)
     # Beside the pretrained features, the same protocol on: "init" (the same architecture at its
     # initialization, same seed; extract embeds it too) and "pixels" (raw pixels at the model's input size).
@@ -194,9 +256,13 @@ class EvaluateConfig(Strict):
 
 
 class JobConfig(Strict):
+    # The run's name: letters, digits, '.', '_' or '-'; the SLURM job name and ${name} in run_dir.
     name: str = "demo"
+    # Where the run lives (config, metrics, checkpoints, exports, embeddings, reports); ${name} is replaced.
     run_dir: str = "runs/${name}"
+    # Seeds the model's initialization, the sampler's permutations and every per-sample augmentation and mask.
     seed: int = Field(0, json_schema_extra=IDENTITY)
+    # The stages to run, in this order: ingest, pretrain, export, extract, evaluate.
     stages: list[Literal["ingest", "pretrain", "export", "extract", "evaluate"]] = Field(
         default_factory=lambda: ["ingest", "pretrain", "export"])
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -214,6 +280,8 @@ class JobConfig(Strict):
     def _check(self) -> "JobConfig":
         if not _JOB_NAME.match(self.name):
             raise ValueError(f"name {self.name!r}: use letters, digits, '.', '_' or '-' (at most 64), no spaces or quotes")
+        if self.cluster.min_nodes > self.cluster.nodes:
+            raise ValueError(f"cluster.min_nodes {self.cluster.min_nodes} > cluster.nodes {self.cluster.nodes}")
         world = self.world_size
         per_rank, rest = divmod(self.schedule.global_batch, world)
         if rest:

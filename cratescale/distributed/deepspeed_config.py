@@ -4,17 +4,19 @@ from __future__ import annotations
 from typing import Any
 
 from cratescale.config import JobConfig
+from cratescale.config.batching import split_for_world
 
 
 def deepspeed_config(job: JobConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """For the live world: a run restarted on fewer ranks keeps its global batch (config/batching.py)."""
     sched = job.schedule
-    accum, rest = divmod(sched.global_batch, sched.micro_batch * world_size)
-    if rest or accum < 1:
-        raise ValueError(f"schedule.global_batch {sched.global_batch} != micro_batch {sched.micro_batch} x "
-                         f"grad_accum x world_size {world_size}")
+    split = split_for_world(sched.global_batch, world_size, sched.micro_batch)
+    if split is None:
+        raise ValueError(f"schedule.global_batch {sched.global_batch} cannot be split over {world_size} ranks")
+    micro, accum = split
     config: dict[str, Any] = {
         "train_batch_size": sched.global_batch,
-        "train_micro_batch_size_per_gpu": sched.micro_batch,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "zero_optimization": {"stage": job.parallel.zero_stage},
         "bf16": {"enabled": job.parallel.precision == "bf16"},

@@ -22,6 +22,8 @@ class StartRecord(TypedDict):
     decoder_changed_from: str | None
     gpu_decode: dict[str, Any]  # the decode route; fallbacks summed over ranks
     schedule_note: str | None
+    micro_batch: NotRequired[int]  # on this world (config/batching.py); schedule.micro_batch or smaller
+    accum: NotRequired[int]
     time: NotRequired[float]
 
 

@@ -19,6 +19,7 @@ import torch
 
 from cratescale.checkpoint import CheckpointStore
 from cratescale.config import JobConfig, RunPaths, job_identity, schedule_note
+from cratescale.config.batching import describe_split, split_for_world
 from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
 from cratescale.engine import optim
 from cratescale.engine.commit_async import AsyncCommitter
@@ -60,6 +61,13 @@ class Trainer:
 
         job, world, sched = self.job, self.world, self.job.schedule
         backend = init_distributed(world, job.parallel.backend, timeout_s=job.parallel.collective_timeout_s)
+        # From the live world: a job restarted on fewer nodes than its config names (a lost node, an elastic -N1-2
+        # allocation) keeps its global batch with more accumulation, or smaller micro-batches.
+        split = split_for_world(sched.global_batch, world.world_size, sched.micro_batch)
+        if split is None:
+            raise ValueError(f"schedule.global_batch {sched.global_batch} cannot be split over {world.world_size} "
+                             f"ranks; restart on a node count that divides it")
+        self.micro, self.accum = split
         self.steps_per_epoch = count_train_samples(self.manifest) // sched.global_batch
         if self.steps_per_epoch < 1:
             raise ValueError(f"{self.manifest}: fewer training samples than one global batch ({sched.global_batch})")
@@ -84,7 +92,7 @@ class Trainer:
         self.loader = make_train_loader(
             self.manifest, state=LoaderState.from_step(self.step, self.steps_per_epoch, sched.global_batch, job.seed),
             rank=world.rank, world_size=world.world_size, global_batch=sched.global_batch,
-            micro_batch=sched.micro_batch, image_size=job.data.image_size, num_patches=model.num_patches,
+            micro_batch=self.micro, image_size=job.data.image_size, num_patches=model.num_patches,
             kind=self.decoder.kind, device=self.decoder.device, num_threads=job.data.num_threads,
             hw_decoder_load=job.data.hw_decoder_load, prefetch_depth=job.data.prefetch_depth,
             gpu_decode=job.data.gpu_decode, py_workers=job.data.feed_workers)
@@ -94,9 +102,6 @@ class Trainer:
             path = self.paths.sample_log(world.rank)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.sample_log = self.closing.enter_context(path.open("a", buffering=1))
-        # From the live world, as deepspeed_config does: a job requeued onto fewer nodes than its config names (a
-        # lost node, an elastic -N1-2 allocation) keeps its global batch with more accumulation.
-        self.accum = sched.global_batch // (sched.micro_batch * world.world_size)
         # The model casts its input to its own dtype; the pixels it is given are also the loss's target, so a bf16
         # run hands over fp32 pixels unless parallel.bf16_target asks for the bf16-quantised target.
         bf16_input = job.parallel.precision == "bf16" and job.parallel.bf16_target == "bf16"
@@ -138,9 +143,12 @@ class Trainer:
                            "total_steps": self.total, "job_id": world.job_id,
                            "setup_s": round(time.perf_counter() - self.entered, 3), "speed": speed,
                            "decoder": decoder.identity, "decoder_why": decoder.why, "decoder_changed_from": was,
-                           "gpu_decode": route, "schedule_note": note})
+                           "gpu_decode": route, "schedule_note": note, "micro_batch": self.micro,
+                           "accum": self.accum})
         if note:
             say(note)
+        if split_note := describe_split(self.job, world.world_size):
+            say(split_note)
         say(f"decoder: {decoder.identity} ({decoder.why})"
              + (f"; resumed from a run decoded by {was} (checkpoint.allow_decoder_change)" if was else ""))
         if route["fallbacks"]:

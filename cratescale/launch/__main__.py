@@ -1,4 +1,8 @@
-"""python -m cratescale.launch JOB.yaml [key=value ...] [--dry-run]  |  ... status RUN_DIR [--json]"""
+"""python -m cratescale.launch JOB.yaml [key=value ...] [--dry-run | --print-config] [--stages a,b]
+   python -m cratescale.launch config [JOB.yaml [key=value ...]] [--markdown]   every field, its default, doc
+   python -m cratescale.launch status RUN_DIR [--json]
+
+Options and key=value overrides may come in any order."""
 from __future__ import annotations
 
 import argparse
@@ -9,14 +13,37 @@ from cratescale.launch.run import launch
 from cratescale.launch.status import show_status
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"cratescale {version('cratescale')}"
+    except PackageNotFoundError:  # a checkout run without `pip install -e .`
+        return "cratescale (not installed: run from a checkout)"
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cratescale.launch", description=__doc__)
-    parser.add_argument("job", help="job YAML, or 'status' followed by a run directory")
+    parser = argparse.ArgumentParser(prog="python -m cratescale.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", help="job YAML, or 'config' / 'status' followed by their arguments")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (or the run directory for status)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved job as YAML; start nothing")
     parser.add_argument("--stages", help="comma-separated subset of the job's stages to run")
     parser.add_argument("--json", action="store_true", help="status: print JSON for scripts instead of a table")
-    return parser.parse_args(argv)
+    parser.add_argument("--markdown", action="store_true", help="config: print docs/config.md")
+    parser.add_argument("--version", action="version", version=_version())
+    return parser.parse_intermixed_args(argv)
+
+
+def show_config(args: argparse.Namespace) -> int:
+    from cratescale.config import load_job
+    from cratescale.config.reference import render_markdown, render_text, rows_for_job
+
+    job = load_job(args.overrides[0], args.overrides[1:]) if args.overrides else None
+    rows = rows_for_job(job)
+    print(render_markdown(rows) if args.markdown else render_text(rows), end="" if args.markdown else "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.overrides) != 1:
                 raise ConfigError("status: give exactly one run directory")
             return show_status(args.overrides[0], as_json=args.json)
-        return launch(args.job, args.overrides, dry_run=args.dry_run, stages=args.stages)
+        if args.job == "config":
+            return show_config(args)
+        return launch(args.job, args.overrides, dry_run=args.dry_run, stages=args.stages,
+                      print_config=args.print_config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

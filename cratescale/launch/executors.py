@@ -20,15 +20,16 @@ def time_limit_min(job: JobConfig, profile: ProfileConfig) -> int:
     return job.cluster.time_min or profile.time_min
 
 
-def slurm_parameters(job: JobConfig, profile: ProfileConfig) -> dict[str, Any]:
-    """sbatch parameters (submitit.SlurmExecutor names) for the job on this profile."""
+def slurm_parameters(job: JobConfig, profile: ProfileConfig, nodes: int | None = None) -> dict[str, Any]:
+    """sbatch parameters (submitit.SlurmExecutor names) for the job on this profile; `nodes`: the count this
+    submission runs on (a restart after a lost node: fewer than cluster.nodes)."""
     # Values are shell-quoted below; a name cannot be quoted in `export NAME=...`, so it must be a plain one.
     bad = [key for key in profile.env if not _ENV_NAME.match(key)]
     if bad:
         raise ConfigError(f"cluster.profile: {profile.name!r} env name {bad[0]!r} is not a shell variable name")
     params: dict[str, Any] = {
         "job_name": job.name,
-        "nodes": job.cluster.nodes,
+        "nodes": nodes or job.cluster.nodes,
         "ntasks_per_node": job.cluster.tasks_per_node,
         "cpus_per_task": profile.cpus_per_task,
         "time": time_limit_min(job, profile),
@@ -44,7 +45,7 @@ def slurm_parameters(job: JobConfig, profile: ProfileConfig) -> dict[str, Any]:
     return params
 
 
-def make_executor(job: JobConfig, profile: ProfileConfig, folder: Path) -> submitit.Executor:
+def make_executor(job: JobConfig, profile: ProfileConfig, folder: Path, nodes: int | None = None) -> submitit.Executor:
     if job.cluster.executor == "local":
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(tasks_per_node=job.world_size, timeout_min=time_limit_min(job, profile),
@@ -52,7 +53,7 @@ def make_executor(job: JobConfig, profile: ProfileConfig, folder: Path) -> submi
         return executor
     # max_num_timeout bounds how many USR2 stops submitit tolerates; our own requeue path counts separately.
     executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=job.cluster.max_requeues)
-    executor.update_parameters(**slurm_parameters(job, profile))
+    executor.update_parameters(**slurm_parameters(job, profile, nodes))
     return executor
 
 

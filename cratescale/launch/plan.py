@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from cratescale.config import JobConfig, ProfileConfig, RunPaths
+from cratescale.config.batching import resumable_node_counts, split_for_world
 from cratescale.distributed import deepspeed_config
 from cratescale.engine import optim
 from cratescale.engine.model_build import build_model, count_train_samples
@@ -77,6 +78,17 @@ def estimate_line(plan: Plan, profile: ProfileConfig) -> str | None:
     return line + f"  [{measured.source or 'profile measured_step'}]"
 
 
+def resumable_line(job: JobConfig) -> str:
+    """The node counts a restart after a lost node can run on (cluster.min_nodes up to cluster.nodes)."""
+    counts = resumable_node_counts(job)
+    splits = [(n, split_for_world(job.schedule.global_batch, n * job.cluster.tasks_per_node,
+                                  job.schedule.micro_batch)) for n in counts]
+    shown = ", ".join(f"{n} (micro {s[0]} x accum {s[1]})" for n, s in splits[::-1][:6])
+    more = f" and {len(splits) - 6} smaller" if len(splits) > 6 else ""
+    return (f"{shown}{more} nodes (cluster.min_nodes {job.cluster.min_nodes}); other counts do not split the global "
+            f"batch {job.schedule.global_batch}" if splits else "no node count splits the global batch")
+
+
 def render_plan(job: JobConfig, profile: ProfileConfig, paths: RunPaths) -> str:
     plan = make_plan(job, paths)
     lines = [
@@ -86,6 +98,7 @@ def render_plan(job: JobConfig, profile: ProfileConfig, paths: RunPaths) -> str:
         f"model          {plan.model_name}: {plan.params_total:,} parameters ({plan.params_trainable:,} trainable), "
         f"{plan.flops_per_image / 1e9:.2f} GFLOP per image per step",
         f"ranks          {job.cluster.nodes} nodes x {job.cluster.tasks_per_node} = {plan.world_size}",
+        f"resumable on   {resumable_line(job)}",
         f"batch          global {plan.global_batch} = micro {plan.micro_batch} x accum {plan.grad_accum} x "
         f"{plan.world_size} ranks; peak lr {plan.peak_lr:.3g}",
         f"data           {job.data.source} -> {paths.manifest}"

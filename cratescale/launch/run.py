@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cratescale.config import ConfigError, JobConfig, ProfileConfig, RunPaths, dump_job, load_job, load_profile
+from cratescale.config import (ConfigError, JobConfig, ProfileConfig, RunPaths, dump_job, job_warnings, job_yaml,
+                               load_job, load_profile)
 from cratescale.launch.array import expand_array, pretrain_array, write_members
 from cratescale.launch.datacheck import check_data
 from cratescale.launch.display import StageError, console
@@ -86,9 +87,15 @@ def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: l
             raise ConfigError(f"cluster: {err}") from None
 
 
-def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: str | None = None) -> int:
+def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: str | None = None,
+           print_config: bool = False) -> int:
     job, paths = resolve(load_job(job_path, overrides))
+    if print_config:
+        print(job_yaml(job), end="")
+        return 0
     profile = load_profile(job.cluster.profile)
+    for warning in job_warnings(job):
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     chosen = [s for s in job.stages if stages is None or s in stages.split(",")]
     if stages and (unknown := set(stages.split(",")) - set(STAGES)):
         raise ConfigError(f"--stages: unknown stage(s) {sorted(unknown)}; known: {list(STAGES)}")

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 
 __all__ = ["SlurmError", "SlurmRequestError", "check_request", "job_history", "job_info", "node_info", "parse_gpus",
-           "parse_records", "partitions", "partitions_from", "usable_nodes", "validate_request"]
+           "parse_records", "partitions", "partitions_from", "queue_state", "usable_nodes", "validate_request"]
 
 # A key starts a token: "Key=" at the start or after whitespace. Keys look like JobId, CPUs/Task, AllocNode:Sid.
 _KEY = re.compile(r"(?:^|(?<=\s))([A-Za-z][\w/:.\-]*)=")
@@ -140,6 +140,17 @@ def job_info(job_id: str | int) -> dict[str, str]:
         raise SlurmError(f"scontrol show job {job_id} failed (rc {res.returncode}): {res.stderr.strip()}")
     recs = parse_records(res.stdout)
     return next((r for r in recs if r.get("JobId") == str(job_id)), recs[0] if recs else {})
+
+
+def queue_state(job_id: str | int) -> str | None:
+    """The job's state in the controller's queue (squeue: no accounting database), None once it left the queue."""
+    res = _run("squeue", "-h", "-j", str(job_id), "-o", "%T")
+    if res.returncode != 0:
+        if "Invalid job id" in res.stderr:
+            return None
+        raise SlurmError(f"squeue -j {job_id} failed (rc {res.returncode}): {res.stderr.strip()}")
+    states = res.stdout.split()
+    return states[0] if states else None
 
 
 def job_history(job_id: str | int) -> list[str]:

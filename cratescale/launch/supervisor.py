@@ -14,13 +14,15 @@ from typing import Any
 import ray
 
 from cratescale.checkpoint import CheckpointStore
-from cratescale.config import RunPaths, dump_job, load_job, load_profile
+from cratescale.config import RunPaths, load_job, load_profile
+from cratescale.config.batching import no_fit_line, nodes_to_run_on
 from cratescale.distributed.rendezvous import free_port
 from cratescale.files import replace_durable
 from cratescale.launch.entry import TrainTask
 from cratescale.launch.executors import make_executor
 from cratescale.launch.failures import RankFailure, classify_failure, clear_failures, job_failure, may_retry
 from cratescale.launch.progress import RunProgress
+from cratescale.launch.slurm_watch import SlurmWatch
 
 _DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "DEADLINE", "BOOT_FAIL"}
 # Ends that a resubmission may cure (kill -9, OOM killer, a lost node, a save that outlived the time limit).
@@ -52,9 +54,14 @@ class Supervisor:
         self.step_at_submit = 0
         self.failure: RankFailure | None = None
         self.node_failures = 0
+        self.nodes = self.job.cluster.nodes  # what the current submission runs on (fewer after a lost node)
+        self.watch: SlurmWatch | None = None
+        self.slurm_queries: list[float] = []  # when the watches of every submission asked SLURM (monotonic s)
+        self.no_fit: str | None = None  # why no node count fits now (waiting for nodes), shown by the follower
+        self.nodes_checked_at: float | None = None
 
     def submit(self) -> str:
-        executor = make_executor(self.job, self.profile, self.paths.submitit_dir / "%j")
+        executor = make_executor(self.job, self.profile, self.paths.submitit_dir / "%j", nodes=self.nodes)
         clear_failures(self.paths.run_dir)
         self.failure = None
         self.step_at_submit = self.progress.update()["step"]
@@ -63,14 +70,22 @@ class Supervisor:
         self.task.attempt = next_attempt(self.paths.checkpoints, len(self.submissions))
         self.submitit_job = executor.submit(self.task)
         self.submissions.append(str(self.submitit_job.job_id))
+        if self.job.cluster.executor == "slurm":
+            if self.watch is not None:
+                self.slurm_queries += self.watch.asked_at
+            self.watch = SlurmWatch(self.submitit_job.job_id, self.job.cluster.slurm_poll_s)
         self._save_state()
         return str(self.submitit_job.job_id)
 
     def _save_state(self) -> None:
         state = {"executor": self.job.cluster.executor, "job_ids": self.submissions, "resubmits": self.resubmits,
-                 "node_failures": self.node_failures, "nodes": self.job.cluster.nodes,
-                 "submitit_dir": str(self.paths.submitit_dir)}
+                 "node_failures": self.node_failures, "nodes": self.nodes, "configured_nodes": self.job.cluster.nodes,
+                 "submitit_dir": str(self.paths.submitit_dir), "slurm_queries": self.queries_made()}
         replace_durable(self.paths.launch_state, json.dumps(state, indent=1))
+
+    def queries_made(self) -> list[float]:
+        """When this follower asked SLURM about its jobs (monotonic seconds), every submission's questions."""
+        return self.slurm_queries + (self.watch.asked_at if self.watch else [])
 
     def _state(self) -> str:
         job = self.submitit_job
@@ -81,13 +96,10 @@ class Supervisor:
                 job.cancel(check=False)  # the other ranks would wait for the dead one until the timeout
                 return "FAILED"
             return "COMPLETED" if job.done() and self._result_ok() else ("FAILED" if job.done() else "RUNNING")
-        try:
-            return str(job.get_info(mode="force").get("State", "UNKNOWN")).split()[0]
-        except Exception:  # noqa: BLE001 - sacct hiccups: report, poll again
-            return "UNKNOWN"
+        return self.watch.poll()
 
     def _some_rank_failed(self) -> bool:
-        for rank in range(self.job.world_size):
+        for rank in range(self.world_size):
             task = self.submitit_job.task(rank)
             if task.done() and task.exception() is not None:
                 return True
@@ -100,82 +112,73 @@ class Supervisor:
         except Exception:  # noqa: BLE001
             return False
 
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.job.cluster.tasks_per_node
+
     def poll(self) -> dict[str, Any]:
         state = self._state()
         summary = self.progress.update()
-        if state not in ("RUNNING", "COMPLETED", "UNSUBMITTED") and self._lost_a_node():
+        if self.watch is not None and self.watch.lost_a_node:
             state = self._resume_on_nodes_left(summary)
-        elif state in _CRASHED and not self._old_job_gone():
-            state = "COMPLETING"  # look again at the next poll
         elif state in _CRASHED and self._may_resubmit(summary):
             # SLURM requeues a job that stops on a signal under the same id; a job that died (kill -9 of its
-            # ranks, a crash) ends here instead and gets a new one.
+            # ranks, a crash) ends here instead and gets a new one, on the full node count if the nodes are back.
             self.resubmits += 1
+            self.nodes = self._nodes_that_fit() or self.nodes
             self.submit()
             state = "REQUEUED"
         return {"state": state, "job_id": self.submissions[-1] if self.submissions else None,
                 "done": state in _DONE, "requeues": self.resubmits, "node_failures": self.node_failures,
-                "nodes": self.job.cluster.nodes, **summary}
-
-    def _old_job_gone(self) -> bool:
-        """Never two jobs on one run_dir: SLURM must have finished the old one (sacct can run ahead of it)."""
-        if self.job.cluster.executor != "slurm":
-            return True
-        from cratescale.launch.slurm_tools import SlurmError, job_info
-
-        try:
-            info = job_info(self.submitit_job.job_id)
-        except SlurmError:
-            return False
-        if info.get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED"):
-            self.submitit_job.cancel(check=False)  # sacct said it ended, SLURM has it again: ours now
-            return False
-        return not info or info.get("JobState") in _DONE
-
-    def _lost_a_node(self) -> bool:
-        """SLURM ended the job NODE_FAIL. It requeues such a job itself, for the full node count, and then
-        submitit (and plain sacct) report PENDING or a final NODE_FAIL (SLURM_MULTINODE.md pitfall 13): ask
-        sacct for the job's whole history instead."""
-        if self.job.cluster.executor != "slurm":
-            return False
-        from cratescale.launch.slurm_tools import SlurmError, job_history
-
-        try:
-            return "NODE_FAIL" in job_history(self.submitit_job.job_id)
-        except SlurmError:
-            return False
+                "nodes": self.nodes, "no_fit": self.no_fit, **summary}
 
     def _resume_on_nodes_left(self, summary: dict[str, Any]) -> str:
-        """Take over a job that lost a node: cancel SLURM's requeue (it would wait for the dead node) and
-        resubmit on the nodes that are left. The run resumes elastically from its newest commit: same global
-        batch and sample sequence on fewer ranks."""
-        from cratescale.launch.slurm_tools import SlurmError, job_info, usable_nodes
-
-        waiting = ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING")
-        try:
-            if job_info(self.submitit_job.job_id).get("JobState") in waiting:
+        """Take over a job that lost a node (SLURM_MULTINODE.md pitfall 13: SLURM requeues it for the full node
+        count and it would wait for the dead node): cancel it, and once it left the queue resubmit on the largest
+        node count that the usable nodes hold and whose ranks split the global batch (config/batching.py). The
+        run resumes elastically from its newest commit: same global batch and sample sequence on fewer ranks."""
+        if not self.watch.left_queue:
+            if self.watch.state in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING"):
                 self.submitit_job.cancel(check=False)
-                return "COMPLETING"  # resubmit once SLURM has let go of it (next poll)
-            left = usable_nodes(self.job.cluster.partition or self.profile.partition)
-        except SlurmError:
-            return "COMPLETING"  # sacct/scontrol hiccup: look again at the next poll
+            return "COMPLETING"  # resubmit once SLURM has let go of it
         if summary["finished"] or self.resubmits >= self.job.cluster.max_requeues:
             return "NODE_FAIL"
-        if left < 1:
-            return "PENDING"  # no node to run on: wait for one to come back
-        self.job.cluster.nodes = min(self.job.cluster.nodes, left)
-        dump_job(self.job, self.paths.config)  # the run's record says what it runs on now
+        nodes = self._nodes_that_fit()
+        if nodes is None:
+            return "NODE_FAIL" if self.no_fit and self.job.cluster.when_no_fit == "stop" else "PENDING"
+        self.nodes = nodes
         self.node_failures += 1
         self.resubmits += 1
         self.submit()
         return "REQUEUED"
+
+    def _nodes_that_fit(self) -> int | None:
+        """The node count a resubmission runs on: the largest that the usable nodes hold and whose ranks split the
+        global batch, so a run grows back to cluster.nodes once they return. Asked at most once a poll period
+        (None in between, and when none fits: then `no_fit` says why)."""
+        from cratescale.launch.slurm_tools import SlurmError, usable_nodes
+
+        if self.job.cluster.executor != "slurm":
+            return self.job.cluster.nodes
+        now = time.monotonic()
+        if self.nodes_checked_at is not None and now - self.nodes_checked_at < self.job.cluster.slurm_poll_s:
+            return None
+        self.nodes_checked_at = now
+        self.slurm_queries.append(now)
+        try:
+            left = usable_nodes(self.job.cluster.partition or self.profile.partition)
+        except SlurmError:
+            return None  # scontrol hiccup: look again next period
+        nodes = nodes_to_run_on(self.job, left)
+        self.no_fit = None if nodes is not None else no_fit_line(self.job, left)
+        return nodes
 
     def _may_resubmit(self, summary: dict[str, Any]) -> bool:
         # Resubmit after a preemption or a transient crash, as SLURM's requeue would; never after an error
         # that the same config and data repeat (the console gets that rank's reason instead).
         if summary["finished"]:
             return False
-        self.failure = job_failure(self.paths.run_dir, self.submitit_job, self.job.world_size)
+        self.failure = job_failure(self.paths.run_dir, self.submitit_job, self.world_size)
         retry, self.stalled = may_retry(classify_failure(self.failure), summary["step"] > self.step_at_submit,
                                         self.stalled, self.resubmits, self.job.cluster.max_requeues)
         return retry
@@ -184,7 +187,7 @@ class Supervisor:
         """The failing rank's reason (rank, line, deterministic, log), once the job ended without success."""
         if self.submitit_job is None:
             return None
-        failure = self.failure or job_failure(self.paths.run_dir, self.submitit_job, self.job.world_size)
+        failure = self.failure or job_failure(self.paths.run_dir, self.submitit_job, self.world_size)
         return asdict(failure) if failure else None
 
     def cancel(self) -> None:

@@ -4,12 +4,25 @@ Models are built on the meta device, so this takes a second and allocates nothin
 
 from __future__ import annotations
 
+import argparse
+from importlib.metadata import PackageNotFoundError, version
+
 import torch
 
 from . import create_model, list_models, param_counts, train_flops_per_image
 
 
-def main() -> None:
+def _version() -> str:
+    try:
+        return f"cratescale {version('cratescale')}"
+    except PackageNotFoundError:
+        return "cratescale (not installed: run from a checkout)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cratescale.models", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
+    parser.parse_args(argv)
     header = f"{'name':<20} {'layout':<8} {'total':>13} {'trainable':>13} {'reference':>13} {'train GFLOP/img':>16}"
     print(header)
     print("-" * len(header))

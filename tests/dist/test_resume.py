@@ -7,7 +7,7 @@ import torch
 
 from tests.dist.conftest import BASE_JOB
 from tests.dist.harness import (assert_same_tree, assert_within_elastic_bound, consumed_samples, final_weights,
-                                optimizer_files, run_ranks, write_config)
+                                optimizer_files, run_ranks, start_ranks, write_config)
 
 pytestmark = pytest.mark.dist
 
@@ -84,3 +84,23 @@ def test_resume_with_speed_knobs_switched_on_continues_the_same_run(tmp_path, ti
     _, weights_switched = final_weights(switched)
     for key in weights_plain:
         torch.testing.assert_close(weights_switched[key], weights_plain[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_a_resume_on_another_world_cuts_the_same_global_batch_into_smaller_micro_batches(tmp_path, tiny_manifest):
+    """Issue 28 item 3: a job configured for 1 rank with micro-batches of 16 (the whole global batch) resumed on 2
+    ranks: 8 samples per rank cannot hold a micro-batch of 16, so each rank trains one of 8; the global batch and
+    the sample sequence are unchanged, and the start record and the console say how it was cut."""
+    one = ["cluster.tasks_per_node=1", "schedule.micro_batch=16"]
+    reference, _, _ = train_run(tmp_path, "reference", tiny_manifest, 1, one)
+    resumed, config, results = train_run(tmp_path, "resumed", tiny_manifest, 1, one, stop_after=4)
+    assert all(r["status"] == "preempted" and r["step"] == 4 for r in results)
+    procs = start_ranks(config, tiny_manifest, 2)   # the config still names 1 rank, as after a lost node
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    assert "micro-batch 8 x 1 accumulated (schedule.micro_batch 16 does not divide the 8 samples per rank)" in outs[0]
+    starts = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "start"' in line]
+    assert [(s["step"], s["world_size"], s["micro_batch"], s["accum"]) for s in starts] == [(0, 1, 16, 1),
+                                                                                         (4, 2, 8, 1)]
+    assert consumed_samples(resumed) == consumed_samples(reference)
+    assert_within_elastic_bound(final_weights(resumed)[1], final_weights(reference)[1], "1 -> 2 ranks, micro 16 -> 8")

@@ -56,7 +56,7 @@ def read_only_dir(tmp_path_factory):
 
 
 CASES = [
-    (["bogus=1"], "jobs/demo.yaml: bogus: Extra inputs are not permitted"),
+    (["bogus=1"], "jobs/demo.yaml, command-line override 'bogus=1': bogus: Extra inputs are not permitted"),
     (["schedule.stepz=5"], "schedule.stepz: Extra inputs are not permitted"),
     (["schedule.steps=ten"], "schedule.steps: Input should be a valid integer"),
     (["checkpoint.every_steps=1.5"], "checkpoint.every_steps: Input should be a valid integer"),

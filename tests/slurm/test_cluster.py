@@ -175,3 +175,21 @@ def test_parsers_on_real_world_strings():
     assert slurm_helpers.held_seconds(held, now=datetime(2026, 1, 1, 0, 0, 13)) == 2   # 1 s taken off: truncation
     assert slurm_helpers.held_seconds({**held, "Restarts": "0"}) is None              # --begin, not a requeue
     assert slurm_helpers.held_seconds({**held, "Reason": "Priority"}) is None
+
+
+def test_a_followed_job_is_asked_about_at_most_once_a_period(tmp_path):
+    """Issue 28 item 4: squeue while the job lives, sacct once it left the queue, never more than one round of
+    questions per period; the end is known in the round that finds the job gone."""
+    from cratescale.launch.slurm_watch import SlurmWatch
+
+    jid = subprocess.check_output(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 6"], text=True).strip()
+    watch, seen, t0 = SlurmWatch(jid, period_s=2.0), [], time.monotonic()
+    while watch.poll() != "COMPLETED":
+        assert time.monotonic() - t0 < 60, (watch.state, watch.history)
+        seen.append(watch.state)
+        time.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    gaps = [b - a for a, b in zip(watch.asked_at, watch.asked_at[1:])]
+    assert "RUNNING" in seen and watch.left_queue and watch.history[-1] == "COMPLETED"
+    assert min(gaps) >= 2.0 and watch.queries <= elapsed / 2.0 + 1, (gaps, elapsed)
+    assert len(seen) > 10 * watch.queries   # polled every 50 ms, answered from the last question in between

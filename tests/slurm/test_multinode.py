@@ -31,7 +31,8 @@ BASE_JOB = REPO / "tests" / "dist" / "tiny.yaml"
 PROD = ["data.loader=dali", "parallel.precision=bf16"]   # what the jobs run (issue 13)
 TIMEOUT = 300   # a start is ~25-45 s of imports and DeepSpeed setup on a loaded 2-core machine
 STEPS = 40
-COMMON = [f"schedule.steps={STEPS}", "logging.every_steps=1"]
+# cluster.slurm_poll_s at its floor (10 s): the follower asks SLURM once a period (issue 28), 30 s by default
+COMMON = [f"schedule.steps={STEPS}", "logging.every_steps=1", "cluster.slurm_poll_s=10"]
 
 
 pytestmark = [pytest.mark.multinode, pytest.mark.usefixtures("mn_conf")]

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 BASE_JOB = REPO / "tests" / "dist" / "tiny.yaml"
 PROFILE = load_profile("local")
 STEPS = 100   # ~50 ms a step here: a few seconds of training after each restart, time for a signal to land
-COMMON = [f"schedule.steps={STEPS}", "logging.every_steps=1", "checkpoint.keep_last=2"]
+# cluster.slurm_poll_s at its floor (10 s): the follower asks SLURM once a period (issue 28), 30 s by default
+COMMON = [f"schedule.steps={STEPS}", "logging.every_steps=1", "checkpoint.keep_last=2", "cluster.slurm_poll_s=10"]
 RESTART_TIMEOUT = 240   # a restart is ~15-45 s of imports and DeepSpeed setup on a loaded 2-core machine
 
 
@@ -280,6 +281,10 @@ def test_signals_during_checkpoint_writes_and_kill9_lose_no_committed_step(tmp_p
     assert proc.returncode == 0, (tmp_path / "run-launcher.log").read_text()[-3000:]
     state = json.loads((run_dir / "launch.json").read_text())
     assert state["job_ids"] == [first, third["job_id"]] and state["resubmits"] == 1
+    # The follower asked SLURM once a period (10 s here), plus the node check and the new job's first question
+    # at the resubmission (issue 28 item 4)
+    asked = sorted(state["slurm_queries"])
+    assert len(asked) <= (asked[-1] - asked[0]) / 10 + 3, asked
     assert sacct_states(first) == ["REQUEUED", "FAILED"]
     assert wait_sacct(third["job_id"], "COMPLETED") == ["COMPLETED"]
     summary = run_summary(run_dir)

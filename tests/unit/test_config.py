@@ -32,7 +32,9 @@ def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         load_job(DEMO, override.split("|"))
     message = str(err.value)
-    assert message.startswith(f"{DEMO}: {field}") and "\n" not in message
+    assert message.startswith(str(DEMO)) and f": {field}" in message and "\n" not in message
+    # a field an override set is blamed on the command line (issue 30); a check of the whole job, on the file
+    assert ("command-line override" in message) == (field != "(top level)"), message
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -1,0 +1,56 @@
+"""How a global batch splits over a world, and which node counts a run can restart on (issue 28 item 3)."""
+from pathlib import Path
+
+import pytest
+
+from cratescale.config import ConfigError, load_job
+from cratescale.config.batching import (describe_split, no_fit_line, nodes_to_run_on, resumable_node_counts,
+                                        split_for_world)
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+@pytest.mark.parametrize("global_batch, world, max_micro, expected", [
+    (4096, 64, 64, (64, 1)),    # as configured
+    (4096, 32, 64, (64, 2)),    # half the nodes: twice the accumulation
+    (4096, 56, 64, None),       # 7 of 8 nodes: 4096 / 56 is not whole
+    (96, 4, 16, (12, 2)),       # 24 per rank: 16 does not divide it, two micro-batches of 12
+    (96, 6, 16, (16, 1)),
+    (7, 1, 4, (1, 7)),          # a prime share: micro-batches of one
+    (8, 16, 4, None),           # fewer samples than ranks
+])
+def test_split_keeps_the_global_batch_with_micro_batches_no_larger_than_asked(global_batch, world, max_micro,
+                                                                             expected):
+    split = split_for_world(global_batch, world, max_micro)
+    assert split == expected
+    if split:
+        micro, accum = split
+        assert micro * accum * world == global_batch and micro <= max_micro
+
+
+def test_imagenet21k_resumes_on_the_counts_that_divide_its_batch():
+    job = load_job(JOBS / "imagenet21k.yaml")
+    assert (job.cluster.nodes, job.cluster.tasks_per_node, job.schedule.global_batch) == (8, 8, 4096)
+    counts = resumable_node_counts(job)
+    assert counts == [n for n in (1, 2, 4, 8) if n >= job.cluster.min_nodes]
+    assert nodes_to_run_on(job, 7) == 4   # 7 usable of 8: 56 ranks do not split 4096, 32 do
+    assert nodes_to_run_on(job, 8) == 8   # all back: the full count again
+    assert nodes_to_run_on(job, job.cluster.min_nodes - 1) is None
+    line = no_fit_line(job, 3)
+    assert "3 usable node(s)" in line and "global_batch 4096" in line and f"min_nodes {job.cluster.min_nodes}" in line
+
+
+def test_a_three_node_job_whose_batch_does_not_divide_over_two_nodes_resumes_on_one():
+    job = load_job(JOBS / "demo.yaml", ["cluster.nodes=3", "cluster.tasks_per_node=1", "schedule.global_batch=9",
+                                        "schedule.micro_batch=3"])
+    assert resumable_node_counts(job) == [1, 3]
+    assert nodes_to_run_on(job, 2) == 1
+    assert describe_split(job, 1) is None   # 9 per rank in 3 micro-batches of 3: as asked
+    job = load_job(JOBS / "demo.yaml", ["cluster.nodes=2", "cluster.tasks_per_node=2", "schedule.global_batch=24",
+                                        "schedule.micro_batch=6"])
+    assert "micro-batch 4 x 2 accumulated" in describe_split(job, 3)   # 8 per rank on 3 ranks
+
+
+def test_min_nodes_above_nodes_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="cluster.min_nodes 3 > cluster.nodes 2"):
+        load_job(JOBS / "demo.yaml", ["cluster.nodes=2", "cluster.min_nodes=3"])

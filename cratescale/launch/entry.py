@@ -18,7 +18,7 @@ class TrainTask:
     """Trains the job saved at `config_path`; on a stop request saves, requeues (SLURM) and exits."""
 
     def __init__(self, config_path: str, manifest: str, peak_flops: float, master_port: int | None = None,
-                 attempt: int = 0) -> None:
+                 attempt: int = 0, expect_gpus: int = 0) -> None:
         self.config_path = config_path
         self.manifest = manifest
         self.peak_flops = peak_flops
@@ -26,12 +26,17 @@ class TrainTask:
         # The supervisor's submission number (CRATESCALE_ATTEMPT, the incarnation rule): pickled with the task,
         # so SLURM's own requeue of a job keeps it and only the restart count grows.
         self.attempt = attempt
+        # The profile's gpus_per_node, carried by the task so that every executor (local processes as well as
+        # SLURM) tells its ranks to stop at start-up when they see no CUDA (distributed/device.py).
+        self.expect_gpus = expect_gpus
 
     def env(self) -> dict[str, str]:
         """What this submission tells its ranks beyond SLURM's variables."""
         out = {"CRATESCALE_ATTEMPT": str(self.attempt)}
         if self.master_port is not None:
             out["MASTER_PORT"] = str(self.master_port)
+        if self.expect_gpus:
+            out["CRATESCALE_EXPECT_GPUS"] = str(self.expect_gpus)
         return out
 
     def __call__(self) -> dict:

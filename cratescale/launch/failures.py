@@ -13,16 +13,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from cratescale.distributed.device import GpuSetupError
 from cratescale.engine.state import ResumeError
 from cratescale.files import replace_durable
 
 # Errors that a new attempt on the same config and data repeats: the project's own config, data, resume-identity
 # and bad-data errors are ValueErrors (ConfigError, ManifestError, SamplerError, SourceError, ModelConfigError,
 # ExportError, StoreError, CheckpointCorruptError) or named here; TypeError/ImportError and kin are code or
-# environment errors no requeue cures. Anything else (a gloo/NCCL RuntimeError after a peer died, an OSError of a
+# environment errors no requeue cures, and so is GpuSetupError (GPUs asked for, a torch or node without CUDA). Anything else (a gloo/NCCL RuntimeError after a peer died, an OSError of a
 # flaky file system, a rank killed with no exception at all) is taken as transient and keeps the requeue path.
 DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, AttributeError, ImportError,
-                                                         NotImplementedError, ResumeError)
+                                                         NotImplementedError, ResumeError, GpuSetupError)
 Kind = Literal["deterministic", "transient"]
 
 

@@ -10,15 +10,19 @@ from cratescale.launch.display import StageError, console
 
 def transfer_manifests(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
     """name -> manifest of each transfer set, ingested on first use; a source that does not ingest is one line."""
-    from data_pipeline.ingest import IngestError, ingest
-    from data_pipeline.manifest import ManifestError
+    from data_pipeline.ingest import IngestError, ingest, ingest_settings
+    from data_pipeline.manifest import ManifestError, manifest_action
+    from data_pipeline.work import SHARD_SIZE
     from data_pipeline.sources import SourceError
 
     manifests = {}
     for i, dataset in enumerate(job.extract.datasets):
         root = paths.run_dir / "transfer" / dataset.name
         manifest = root / "manifest.parquet"
-        if not manifest.exists():
+        # Made again when the set's source or val_per_class changed (it is small: no re-split, no rebase).
+        if manifest_action(manifest, dataset.source, root,
+                           ingest_settings(reshard=None, shard_size=SHARD_SIZE,
+                                           val_per_class=dataset.val_per_class))[0] != "keep":
             if "://" not in dataset.source and not Path(dataset.source).exists():
                 raise ConfigError(f"extract.datasets.{i}.source: {dataset.source} does not exist")
             try:

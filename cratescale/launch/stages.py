@@ -10,23 +10,29 @@ import ray
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.export import consolidate, export_weights, training_provenance
 from cratescale.config import JobConfig, ProfileConfig, RunPaths
+from cratescale.launch.datacheck import job_ingest_settings
 from cratescale.launch.display import StageError, TrainingDisplay, console
 from cratescale.launch.followups import run_evaluate, run_extract
 from cratescale.launch.supervisor import Supervisor, follow
 
 
 def ingest_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:
-    """Builds the manifest unless the one under data.root is of this source; one moved with its root is rebased
-    (same content, new paths). A manifest of another or an unrecorded source is rebuilt, never trained from."""
+    """Builds the manifest unless the one under data.root is of this source and was made with the job's ingest
+    settings; one moved with its root is rebased (same content, new paths), one whose split alone differs is
+    re-split. A manifest of another or an unrecorded source, or of other settings, is rebuilt, never trained from."""
     from data_pipeline.ingest import run_ingest
-    from data_pipeline.manifest import manifest_action, rebase_manifest
+    from data_pipeline.manifest import manifest_action, rebase_manifest, resplit_manifest
 
-    action, why = manifest_action(paths.manifest, job.data.source, paths.data_root)
+    action, why = manifest_action(paths.manifest, job.data.source, paths.data_root, job_ingest_settings(job))
     if action == "keep":
         console.log(f"ingest: {why}, skipping")
         return
     if action == "rebase":
         console.log(f"ingest: {why}: {rebase_manifest(paths.manifest, paths.data_root)} paths rebased")
+        return
+    if action == "resplit":  # the same samples: only the split is computed again
+        fingerprint = resplit_manifest(paths.manifest, job.data.val_per_class)
+        console.log(f"ingest: {why}: re-split with val_per_class {job.data.val_per_class} (fingerprint {fingerprint})")
         return
     console.log(f"ingest: {why}: building it")
     result = run_ingest(job.data.source, paths.data_root, reshard=job.data.reshard, shard_size=job.data.shard_size,

@@ -8,7 +8,7 @@ from pathlib import Path
 from cratescale.config import load_job
 from cratescale.distributed import exit_without_teardown, shutdown_distributed, world_from_env
 from cratescale.engine.trainer import train
-from cratescale.launch.failures import record_failure
+from cratescale.launch.failures import arm_crash_record, record_failure
 from cratescale.launch.preemption import PreemptionFlag, requeue_slurm_job
 
 PREEMPTED_EXIT = 3
@@ -43,6 +43,7 @@ class TrainTask:
         flag = PreemptionFlag()
         os.environ.update(self.env())
         world = world_from_env()
+        arm_crash_record(Path(self.config_path).parent, world.rank)  # a signal is reported with its name
         try:
             job = load_job(self.config_path)
             outcome = train(job, Path(job.run_dir), Path(self.manifest), world, self.peak_flops, should_stop=flag)

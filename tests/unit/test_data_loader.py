@@ -306,3 +306,17 @@ def test_a_sample_that_crashes_the_decoder_is_found_in_a_child(scrambled_folder)
     feed = CrashesAt13(str(m), mode="train", seed=3, global_batch=8, num_patches=PATCHES)
     args = dict(feed=feed, batch_size=8, image_size=SIZE, num_threads=1, device="cpu", py_workers=1, decode="roi")
     assert first_undecodable(args, 8, 16, RuntimeError("pipeline ended")) == (13, "crashed the decoder (SIGSEGV)")
+
+
+@needs_dali
+def test_dali_past_its_recovery_limit_ends_with_the_bad_data_line(tmp_path):
+    """Every sample undecodable: DALI's 64 recoveries in one batch are spent, and the loader ends with the
+    bad-data line as a ValueError (launch/failures.py: deterministic, not retried); before, a RuntimeError."""
+    from data_pipeline.dali_loader import UndecodableData
+
+    m, _ = scrambled_copy(tmp_path, lambda n: range(n))
+    with _train(m, "dali", global_batch=8, micro_batch=8) as ld, pytest.raises(UndecodableData) as err:
+        next(ld)
+    line = str(err.value)
+    assert line.startswith("bad data: 64 undecodable samples within one batch from sample 0 (DALI); first: ")
+    assert line.count("(decode error)") == 5 and "\n" not in line

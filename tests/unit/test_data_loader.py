@@ -240,15 +240,21 @@ def scrambled_copy(tmp_path, pick):
     return m, [rows[row]["sample_id"] for row in picked]
 
 
-@needs_dali
-def test_dali_recovers_from_a_jpeg_that_ends_its_pipeline(scrambled_folder, capfd):
-    m, scrambled = scrambled_folder
+def two_epochs_on_both_loaders(m):
+    """({kind: (sample ids of 2 epochs of 64, bad samples)}, DALI's recoveries)."""
     seen = {}
     for kind in ("pil", "dali"):
         with _train(m, kind, state=LoaderState(0, 0, 3), global_batch=16, micro_batch=8) as ld:
             seen[kind] = (torch.cat([next(ld)["sample_ids"] for _ in range(16)]).tolist(), ld.bad_samples)
             if kind == "dali":
                 recoveries = ld._backend.recoveries
+    return seen, recoveries
+
+
+@needs_dali
+def test_dali_recovers_from_a_jpeg_that_ends_its_pipeline(scrambled_folder, capfd):
+    m, scrambled = scrambled_folder
+    seen, recoveries = two_epochs_on_both_loaders(m)
     ids, bad = seen["dali"]
     assert seen["dali"] == seen["pil"]  # the same replacements, in the same places, counted the same
     assert bad == recoveries == 4 and not set(ids) & set(scrambled) and len(ids) == 128  # 2 files x 2 epochs
@@ -271,12 +277,7 @@ def test_undecodable_samples_side_by_side_give_the_same_replacements_on_both_loa
 
     runs = [1, 2, 3, 4, 5, 9, 10, 17, 18, 19, 30, 31, 32, 33, 40, 50, 51, 60, 61]  # epoch 0 positions: 19 of 64
     m, scrambled = scrambled_copy(tmp_path, lambda n: GlobalSampler(n, 3, 16).permutation(0)[runs])
-    seen = {}
-    for kind in ("pil", "dali"):
-        with _train(m, kind, state=LoaderState(0, 0, 3), global_batch=16, micro_batch=8) as ld:
-            seen[kind] = (torch.cat([next(ld)["sample_ids"] for _ in range(16)]).tolist(), ld.bad_samples)
-            if kind == "dali":
-                recoveries = ld._backend.recoveries
+    seen, recoveries = two_epochs_on_both_loaders(m)
     ids, bad = seen["dali"]
     assert seen["dali"] == seen["pil"]  # the same sample ids in the same places, counted the same
     assert not set(ids) & set(scrambled) and len(ids) == 128 and bad == 2 * len(runs)  # 2 epochs

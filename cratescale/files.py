@@ -65,6 +65,7 @@ def swap_in_dir(new: Path, path: Path) -> None:
         old = new  # after the exchange the old content lives under the new folder's name
     else:
         old = path.with_name(f"{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # one left by a process killed between the two renames
         if path.exists():
             os.replace(path, old)
         os.replace(new, path)

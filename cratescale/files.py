@@ -8,6 +8,7 @@ the file, and the folder fsynced (the rename itself survives a crash). data_pipe
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -49,3 +50,36 @@ def replace_durable(path: Path, data: bytes | str, hidden: bool = False) -> None
     """`path` holds `data` (text is written as UTF-8), replaced durably and atomically."""
     with replacing(path, hidden) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def swap_in_dir(new: Path, path: Path) -> None:
+    """`new` (a complete folder) takes the place of `path`, which may exist; the old folder is deleted after.
+    Where the file system can (Linux renameat2 RENAME_EXCHANGE: ext4, xfs, btrfs, tmpfs) the two trade places in
+    one atomic step, so `path` is always one complete folder; elsewhere (NFS, Lustre) two renames leave the old
+    one complete at `<path>.old` for the moment between them."""
+    new, path = Path(new), Path(path)
+    if path.exists() and _exchange(new, path):
+        old = new  # after the exchange the old content lives under the new folder's name
+    else:
+        old = path.with_name(f"{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # one left by a process killed between the two renames
+        if path.exists():
+            os.replace(path, old)
+        os.replace(new, path)
+    fsync_path(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically trade two paths' places; False where the C library or the file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_cwd = -100  # AT_FDCWD
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0

@@ -8,6 +8,8 @@ route (crop-window decode, or full decode + slice) is chosen by gpu_decode.py.
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import sys
 
 import numpy as np
@@ -153,29 +155,33 @@ class DaliBackend:
         """The next batch. A JPEG that passes the feed's byte check but does not decode ends DALI's whole pipeline
         (a critical error, not a per-sample one): find the sample, mark it failed so the feed gives its
         deterministic replacement (counted as bad, like PIL's), rebuild from the first sample not handed out."""
+        failed: list[str] = []
         for _ in range(MAX_RECOVERIES_PER_BATCH):
             try:
                 return self.pipe.run()
             except RuntimeError as exc:
                 if not _is_decode_error(exc):
                     raise
-                self._recover(exc)
-        raise RuntimeError(f"DALI: {MAX_RECOVERIES_PER_BATCH} undecodable samples within one batch from sample "
-                           f"{self.next_sample}; stopping")
+                failed.append(self._recover(exc))
+        raise UndecodableData(f"bad data: {MAX_RECOVERIES_PER_BATCH} undecodable samples within one batch from "
+                              f"sample {self.next_sample} (DALI); first: "
+                              + ", ".join(f"{where} (decode error)" for where in failed[:5]))
 
-    def _recover(self, exc: RuntimeError) -> None:
+    def _recover(self, exc: RuntimeError) -> str:
+        """Replace the sample that ended the pipeline and rebuild it; returns where that sample's bytes are."""
         close_pipeline(self.pipe)
         self.pipe = None
-        n = first_undecodable(self._args, self.next_sample, self.batch_size * (self._args.get("prefetch_depth", 2) + 2),
-                              exc)
+        n, why = first_undecodable(self._args, self.next_sample,
+                                   self.batch_size * (self._args.get("prefetch_depth", 2) + 2), exc)
         self.feed.failed[n] = self.feed.failed.get(n, 0) + 1
         self.feed.offset = self.next_sample
         self.recoveries += 1
-        path, offset, _ = self.feed.manifest.location(self.feed.row(n))
+        path, offset, _ = self.feed.manifest.location(self.feed.sample(n, self.feed.failed[n] - 1)["row"])
         where = path if offset < 0 else f"{path}@{offset}"
-        print(f"DALI: {where} did not decode ({_decode_reason(exc)}); sample replaced, pipeline rebuilt "
-              f"(recovery {self.recoveries})", file=sys.stderr, flush=True)
+        print(f"DALI: {where} {why}; sample replaced, pipeline rebuilt (recovery {self.recoveries})",
+              file=sys.stderr, flush=True)
         self.pipe = build_pipeline(**self._args)
+        return where
 
     def close(self) -> None:
         """Stop the pipeline and its Python workers now rather than at garbage collection."""
@@ -204,24 +210,70 @@ def _decode_reason(exc: BaseException) -> str:
     return lines[-1] if lines else "decoder error"
 
 
-def first_undecodable(args: dict, start: int, window: int, exc: RuntimeError) -> int:
-    """The feed's n of the first sample from `start` that the same decoder, on the same device with the same
-    window, fails on alone (batch 1, in this process, one iteration per run). Raises `exc`'s one-line reason
-    when none of the next `window` does (the failure was not one sample's)."""
+def first_undecodable(args: dict, start: int, window: int, exc: RuntimeError) -> tuple[int, str]:
+    """(n, why): the feed's n of the first sample from `start` that the same decoder, on the same device with
+    the same window, fails on alone (batch 1, one iteration per run), and how it failed. On the CPU the check
+    runs in a forked child, so a decoder that crashes on a sample (a signal: DALI's executor thread has died
+    by SIGSEGV on damaged JPEGs) kills the child, not this rank: the sample the child was decoding is the one.
+    Raises UndecodableData (the bad-data line) when none of the next `window` fails alone."""
+    if args["device"] == "gpu":  # a forked child cannot use this process's CUDA context: check here
+        try:
+            return _check_alone(args, start, window, lambda line: None)
+        except UndecodableData:
+            raise _nothing_alone(exc, start, window) from exc
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report each sample before decoding it, then the verdict; leave without cleanup
+        os.close(read)
+        out = os.fdopen(write, "w", buffering=1)
+        try:
+            n, _ = _check_alone(args, start, window, lambda line: print(line, file=out, flush=True))
+            print(f"failed {n}", file=out, flush=True)
+        except UndecodableData:
+            print("none", file=out, flush=True)
+        except BaseException as err:  # noqa: BLE001 - told to the parent, which raises it
+            print("error " + f"{type(err).__name__}: {err}".replace("\n", " "), file=out, flush=True)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as lines:
+        verdict, _, arg = ([line.strip() for line in lines][-1:] or ["none"])[0].partition(" ")
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and verdict == "decoding":
+        return int(arg), f"crashed the decoder ({signal.Signals(os.WTERMSIG(status)).name})"
+    if verdict == "failed":
+        return int(arg), f"did not decode ({_decode_reason(exc)})"
+    if verdict == "error":
+        raise RuntimeError(f"DALI decode check of samples from {start}: {arg}") from exc
+    raise _nothing_alone(exc, start, window) from exc
+
+
+def _check_alone(args: dict, start: int, window: int, report) -> tuple[int, str]:
     feed = copy.copy(args["feed"])
     feed.offset, feed.failed = start, dict(feed.failed)
     checker = dict(args, feed=feed, batch_size=1, prefetch_depth=1, parallel=False)
     pipe, j = build_pipeline(**checker), 0
     try:
         while j < window:
+            report(f"decoding {start + j}")
             try:
                 pipe.run()
             except RuntimeError as err:
                 if _is_decode_error(err):
-                    return start + j
+                    return start + j, f"did not decode ({_decode_reason(err)})"
                 raise
             j += 1
     finally:
         close_pipeline(pipe)
-    raise RuntimeError(f"DALI pipeline failed ({_decode_reason(exc)}) but none of samples "
-                       f"{start}..{start + window - 1} fails alone") from exc
+    raise _nothing_alone(None, start, window)
+
+
+def _nothing_alone(exc: RuntimeError | None, start: int, window: int) -> "UndecodableData":
+    why = f" ({_decode_reason(exc)})" if exc is not None else ""
+    return UndecodableData(f"bad data: the DALI pipeline failed{why} but none of samples {start}..{start + window - 1} "
+                           f"fails alone")
+
+
+class UndecodableData(ValueError):
+    """DALI's recovery cannot go on (too many undecodable samples in a batch, or a failure no single sample
+    causes): the bad-data line. A ValueError: the same data fails the same way, so it is not retried."""

@@ -11,7 +11,7 @@ sample is the sampler's permutation of epoch s // steps_per_epoch at position
 by the next position of the same epoch permutation (wrapping), independent of W.
 Eval mode: n -> rows[n] (clamped at the end: the caller trims), centre window, no flip.
 
-Every sample carries `bad` (0, or why it failed: READ_ERROR / DECODE_ERROR, plus NO_REPLACEMENT when
+Every sample carries `row` (the manifest row its bytes come from), `bad` (0, or why it failed: READ_ERROR / DECODE_ERROR, plus NO_REPLACEMENT when
 nothing decodable was found) and `bad_row` (the manifest row that failed, -1 if none), so the caller can
 count, name the paths and stop. A sample with NO_REPLACEMENT (train) or any bad code (eval) carries FILLER
 bytes only so the decoder's batch keeps its shape: the trainer stops before such a batch reaches the model,
@@ -124,7 +124,7 @@ class SampleFeed:
         if data is not None:
             return {"data": data, "anchor": p["anchor"][j], "shape": p["shape"][j], "flip": p["flip"][j],
                     "sample_id": ma.sample_id[row], "label": ma.label[row], "noise": p["mask_noise"][j], "bad": 0,
-                    "bad_row": -1}
+                    "bad_row": -1, "row": row}
         return self._replacement(p["epoch"], p["position"] + j, code, row, skip=max(0, int(failed) - 1))
 
     def _replacement(self, epoch: int, position: int, code: int, bad_row: int, skip: int = 0) -> dict:
@@ -145,7 +145,7 @@ class SampleFeed:
             p["anchor"][:], p["shape"][:] = 0.0, 1.0
         return {"data": data, "anchor": p["anchor"][0], "shape": p["shape"][0], "flip": p["flip"][0],
                 "sample_id": sid, "label": ma.label[row], "noise": p["mask_noise"][0], "bad": code,
-                "bad_row": bad_row}
+                "bad_row": bad_row, "row": row}
 
     # -- eval ----------------------------------------------------------------------------
     def eval_sample(self, n: int, failed: int = 0) -> dict:
@@ -156,7 +156,7 @@ class SampleFeed:
             data, anchor[:], shape[:] = FILLER, 0.0, 1.0
         return {"data": data, "anchor": anchor[0], "shape": shape[0], "flip": np.int32(0),
                 "sample_id": ma.sample_id[row], "label": ma.label[row], "noise": None, "bad": bad,
-                "bad_row": row if bad else -1}
+                "bad_row": row if bad else -1, "row": row}
 
     def row(self, n: int) -> int:
         """The manifest row sample n reads (before any replacement)."""

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
+import pyarrow.compute as pc
+
 from .manifest import build_table, write_manifest, write_rejected
 from .sources import LISTING_CHUNK, Plan, SourceError, Unit, plan_source
 from .validate import DEFAULT_MAX_PIXELS
@@ -167,12 +169,27 @@ def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shar
     table = build_table(parts, val_per_class)
     if table.num_rows == 0:
         raise IngestError(f"ingest {source}: no decodable images ({len(rejects)} rejected, see {rejected_path})")
-    manifest = write_manifest(table, out, source)
+    repacked = pc.any(pc.starts_with(table["path"], str(out / SHARD_DIR) + "/")).as_py()
+    manifest = write_manifest(table, out, source, ingest_settings(reshard=reshard, shard_size=shard_size,
+                                                                  val_per_class=val_per_class, max_pixels=max_pixels,
+                                                                  quality=quality, repacked=bool(repacked)))
     if not str(Path(source).absolute()).startswith(str(out / SHARD_DIR)):
         _remove_stale_shards(out, set(table["path"].unique().to_pylist()))
     return IngestResult(manifest, rejected_path, plan.kind, table.num_rows, len(table["class_name"].unique()),
                         len(rejects), Counter(_reason_kind(r["reason"]) for r in rejects), time.perf_counter() - t0,
                         ready[0] - t0, workers, hosts)
+
+
+def ingest_settings(*, reshard: int | None, shard_size: int, val_per_class: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    quality: int = 90, repacked: bool = True) -> dict[str, int | None]:
+    """The settings that shape a manifest, as it records them and a job compares them (manifest_action). The
+    shard size shapes only samples re-packed into shards, the JPEG quality only re-encoded (resharded) ones."""
+    settings: dict[str, int | None] = {"val_per_class": val_per_class, "reshard": reshard, "max_pixels": max_pixels}
+    if repacked:
+        settings["shard_size"] = shard_size
+    if reshard is not None:
+        settings["quality"] = quality
+    return settings
 
 
 def _reason_kind(reason: str) -> str:

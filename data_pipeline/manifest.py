@@ -5,13 +5,15 @@ sample's name inside its source, used to sort and for embedding metadata), width
 size from the header, so crop windows can honour the image's aspect ratio without decoding), crc32 (of
 the stored bytes).
 
-The file's Parquet metadata records the source it was built from, the directory it was written to, and
-a fingerprint of its content (sample ids, labels, sizes, checksums, splits; no paths): a moved dataset
-keeps its fingerprint, changed samples change it.
+The file's Parquet metadata records the source it was built from, the directory it was written to, the
+ingest settings that shaped it (split, reshard, shard size, filters) and a fingerprint of its content
+(sample ids, labels, sizes, checksums, splits; no paths): a moved dataset keeps its fingerprint, changed
+samples change it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,18 +84,25 @@ def build_table(parts: list[pa.Table], val_per_class: int = 0) -> pa.Table:
     t = t.append_column("label", label)
     t = t.sort_by([("label", "ascending"), ("key", "ascending"), ("path", "ascending"), ("offset", "ascending")])
     n = t.num_rows
+    cols = {"sample_id": pa.array(np.arange(n, dtype=np.int64)), "path": t["path"], "offset": t["offset"],
+            "size": t["size"], "label": t["label"], "class_name": t["class_name"],
+            "split": split_column(t, val_per_class), "key": t["key"], "width": t["width"], "height": t["height"],
+            "crc32": t["crc32"]}
+    return pa.table(cols, schema=MANIFEST_SCHEMA)
+
+
+def split_column(table: pa.Table, val_per_class: int) -> pa.Array:
+    """The `split` of each row of a label-sorted table: per class, the `val_per_class` rows with the smallest
+    hash of their key are "val" (a pure function of key and label, so a re-split equals a rebuild's split)."""
+    n = table.num_rows
     split = np.full(n, "train", dtype=object)
     if val_per_class > 0 and n:
-        h = np.fromiter((_stable_hash(k) for k in t["key"].to_pylist()), dtype=np.uint64, count=n)
-        labels = t["label"].to_numpy()
+        h = np.fromiter((_stable_hash(k) for k in table["key"].to_pylist()), dtype=np.uint64, count=n)
+        labels = table["label"].to_numpy()
         order = np.lexsort((np.arange(n), h, labels))  # by class, then hash
         starts = np.searchsorted(labels[order], labels[order], side="left")
         split[order[np.arange(n) - starts < val_per_class]] = "val"
-    cols = {"sample_id": pa.array(np.arange(n, dtype=np.int64)), "path": t["path"], "offset": t["offset"],
-            "size": t["size"], "label": t["label"], "class_name": t["class_name"],
-            "split": pa.array(split, pa.string()), "key": t["key"], "width": t["width"], "height": t["height"],
-            "crc32": t["crc32"]}
-    return pa.table(cols, schema=MANIFEST_SCHEMA)
+    return pa.array(split, pa.string())
 
 
 def _stable_hash(text: str) -> int:
@@ -102,6 +111,9 @@ def _stable_hash(text: str) -> int:
 
 # Parquet key-value metadata of a manifest (see the module docstring).
 _META_SOURCE, _META_ROOT, _META_FINGERPRINT = b"cratescale.source", b"cratescale.root", b"cratescale.fingerprint"
+_META_SETTINGS = b"cratescale.settings"
+# The one ingest setting a re-split applies without reading a sample again.
+SPLIT_SETTING = "val_per_class"
 # What the content fingerprint covers: what the sampler and the loader see of each sample, never where it lives.
 IDENTITY_COLUMNS = ("sample_id", "label", "size", "crc32", "split")
 
@@ -122,8 +134,10 @@ def content_fingerprint(table: pa.Table) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_manifest(table: pa.Table, out_dir: Path, source: str | None = None) -> Path:
-    """Writes OUT/manifest.parquet with its metadata: `source` (None: unknown), OUT and the fingerprint."""
+def write_manifest(table: pa.Table, out_dir: Path, source: str | None = None,
+                   settings: dict[str, object] | None = None) -> Path:
+    """Writes OUT/manifest.parquet with its metadata: `source` (None: unknown), OUT, the ingest `settings` that
+    shaped it (None: not recorded) and the fingerprint."""
     out_dir = Path(os.path.abspath(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MANIFEST_NAME
@@ -131,6 +145,8 @@ def write_manifest(table: pa.Table, out_dir: Path, source: str | None = None) ->
     meta = {_META_ROOT: str(out_dir).encode(), _META_FINGERPRINT: content_fingerprint(table).encode()}
     if source is not None:
         meta[_META_SOURCE] = source_id(source).encode()
+    if settings is not None:
+        meta[_META_SETTINGS] = json.dumps(settings, sort_keys=True).encode()
     _atomic_write_table(table.replace_schema_metadata(meta), path)
     return path
 
@@ -141,6 +157,7 @@ class ManifestInfo:
     source: str | None
     root: str | None
     fingerprint: str | None
+    settings: dict | None = None  # the ingest settings that shaped it: val_per_class, reshard, shard_size, ...
 
 
 def manifest_info(path: str | Path) -> ManifestInfo:
@@ -149,7 +166,9 @@ def manifest_info(path: str | Path) -> ManifestInfo:
         path = path / MANIFEST_NAME
     meta = pq.read_schema(path).metadata or {}
     get = (lambda key: meta[key].decode() if key in meta else None)
-    return ManifestInfo(get(_META_SOURCE), get(_META_ROOT), get(_META_FINGERPRINT))
+    settings = get(_META_SETTINGS)
+    return ManifestInfo(get(_META_SOURCE), get(_META_ROOT), get(_META_FINGERPRINT),
+                        json.loads(settings) if settings else None)
 
 
 def manifest_fingerprint(path: str | Path) -> str:
@@ -164,9 +183,17 @@ def manifest_fingerprint(path: str | Path) -> str:
     return content_fingerprint(table)
 
 
-def manifest_action(path: str | Path, source: str, root: str | Path) -> tuple[str, str]:
-    """What to do with the manifest at `path` for a job reading `source` into `root`: ("keep" | "rebase" |
-    "build", why). Never "keep" a manifest of another (or an unrecorded) source."""
+def settings_changed(have: dict, want: dict) -> dict[str, tuple]:
+    """{name: (recorded, wanted)} for each recorded setting that `want` sets otherwise. A setting the record
+    leaves out did not shape the manifest (shard_size of a folder read in place, quality without reshard)."""
+    return {k: (have[k], want[k]) for k in sorted(have) if k in want and have[k] != want[k]}
+
+
+def manifest_action(path: str | Path, source: str, root: str | Path,
+                    settings: dict | None = None) -> tuple[str, str]:
+    """What to do with the manifest at `path` for a job reading `source` into `root` with ingest `settings`
+    (None: not compared): ("keep" | "rebase" | "resplit" | "build", why). Never "keep" a manifest of another
+    (or an unrecorded) source, or one made with other settings; only a changed split is re-split in place."""
     path = Path(path)
     if not path.exists():
         return "build", f"no manifest at {path}"
@@ -175,6 +202,14 @@ def manifest_action(path: str | Path, source: str, root: str | Path) -> tuple[st
         return "build", f"{path} does not record its source (written by an older ingest)"
     if info.source != source_id(source):
         return "build", f"{path} was built from {info.source}, the job reads {source_id(source)}"
+    if settings is not None:
+        if info.settings is None:
+            return "build", f"{path} does not record its ingest settings (written by an older ingest)"
+        if changed := settings_changed(info.settings, settings):
+            moved = info.root != os.path.abspath(root)
+            what = ", ".join(f"{k} {a} (the job sets {b})" for k, (a, b) in changed.items())
+            return ("resplit" if set(changed) == {SPLIT_SETTING} and not moved else "build"), \
+                f"{path} was made with {what}"
     if info.root != os.path.abspath(root):
         return "rebase", f"{path} was written to {info.root} and has moved to {os.path.abspath(root)}"
     return "keep", f"{path} is current (source {info.source})"
@@ -190,8 +225,17 @@ def rebase_manifest(path: str | Path, root: str | Path) -> int:
     under = pc.starts_with(paths, old)
     moved = pc.if_else(under, pc.binary_join_element_wise(new, pc.utf8_slice_codeunits(paths, len(old)), ""), paths)
     table = table.set_column(table.schema.get_field_index("path"), "path", moved)
-    write_manifest(table, Path(root), info.source)
+    write_manifest(table, Path(root), info.source, info.settings)
     return int(pc.sum(under).as_py() or 0)
+
+
+def resplit_manifest(path: str | Path, val_per_class: int) -> str:
+    """The same samples with the split `val_per_class` gives (as a rebuild would); returns the new fingerprint."""
+    info = manifest_info(path)
+    table = read_manifest(path)
+    table = table.set_column(table.schema.get_field_index("split"), "split", split_column(table, val_per_class))
+    write_manifest(table, Path(path).parent, info.source, {**(info.settings or {}), SPLIT_SETTING: val_per_class})
+    return manifest_fingerprint(path)
 
 
 def write_rejected(rejects: list[dict], out_dir: Path) -> Path:

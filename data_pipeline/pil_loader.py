@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .feed import SampleFeed
+from .feed import MAX_REPLACEMENTS, SampleFeed
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -47,14 +47,17 @@ class _MicroBatches(torch.utils.data.Dataset):
         return 2**62
 
     def _decoded(self, n: int) -> tuple[dict, np.ndarray]:
-        s = self.feed.sample(n)
-        try:
-            return s, decode_window(s["data"], s["anchor"], s["shape"], int(s["flip"]), self.image_size)
-        except Exception:
-            # Corrupt entropy data passes the cheap byte check but stops PIL (DALI decodes on):
-            # fall back to the feed's deterministic replacement, counted as bad.
-            s = self.feed.sample(n, failed=True)
-            return s, decode_window(s["data"], s["anchor"], s["shape"], int(s["flip"]), self.image_size)
+        # Corrupt entropy data passes the cheap byte check but stops PIL: the feed's deterministic replacement
+        # follows (counted as bad), and when that does not decode either, the next one, as DALI's recovery does.
+        # The chain ends: past MAX_REPLACEMENTS candidates the feed gives FILLER (it decodes) marked
+        # NO_REPLACEMENT, and the trainer stops before such a batch trains.
+        for failed in range(MAX_REPLACEMENTS + 2):
+            s = self.feed.sample(n, failed)
+            try:
+                return s, decode_window(s["data"], s["anchor"], s["shape"], int(s["flip"]), self.image_size)
+            except Exception:  # noqa: BLE001 - any decoder error: this candidate is undecodable
+                continue
+        raise AssertionError(f"sample {n}: the feed's FILLER did not decode")  # unreachable: FILLER decodes
 
     def __getitem__(self, k: int) -> dict:
         pairs = [self._decoded(k * self.batch_size + i) for i in range(self.batch_size)]

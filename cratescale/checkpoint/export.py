@@ -6,7 +6,9 @@ Layout:  out_dir/weights.zarr/<state-dict key>   one array per tensor (floating 
                                                  dtype, crc32 of the C-order little-endian bytes]; the
                                                  provenance says what the run trained in (precision: bf16 |
                                                  fp32) and that the weights are its fp32 master weights
-The export is built in `out_dir.tmp` and renamed, so a visible `out_dir` is always complete.
+The export is built in `out_dir.tmp` and renamed, so a visible `out_dir` is always complete; an export
+replaced by a newer one (a run trained longer) trades places with it atomically (files.swap_in_dir), and the
+new export.json keeps the old one's provenance first in `provenance.history`.
 
 `python -m cratescale.checkpoint.export to-reference EXPORT OUT`: the authors' key layout (portable.py).
 """
@@ -31,6 +33,7 @@ from cratescale.checkpoint.commit import Commit, CheckpointError
 from cratescale.checkpoint.layout import ds_layout
 from cratescale.checkpoint.portable import write_portable
 from cratescale.checkpoint.universal import DS_TAG
+from cratescale.files import swap_in_dir
 from cratescale.models import model_from_config
 from cratescale.models.pretrained import read_format_json
 
@@ -71,6 +74,8 @@ def export_weights(state_dict: Mapping[str, torch.Tensor], model_config: dict[st
     if out.exists() and not overwrite:
         raise FileExistsError(f"export: {out} already exists (pass overwrite=True to replace it)")
     provenance = {**provenance, "time": provenance.get("time", time.time())}
+    if out.exists():
+        provenance["history"] = _history(out)
     header = {"format": FORMAT, "version": VERSION, "model_config": model_config, "provenance": provenance}
     json.dumps(header)  # fail before writing anything when the metadata is not JSON-able
     tmp = out.with_name(f"{out.name}.tmp")
@@ -92,13 +97,20 @@ def export_weights(state_dict: Mapping[str, torch.Tensor], model_config: dict[st
             json.dump(header, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        swap_in_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _history(out: Path) -> list[dict[str, Any]]:
+    """The provenance of the export being replaced (newest first), with the ones it replaced itself."""
+    try:
+        old = dict(read_export_header(out)["provenance"])
+    except (OSError, ExportError, KeyError):
+        return []  # not a readable export: nothing to keep of it
+    return [{k: v for k, v in old.items() if k != "history"}, *old.get("history", [])]
 
 
 def read_export_header(out_dir: Path | str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import torch
 from cratescale.checkpoint.export import export_fingerprint, load_model, read_export_header
 from cratescale.embeddings.memory import RSS_LIMIT_FACTOR, RssGuard, encode_chunk
 from cratescale.embeddings.pool import init_ray  # noqa: F401 - callers start Ray through extract
-from cratescale.embeddings.store import EmbeddingStore, StoreInfo, selected_rows
+from cratescale.embeddings.store import EmbeddingStore, StoreError, StoreInfo, selected_rows
 
 BASE_FEATURES = ("cls", "mean")
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}  # and "auto": bf16 on GPUs
@@ -251,6 +251,41 @@ def prepare_store(export_dir: Path | str, manifest_path: Path | str, store_dir: 
                   features: Sequence[str], layers: Sequence[int], dtype: str, shard_rows: int,
                   chunk_rows: int, split: str | None) -> EmbeddingStore:
     """Create the store (or reopen a matching one) from the export's config and the manifest."""
+    return EmbeddingStore.create(store_dir, store_info(export_dir, manifest_path, features=features, layers=layers,
+                                                       dtype=dtype, shard_rows=shard_rows, chunk_rows=chunk_rows,
+                                                       split=split))
+
+
+def stale_reason(store_dir: Path | str, export_dir: Path | str, manifest_path: Path | str, *,
+                 features: Sequence[str], layers: Sequence[int], dtype: str, shard_rows: int, chunk_rows: int,
+                 split: str | None) -> str | None:
+    """Why the store at `store_dir` is not what this extraction would make (another export, manifest or
+    layout), or None: it is, or there is no store yet (a rerun then resumes it)."""
+    if not (Path(store_dir) / "store.json").is_file():
+        return None
+    have = EmbeddingStore(store_dir)
+    layers = encoder_layers(read_export_header(export_dir), layers)
+    want = store_info(export_dir, manifest_path, features=features, layers=layers, dtype=dtype,
+                      shard_rows=shard_rows, chunk_rows=chunk_rows, split=split)
+    old, new = have.info.provenance, want.provenance
+    if old.get("fingerprint") != new["fingerprint"]:
+        return f"made from the export of step {old.get('step')}, the export is now step {new.get('step')}"
+    try:
+        have._check_compatible(want)
+    except StoreError as err:
+        return str(err).split("; use a new store directory")[0]
+    return None
+
+
+def encoder_layers(header: dict[str, Any], layers: Iterable[int]) -> list[int]:
+    """Layer indices as the store names them: negative ones counted from the export's depth, sorted, unique."""
+    depth = int(header["model_config"].get("depth", 0)) or None
+    return sorted({(int(i) % depth) if depth else int(i) for i in layers})
+
+
+def store_info(export_dir: Path | str, manifest_path: Path | str, *, features: Sequence[str],
+               layers: Sequence[int], dtype: str, shard_rows: int, chunk_rows: int, split: str | None) -> StoreInfo:
+    """What store.json says of the store this export and manifest make."""
     manifest = manifest_path_of(manifest_path)
     header = read_export_header(export_dir)
     config, provenance = header["model_config"], header.get("provenance", {})
@@ -258,13 +293,12 @@ def prepare_store(export_dir: Path | str, manifest_path: Path | str, store_dir: 
     if n == 0:
         raise ValueError(f"extract: {manifest} has no rows of split {split!r}")
     d = int(config["embed_dim"])
-    info = StoreInfo(num_rows=n, dims={name: d for name in feature_names(features, layers)}, dtype=dtype,
+    return StoreInfo(num_rows=n, dims={name: d for name in feature_names(features, layers)}, dtype=dtype,
                      shard_rows=shard_rows, chunk_rows=min(chunk_rows, shard_rows),
                      source={"manifest": str(manifest.resolve()), "fingerprint": _fingerprint(manifest),
                              "split": split, "rows": n},
                      provenance={"export": str(Path(export_dir).resolve()), **provenance, "model_config": config,
                                  "fingerprint": export_fingerprint(export_dir)})
-    return EmbeddingStore.create(store_dir, info)
 
 
 def extract(export_dir: Path | str, manifest_path: Path | str, store_dir: Path | str, *,
@@ -297,8 +331,7 @@ def run_extraction(export_dir: Path | str, manifest_path: Path | str, store_dir:
     if batch_size != "auto" and int(batch_size) <= 0:
         raise ValueError(f"extract: batch_size must be > 0 or 'auto', got {batch_size}")
     header = read_export_header(export_dir)
-    depth = int(header["model_config"].get("depth", 0)) or None
-    layers = sorted({(int(i) % depth) if depth else int(i) for i in layers})
+    layers = encoder_layers(header, layers)
     store = prepare_store(export_dir, manifest, store_dir, features=features, layers=layers, dtype=dtype,
                           shard_rows=shard_rows, chunk_rows=chunk_rows, split=split)
     todo = store.missing()

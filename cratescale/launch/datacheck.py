@@ -22,11 +22,23 @@ def split_counts(manifest: Path) -> tuple[int, int, int]:
     return int(train.sum()), len(classes), len(classes - set(labels[train].tolist()))
 
 
+def job_ingest_settings(job: JobConfig) -> dict:
+    """The ingest settings the job asks its manifest to be made with (compared with what the manifest records)."""
+    from data_pipeline.ingest import ingest_settings
+
+    data = job.data
+    return ingest_settings(reshard=data.reshard, shard_size=data.shard_size, val_per_class=data.val_per_class)
+
+
 def check_manifest(field: str, manifest: Path, val_per_class: int, min_train: int = 1) -> None:
     """One line naming `field` when the manifest has no rows, fewer than `min_train` training samples, or
-    classes that `val_per_class` emptied of training samples."""
+    classes that its split emptied of training samples (the val_per_class it was made with, as it records it;
+    `val_per_class` where it records none)."""
+    from data_pipeline.manifest import manifest_info
+
     if not manifest.is_file():
         raise ConfigError(f"{field}: no manifest at {manifest} after ingest")
+    val_per_class = (manifest_info(manifest).settings or {}).get("val_per_class", val_per_class)
     train, classes, emptied = split_counts(manifest)
     if classes == 0:
         raise ConfigError(f"{field}: {manifest} has no samples")

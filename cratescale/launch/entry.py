@@ -8,7 +8,7 @@ from pathlib import Path
 from cratescale.config import load_job
 from cratescale.distributed import exit_without_teardown, shutdown_distributed, world_from_env
 from cratescale.engine.trainer import train
-from cratescale.launch.failures import record_failure
+from cratescale.launch.failures import arm_crash_record, record_failure
 from cratescale.launch.preemption import PreemptionFlag, requeue_slurm_job
 
 PREEMPTED_EXIT = 3
@@ -18,7 +18,7 @@ class TrainTask:
     """Trains the job saved at `config_path`; on a stop request saves, requeues (SLURM) and exits."""
 
     def __init__(self, config_path: str, manifest: str, peak_flops: float, master_port: int | None = None,
-                 attempt: int = 0) -> None:
+                 attempt: int = 0, expect_gpus: int = 0) -> None:
         self.config_path = config_path
         self.manifest = manifest
         self.peak_flops = peak_flops
@@ -26,18 +26,24 @@ class TrainTask:
         # The supervisor's submission number (CRATESCALE_ATTEMPT, the incarnation rule): pickled with the task,
         # so SLURM's own requeue of a job keeps it and only the restart count grows.
         self.attempt = attempt
+        # The profile's gpus_per_node, carried by the task so that every executor (local processes as well as
+        # SLURM) tells its ranks to stop at start-up when they see no CUDA (distributed/device.py).
+        self.expect_gpus = expect_gpus
 
     def env(self) -> dict[str, str]:
         """What this submission tells its ranks beyond SLURM's variables."""
         out = {"CRATESCALE_ATTEMPT": str(self.attempt)}
         if self.master_port is not None:
             out["MASTER_PORT"] = str(self.master_port)
+        if self.expect_gpus:
+            out["CRATESCALE_EXPECT_GPUS"] = str(self.expect_gpus)
         return out
 
     def __call__(self) -> dict:
         flag = PreemptionFlag()
         os.environ.update(self.env())
         world = world_from_env()
+        arm_crash_record(Path(self.config_path).parent, world.rank)  # a signal is reported with its name
         try:
             job = load_job(self.config_path)
             outcome = train(job, Path(job.run_dir), Path(self.manifest), world, self.peak_flops, should_stop=flag)

@@ -13,16 +13,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from cratescale.distributed.device import GpuSetupError
+from cratescale.engine.data_budget import BadDataError
 from cratescale.engine.state import ResumeError
 from cratescale.files import replace_durable
 
 # Errors that a new attempt on the same config and data repeats: the project's own config, data, resume-identity
 # and bad-data errors are ValueErrors (ConfigError, ManifestError, SamplerError, SourceError, ModelConfigError,
 # ExportError, StoreError, CheckpointCorruptError) or named here; TypeError/ImportError and kin are code or
-# environment errors no requeue cures. Anything else (a gloo/NCCL RuntimeError after a peer died, an OSError of a
+# environment errors no requeue cures, and so is GpuSetupError (GPUs asked for, a torch or node without CUDA);
+# BadDataError is the bad-data budget's stop (DALI's own limits raise UndecodableData, a ValueError). Anything else (a gloo/NCCL RuntimeError after a peer died, an OSError of a
 # flaky file system, a rank killed with no exception at all) is taken as transient and keeps the requeue path.
 DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, AttributeError, ImportError,
-                                                         NotImplementedError, ResumeError)
+                                                         NotImplementedError, ResumeError, GpuSetupError,
+                                                         BadDataError)
 Kind = Literal["deterministic", "transient"]
 
 
@@ -54,6 +58,34 @@ def record_failure(run_dir: Path | str, rank: int, err: BaseException) -> None:
         pass
 
 
+_FATAL_FILES: list = []  # kept open for the process's life: faulthandler writes to them when a signal kills it
+# faulthandler's names of the fatal signals it reports
+_SIGNALS = {"Segmentation fault": "SIGSEGV", "Bus error": "SIGBUS", "Aborted": "SIGABRT",
+            "Floating-point exception": "SIGFPE", "Floating point exception": "SIGFPE", "Illegal instruction": "SIGILL"}
+
+
+def arm_crash_record(run_dir: Path | str, rank: int) -> None:
+    """A rank killed by a fatal signal (a decoder's SIGSEGV in a native thread) raises nothing to record: ask
+    faulthandler to write which signal, and where, into `<run_dir>/failures/rank<r>.fatal` instead."""
+    import faulthandler
+
+    folder = failures_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    _FATAL_FILES.append(open(folder / f"rank{rank}.fatal", "w"))  # noqa: SIM115 - open until the process ends
+    faulthandler.enable(file=_FATAL_FILES[-1], all_threads=True)
+
+
+def crash_line(text: str) -> str | None:
+    """One line from a faulthandler report: 'killed by SIGSEGV (Segmentation fault) in <innermost frame>'."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("Fatal Python error: "):
+        return None
+    fatal = lines[0].removeprefix("Fatal Python error: ")
+    frames = [line for line in lines[1:] if line.startswith("File ")]
+    where = f" in {frames[0].removeprefix('File ')}" if frames else ""
+    return f"killed by {_SIGNALS.get(fatal, 'a fatal signal')} ({fatal}){where}"
+
+
 def clear_failures(run_dir: Path | str) -> None:
     """Before a new attempt: reasons of an earlier one must not be read as this one's."""
     shutil.rmtree(failures_dir(run_dir), ignore_errors=True)
@@ -72,6 +104,14 @@ def job_failure(run_dir: Path | str, submitit_job: Any, world_size: int) -> Rank
     if recorded:
         first = recorded[0]
         return RankFailure(first.rank, first.line, first.deterministic, _log_of(submitit_job, first.rank))
+    for path in sorted(failures_dir(run_dir).glob("rank*.fatal")):
+        try:
+            line = crash_line(path.read_text(errors="replace"))
+        except OSError:
+            continue
+        if line:  # a signal: the next attempt may not meet it (a node's fault), or may (retried at most once)
+            rank = int(path.stem.removeprefix("rank"))
+            return RankFailure(rank, line, False, _log_of(submitit_job, rank))
     for rank in range(world_size):
         line = _traceback_line(submitit_job, rank)
         if line:

@@ -1,24 +1,31 @@
 """The stages after pretraining: extract embeddings (Ray actors) and evaluate them (probe, kNN, diagnostics)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from cratescale.config import ConfigError, JobConfig, RunPaths
+from cratescale.files import replace_durable
 from cratescale.launch.display import StageError, console
 
 
 def transfer_manifests(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
     """name -> manifest of each transfer set, ingested on first use; a source that does not ingest is one line."""
-    from data_pipeline.ingest import IngestError, ingest
-    from data_pipeline.manifest import ManifestError
+    from data_pipeline.ingest import IngestError, ingest, ingest_settings
+    from data_pipeline.manifest import ManifestError, manifest_action
+    from data_pipeline.work import SHARD_SIZE
     from data_pipeline.sources import SourceError
 
     manifests = {}
     for i, dataset in enumerate(job.extract.datasets):
         root = paths.run_dir / "transfer" / dataset.name
         manifest = root / "manifest.parquet"
-        if not manifest.exists():
+        # Made again when the set's source or val_per_class changed (it is small: no re-split, no rebase).
+        if manifest_action(manifest, dataset.source, root,
+                           ingest_settings(reshard=None, shard_size=SHARD_SIZE,
+                                           val_per_class=dataset.val_per_class))[0] != "keep":
             if "://" not in dataset.source and not Path(dataset.source).exists():
                 raise ConfigError(f"extract.datasets.{i}.source: {dataset.source} does not exist")
             try:
@@ -60,12 +67,10 @@ def write_init_export(job: JobConfig, paths: RunPaths) -> Path:
 
 def run_extract(job: JobConfig, paths: RunPaths) -> None:
     from cratescale.checkpoint.export import read_export_header
-    from cratescale.embeddings.extract import ExtractionError, extract
 
     if not (paths.export / "export.json").exists():
         raise StageError(f"extract: no export in {paths.export} (run the export stage first)")
-    ex = job.extract
-    layers = list(ex.layers)
+    layers = list(job.extract.layers)
     if job.evaluate.layers:  # every encoder layer, for the per-layer probes
         layers += range(int(read_export_header(paths.export)["model_config"]["depth"]))
     exports = {"": paths.export}
@@ -74,16 +79,63 @@ def run_extract(job: JobConfig, paths: RunPaths) -> None:
     for name, manifest in _datasets(job, paths).items():
         for which, export in exports.items():
             out = init_store(paths, name) if which else paths.embeddings / name
-            try:
-                store = extract(export, manifest, out, features=ex.features, layers=layers, dtype=ex.dtype,
-                                batch_size=ex.batch_size, actors=ex.actors, image_size=job.data.image_size,
-                                loader_kind=job.data.loader, ray_address=job.cluster.ray_address,
-                                shard_rows=ex.shard_rows, num_gpus_per_actor=ex.gpus_per_actor,
-                                max_restarts=ex.max_restarts, threads_per_actor=job.data.num_threads,
-                                loader_options=loader_options(job))
-            except ExtractionError as err:  # one line: the cause and the knobs; committed shards are kept
-                raise StageError(f"{name}{' (init)' if which else ''}: {err}") from None
-            console.log(f"extract: {name}{' (init)' if which else ''} -> {store}")
+            _extract_one(job, f"{name}{' (init)' if which else ''}", export, manifest, out, layers)
+
+
+def _extract_one(job: JobConfig, label: str, export: Path, manifest: Path, out: Path, layers: list[int]) -> None:
+    """Fill the store `out`: resumed where it is of this export and manifest, skipped where it is complete, and
+    made again beside it (`<out>.next`, swapped in once complete) where an earlier export or manifest made it."""
+    from cratescale.embeddings.extract import ExtractionError, extract, stale_reason
+    from cratescale.embeddings.store import EmbeddingStore
+    from cratescale.files import swap_in_dir
+
+    ex = job.extract
+    layout = dict(features=ex.features, layers=layers, dtype=ex.dtype, shard_rows=ex.shard_rows,
+                  chunk_rows=1024, split=None)  # the layout extract() makes by default
+    target = out
+    if why := stale_reason(out, export, manifest, **layout):
+        target = out.with_name(f"{out.name}.next")
+        if stale_reason(target, export, manifest, **layout):  # an export that was itself replaced since
+            shutil.rmtree(target)
+        console.log(f"extract: {label}: {out} was {why}: extracting again into {target.name}")
+    elif (out / "store.json").is_file() and EmbeddingStore(out).is_complete():
+        console.log(f"extract: {label}: {out} is complete for this export and manifest, skipping")
+        return
+    try:
+        store = extract(export, manifest, target, **layout, batch_size=ex.batch_size, actors=ex.actors,
+                        image_size=job.data.image_size, loader_kind=job.data.loader,
+                        ray_address=job.cluster.ray_address, num_gpus_per_actor=ex.gpus_per_actor,
+                        max_restarts=ex.max_restarts, threads_per_actor=job.data.num_threads,
+                        loader_options=loader_options(job))
+    except ExtractionError as err:  # one line: the cause and the knobs; committed shards are kept
+        raise StageError(f"{label}: {err}") from None
+    if target != out:
+        swap_in_dir(target, out)
+    console.log(f"extract: {label} -> {out}")
+
+
+REPORT_INPUTS = "inputs.json"  # what a report was made from, written once the report is complete
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def report_inputs(job: JobConfig, paths: RunPaths, name: str, manifest: Path) -> dict:
+    """What a report of dataset `name` depends on: the exports and stores it reads (their headers carry their
+    fingerprints, a new export or a re-extracted store changes them), the manifest and the evaluate settings."""
+    from cratescale.checkpoint.export import read_export_header
+    from data_pipeline.manifest import manifest_fingerprint
+
+    digest = hashlib.sha256(job.evaluate.model_dump_json().encode())
+    digest.update(f"{job.data.image_size} {job.data.loader} {job.seed} {manifest_fingerprint(manifest)}".encode())
+    for path in (paths.export / "export.json", paths.embeddings / name / "store.json",
+                 paths.init_export / "export.json", init_store(paths, name) / "store.json"):
+        digest.update(path.read_bytes() if path.is_file() else b"absent")
+    return {"export_step": read_export_header(paths.export)["provenance"].get("step"), "key": digest.hexdigest()}
 
 
 def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
@@ -93,6 +145,13 @@ def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
     for name, manifest in _datasets(job, paths).items():
         out = paths.report / name
         init = "init" in job.evaluate.baselines
+        inputs = report_inputs(job, paths, name, manifest)
+        if _read_json(out / REPORT_INPUTS) == inputs:
+            console.log(f"evaluate: {name}: its inputs did not change (export step {inputs['export_step']}), "
+                        f"skipping; report in {out}")
+            summary[name] = (_read_json(paths.report / "index.json") or {}).get(name, {})
+            continue
+        (out / REPORT_INPUTS).unlink(missing_ok=True)  # a report killed half-rewritten is never taken as current
         written = evaluate(paths.export, paths.embeddings / name, manifest, out,
                            features=[job.evaluate.feature], knn_k=job.evaluate.knn_k,
                            knn_temperature=job.evaluate.knn_temperature, probe=job.evaluate.probe,
@@ -102,6 +161,7 @@ def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
                            init_store=init_store(paths, name) if init else None,
                            pixels="pixels" in job.evaluate.baselines, layers=job.evaluate.layers)
         summary[name] = {key: str(path) for key, path in written.items()}
+        replace_durable(out / REPORT_INPUTS, json.dumps(inputs, indent=1))
         table = out / "results.md"
         if table.exists():
             console.print(f"[bold]{name}[/bold]\n" + table.read_text())

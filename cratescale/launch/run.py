@@ -7,7 +7,7 @@ from pathlib import Path
 from cratescale.config import (ConfigError, JobConfig, ProfileConfig, RunPaths, dump_job, job_warnings, job_yaml,
                                load_job, load_profile)
 from cratescale.launch.array import expand_array, pretrain_array, write_members
-from cratescale.launch.datacheck import check_data
+from cratescale.launch.datacheck import check_data, job_ingest_settings
 from cratescale.launch.display import StageError, console
 from cratescale.launch.stages import STAGES
 from data_pipeline.local_ray import start_or_join_ray as start_ray  # joins $RAY_ADDRESS inside an allocation
@@ -58,7 +58,7 @@ def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: l
     check_profile_fit(job, profile)
     from data_pipeline.manifest import manifest_action
 
-    manifest, why = manifest_action(paths.manifest, job.data.source, paths.data_root)
+    manifest, why = manifest_action(paths.manifest, job.data.source, paths.data_root, job_ingest_settings(job))
     if "ingest" in stages and manifest == "build" and "://" not in job.data.source \
             and not Path(job.data.source).exists():
         raise ConfigError(f"data.source: {job.data.source} does not exist")

@@ -8,25 +8,33 @@ from typing import Any, Callable
 import ray
 
 from cratescale.checkpoint import CheckpointStore
-from cratescale.checkpoint.export import consolidate, export_weights, training_provenance
+from cratescale.checkpoint.commit import Commit
+from cratescale.checkpoint.export import ExportError, consolidate, export_weights, read_export_header, \
+    training_provenance
 from cratescale.config import JobConfig, ProfileConfig, RunPaths
+from cratescale.launch.datacheck import job_ingest_settings
 from cratescale.launch.display import StageError, TrainingDisplay, console
 from cratescale.launch.followups import run_evaluate, run_extract
 from cratescale.launch.supervisor import Supervisor, follow
 
 
 def ingest_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:
-    """Builds the manifest unless the one under data.root is of this source; one moved with its root is rebased
-    (same content, new paths). A manifest of another or an unrecorded source is rebuilt, never trained from."""
+    """Builds the manifest unless the one under data.root is of this source and was made with the job's ingest
+    settings; one moved with its root is rebased (same content, new paths), one whose split alone differs is
+    re-split. A manifest of another or an unrecorded source, or of other settings, is rebuilt, never trained from."""
     from data_pipeline.ingest import run_ingest
-    from data_pipeline.manifest import manifest_action, rebase_manifest
+    from data_pipeline.manifest import manifest_action, rebase_manifest, resplit_manifest
 
-    action, why = manifest_action(paths.manifest, job.data.source, paths.data_root)
+    action, why = manifest_action(paths.manifest, job.data.source, paths.data_root, job_ingest_settings(job))
     if action == "keep":
         console.log(f"ingest: {why}, skipping")
         return
     if action == "rebase":
         console.log(f"ingest: {why}: {rebase_manifest(paths.manifest, paths.data_root)} paths rebased")
+        return
+    if action == "resplit":  # the same samples: only the split is computed again
+        fingerprint = resplit_manifest(paths.manifest, job.data.val_per_class)
+        console.log(f"ingest: {why}: re-split with val_per_class {job.data.val_per_class} (fingerprint {fingerprint})")
         return
     console.log(f"ingest: {why}: building it")
     result = run_ingest(job.data.source, paths.data_root, reshard=job.data.reshard, shard_size=job.data.shard_size,
@@ -35,7 +43,26 @@ def ingest_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Non
     console.log(result.summary())
 
 
+def trained_commit(job: JobConfig, paths: RunPaths) -> Commit | None:
+    """The run's newest commit when it already holds this job's whole schedule, trained on what the job trains
+    (same identity: a changed model, seed or data is submitted, and the ranks say what differs)."""
+    from cratescale.config.identity import identity_hash, job_identity
+    from cratescale.engine.model_build import count_train_samples
+    from cratescale.engine.optim import total_steps
+    from data_pipeline.manifest import manifest_fingerprint
+
+    commit = CheckpointStore(paths.checkpoints).latest()
+    if commit is None:
+        return None
+    total = total_steps(job, count_train_samples(paths.manifest) // job.schedule.global_batch)
+    identity = identity_hash(job_identity(job, manifest_fingerprint(paths.manifest)))
+    return commit if commit.step >= total and commit.meta.get("config_hash") == identity else None
+
+
 def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, detach: bool = False) -> dict[str, Any]:
+    if (done := trained_commit(job, paths)) is not None:
+        console.log(f"pretrain: step {done.step} is committed ({done.path}), the whole schedule: nothing submitted")
+        return {"state": "COMPLETED", "step": done.step, "finished": True, "submitted": False}
     supervisor = Supervisor.remote(str(paths.config), str(paths.manifest))
     job_id = ray.get(supervisor.submit.remote())
     console.log(f"pretrain: submitted job {job_id} ({job.cluster.executor} executor, {job.world_size} ranks); "
@@ -83,15 +110,28 @@ def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Pat
     commit = CheckpointStore(paths.checkpoints).latest()
     if commit is None:
         raise StageError(f"export: no committed checkpoint in {paths.checkpoints}")
+    if _exported(paths.export, commit):
+        console.log(f"export: step {commit.step} is already exported to {paths.export}, skipping")
+        return paths.export
     found = consolidate(commit)
     model = build_model(job)
     model.load_state_dict(found.state_dict)
     provenance = {"run": job.name, "step": commit.step, "config_hash": commit.meta.get("config_hash"),
                   "time": time.time(), "checkpoint": str(commit.path), **training_provenance(found)}
-    export_weights(model.state_dict(), model.config, provenance, paths.export)
+    export_weights(model.state_dict(), model.config, provenance, paths.export, overwrite=True)  # history kept
     _save_reconstructions(job, paths, model)
     console.log(f"export: step {commit.step} ({found.precision} run, fp32 master weights) -> {paths.export}")
     return paths.export
+
+
+def _exported(export: Path, commit: Commit) -> bool:
+    """The export holds this commit's weights already (its step, checkpoint and identity)."""
+    try:
+        made = read_export_header(export)["provenance"]
+    except (OSError, ExportError):
+        return False
+    return (made.get("step"), made.get("checkpoint"), made.get("config_hash")) == \
+        (commit.step, str(commit.path), commit.meta.get("config_hash"))
 
 
 def _save_reconstructions(job: JobConfig, paths: RunPaths, model: Any) -> None:

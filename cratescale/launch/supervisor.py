@@ -45,7 +45,8 @@ class Supervisor:
         self.job = load_job(config_path)
         self.paths = RunPaths.of(self.job)
         self.profile = load_profile(self.job.cluster.profile)
-        self.task = TrainTask(config_path, manifest, self.profile.peak_flops_per_gpu)
+        self.task = TrainTask(config_path, manifest, self.profile.peak_flops_per_gpu,
+                              expect_gpus=self.profile.gpus_per_node)
         self.submitit_job = None
         self.submissions: list[str] = []
         self.resubmits = 0

@@ -128,3 +128,22 @@ def test_bf16_layout_is_recognised_by_its_prefix(tmp_path: Path) -> None:
     layout = ds_layout(_tag_dir(tmp_path, BF16_Z3))
     assert (layout.partitioned, layout.zero3, layout.precision, layout.ranks) == (True, True, "bf16", 2)
     assert layout.stages == "3"
+
+
+def test_a_replaced_export_keeps_the_old_provenance_and_is_never_absent(tmp_path: Path, monkeypatch) -> None:
+    """Issue 29.4: a re-export (a run trained longer) trades places with the old export in one atomic step,
+    and keeps what the old one was made from, newest first (before: rmtree then rename, no history)."""
+    from cratescale import files
+
+    out = tmp_path / "export"
+    for step in (10, 20):
+        export_weights({"a": torch.full((2,), float(step))}, CONFIG, {**PROV, "step": step}, out, overwrite=True)
+    seen = []
+    real = files._exchange
+    monkeypatch.setattr(files, "_exchange", lambda a, b: seen.append(load_export(b)[2]["step"]) or real(a, b))
+    export_weights({"a": torch.full((2,), 30.0)}, CONFIG, {**PROV, "step": 30}, out, overwrite=True)
+    state, _, provenance = load_export(out)
+    assert seen == [20] and torch.equal(state["a"], torch.full((2,), 30.0))  # the old export stood until the swap
+    assert [h["step"] for h in provenance["history"]] == [20, 10]
+    assert all("history" not in h for h in provenance["history"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no tmp or old copy left

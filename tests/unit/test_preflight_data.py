@@ -24,8 +24,8 @@ def cli(monkeypatch, capsys, ray_session):
 
     def call(*argv: str) -> tuple[int, str, list[str]]:
         code = main([str(DEMO), *argv])
-        err = capsys.readouterr().err  # ingest's progress bar, then the error: one line, the last
-        return code, err.strip().splitlines()[-1] if code else err, started
+        out, err = capsys.readouterr()  # ingest's progress bar, then the error: one line, the last
+        return code, err.strip().splitlines()[-1] if code else out + err, started
     return call
 
 
@@ -63,3 +63,30 @@ def test_transfer_set_checked_before_pretraining_is_queued(cli, tmp_path):
 def test_good_data_passes_to_the_stages(cli, tmp_path):
     code, err, started = cli(f"run_dir={tmp_path}/run", shapes(256, 4), "data.val_per_class=2")
     assert code == 0 and started == ["pretrain", "export", "extract", "evaluate"], err
+
+
+def test_a_manifest_made_with_other_settings_is_resplit_or_rebuilt(cli, tmp_path):
+    """Issue 29.9: the manifest records the ingest settings that shaped it; a changed split is re-split, another
+    shard size rebuilt, and the preflight's lines name the values the manifest was made with (before: a manifest
+    of the same source was kept whatever the job now said, and the preflight blamed the job's val_per_class)."""
+    from data_pipeline.ingest import ingest
+    from data_pipeline.manifest import manifest_info
+
+    run = f"run_dir={tmp_path}/run"
+    code, err, _ = cli(run, shapes(256, 4), "data.val_per_class=64")
+    assert code == 2 and "val_per_class 64 leaves 4 of 4 classes" in err, err
+    code, err, started = cli(run, shapes(256, 4), "data.val_per_class=0")
+    assert code == 0 and started == ["pretrain", "export", "extract", "evaluate"], err
+    assert "val_per_class 64 (the job sets 0): re-split with val_per_class 0" in " ".join(err.split()), err
+    code, err, _ = cli(run, shapes(256, 4), "data.val_per_class=2")
+    assert code == 0, err
+    manifest = tmp_path / "run" / "data" / "manifest.parquet"
+    fresh = ingest(shapes(256, 4).split("=", 1)[1], tmp_path / "fresh", val_per_class=2, workers=0, progress=False)
+    assert manifest_info(manifest).fingerprint == manifest_info(fresh).fingerprint  # the split a rebuild gives
+    assert manifest_info(manifest).settings == manifest_info(fresh).settings
+    code, err, _ = cli(run, shapes(256, 4), "data.val_per_class=2", "data.shard_size=100")
+    assert code == 0 and "shard_size 1000 (the job sets 100): building it" in " ".join(err.split()), err
+    assert manifest_info(manifest).settings["shard_size"] == 100
+    code, err, _ = cli(run, shapes(256, 4), "data.val_per_class=3", "data.shard_size=100", "stages=[pretrain]")
+    assert code == 2 and "was made with val_per_class 2 (the job sets 3), and the ingest stage is not in the job" \
+        in err, err

@@ -1,12 +1,16 @@
-"""python -m cratescale.launch JOB.yaml [key=value ...] [--dry-run | --print-config] [--stages a,b]
+"""python -m cratescale.launch JOB.yaml [key=value ...] [--dry-run | --print-config | --detach] [--stages a,b]
+   python -m cratescale.launch attach RUN_DIR      follow a run's live job (submits nothing), then its later stages
    python -m cratescale.launch config [JOB.yaml [key=value ...]] [--markdown]   every field, its default, doc
    python -m cratescale.launch status RUN_DIR [--json]
+
+A launch of a run whose job is still queued or running follows that job instead of submitting another.
 
 Options and key=value overrides may come in any order."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cratescale.config import ConfigError
 from cratescale.launch.run import launch
@@ -30,6 +34,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     parser.add_argument("--print-config", action="store_true", help="print the resolved job as YAML; start nothing")
     parser.add_argument("--stages", help="comma-separated subset of the job's stages to run")
+    parser.add_argument("--detach", action="store_true",
+                        help="return once the training job is submitted (or found running); attach later")
     parser.add_argument("--json", action="store_true", help="status: print JSON for scripts instead of a table")
     parser.add_argument("--markdown", action="store_true", help="config: print docs/config.md")
     parser.add_argument("--version", action="version", version=_version())
@@ -55,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             return show_status(args.overrides[0], as_json=args.json)
         if args.job == "config":
             return show_config(args)
+        if args.job == "attach":
+            if len(args.overrides) != 1 or not (Path(args.overrides[0]) / "config.yaml").is_file():
+                raise ConfigError(f"attach: give one run directory (one with a config.yaml), got {args.overrides}")
+            return launch(str(Path(args.overrides[0]) / "config.yaml"), [], stages=args.stages, detach=args.detach)
         return launch(args.job, args.overrides, dry_run=args.dry_run, stages=args.stages,
-                      print_config=args.print_config)
+                      print_config=args.print_config, detach=args.detach)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

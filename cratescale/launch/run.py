@@ -9,7 +9,8 @@ from cratescale.config import (ConfigError, JobConfig, ProfileConfig, RunPaths, 
 from cratescale.launch.array import expand_array, pretrain_array, write_members
 from cratescale.launch.datacheck import check_data, job_ingest_settings
 from cratescale.launch.display import StageError, console
-from cratescale.launch.stages import STAGES
+from cratescale.launch.attach import check_attachable, live_job
+from cratescale.launch.stages import STAGES, pretrain_stage
 from data_pipeline.local_ray import start_or_join_ray as start_ray  # joins $RAY_ADDRESS inside an allocation
 
 
@@ -88,7 +89,7 @@ def preflight(job: JobConfig, profile: ProfileConfig, paths: RunPaths, stages: l
 
 
 def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: str | None = None,
-           print_config: bool = False) -> int:
+           print_config: bool = False, detach: bool = False) -> int:
     job, paths = resolve(load_job(job_path, overrides))
     if print_config:
         print(job_yaml(job), end="")
@@ -107,6 +108,9 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
         print(render_plan(job, profile, paths))
         return 0
     preflight(job, profile, paths, chosen)
+    live = live_job(paths) if "pretrain" in chosen else None
+    if live is not None:
+        check_attachable(live, paths, job_yaml(job))
     members = expand_array(job, paths) if job.cluster.array else []
     try:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +131,13 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
             elif members and stage != "ingest":  # the data is shared; the rest is per member
                 for member, member_paths in members:
                     STAGES[stage](member, member_paths, profile)
+            elif stage == "pretrain":
+                if pretrain_stage(job, paths, profile, live=live, detach=detach).get("detached"):
+                    later = chosen[chosen.index(stage) + 1:]
+                    console.log(f"detached: {', '.join(later) or 'nothing'} left to run; the job goes on without "
+                                f"this launcher. Follow it (and run the rest): python -m cratescale.launch attach "
+                                f"{paths.run_dir}")
+                    return 0
             else:
                 STAGES[stage](job, paths, profile)
         except StageError as err:

@@ -12,6 +12,7 @@ from cratescale.checkpoint.commit import Commit
 from cratescale.checkpoint.export import ExportError, consolidate, export_weights, read_export_header, \
     training_provenance
 from cratescale.config import JobConfig, ProfileConfig, RunPaths
+from cratescale.launch.attach import LiveJob
 from cratescale.launch.datacheck import job_ingest_settings
 from cratescale.launch.display import StageError, TrainingDisplay, console
 from cratescale.launch.followups import run_evaluate, run_extract
@@ -59,14 +60,24 @@ def trained_commit(job: JobConfig, paths: RunPaths) -> Commit | None:
     return commit if commit.step >= total and commit.meta.get("config_hash") == identity else None
 
 
-def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, detach: bool = False) -> dict[str, Any]:
-    if (done := trained_commit(job, paths)) is not None:
+def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, live: LiveJob | None = None,
+                   detach: bool = False) -> dict[str, Any]:
+    """Submits the training, or follows the run's live job (`live`: an earlier launch's, nothing submitted), to its
+    end; with `detach`, returns once it is submitted or found."""
+    if live is None and (done := trained_commit(job, paths)) is not None:
         console.log(f"pretrain: step {done.step} is committed ({done.path}), the whole schedule: nothing submitted")
         return {"state": "COMPLETED", "step": done.step, "finished": True, "submitted": False}
     supervisor = Supervisor.remote(str(paths.config), str(paths.manifest))
-    job_id = ray.get(supervisor.submit.remote())
-    console.log(f"pretrain: submitted job {job_id} ({job.cluster.executor} executor, {job.world_size} ranks); "
-                f"logs in {paths.submitit_dir}")
+    if live is not None:
+        job_id = ray.get(supervisor.adopt.remote(live.job_id, live.record))
+        console.log(f"pretrain: job {job_id} ({live.state}) is already training this run: following it, nothing "
+                    f"submitted")
+    else:
+        job_id = ray.get(supervisor.submit.remote())
+        console.log(f"pretrain: submitted job {job_id} ({job.cluster.executor} executor, {job.world_size} ranks); "
+                    f"logs in {paths.submitit_dir}")
+    if detach:
+        return {"state": "SUBMITTED", "job_id": job_id, "detached": True}
     try:
         with TrainingDisplay(console, bar=job.logging.progress) as display:
             status = follow(supervisor, display.update)
@@ -74,7 +85,8 @@ def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, deta
         if _ask_cancel():
             ray.get(supervisor.cancel.remote())
             raise StageError(f"pretrain: job {job_id} cancelled") from None
-        console.log(f"detached from job {job_id}; reattach with: python -m cratescale.launch status {paths.run_dir}")
+        console.log(f"detached from job {job_id}; follow it again with: python -m cratescale.launch attach "
+                    f"{paths.run_dir}")
         raise SystemExit(0) from None
     if status["state"] != "COMPLETED" or not status["finished"]:
         raise StageError(failure_message(status, ray.get(supervisor.error.remote()), paths))

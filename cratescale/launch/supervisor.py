@@ -78,6 +78,22 @@ class Supervisor:
         self._save_state()
         return str(self.submitit_job.job_id)
 
+    def adopt(self, job_id: str, record: dict[str, Any]) -> str:
+        """Follow a live SLURM job that an earlier launcher submitted (its launch.json record): nothing is
+        submitted; a later crash or lost node is handled as for a job of this launcher."""
+        import submitit
+
+        self.submissions = [str(j) for j in record.get("job_ids", [])] or [str(job_id)]
+        self.resubmits, self.node_failures = record.get("resubmits", 0), record.get("node_failures", 0)
+        self.nodes = record.get("nodes", self.nodes)
+        self.slurm_queries = list(record.get("slurm_queries", []))
+        self.submitit_job = submitit.SlurmJob(folder=self.paths.submitit_dir / "%j", job_id=str(job_id),
+                                              tasks=range(self.world_size))
+        self.watch = SlurmWatch(job_id, self.job.cluster.slurm_poll_s)
+        self.step_at_submit = self.progress.update()["step"]
+        self._save_state()
+        return str(job_id)
+
     def _save_state(self) -> None:
         state = {"executor": self.job.cluster.executor, "job_ids": self.submissions, "resubmits": self.resubmits,
                  "node_failures": self.node_failures, "nodes": self.nodes, "configured_nodes": self.job.cluster.nodes,

@@ -395,3 +395,40 @@ def test_deterministic_rank_error_ends_at_once_with_its_line(tmp_path, tiny_mani
     assert lines[head + 1].startswith("  rank 0: ExportError: export: "), lines[head:head + 2]
     ids = launcher_job_ids(run_dir)
     assert len(ids) == 1 and sacct_states(ids[0]) == ["FAILED"], (ids, sacct_states(ids[0]))
+
+
+def _launcher(run_dir: Path, argv: list[str], log_name: str, processes: list) -> subprocess.Popen:
+    log = (run_dir.parent / log_name).open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "cratescale.launch", *argv], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, cwd=run_dir.parent)
+    processes.append(proc)
+    return proc
+
+
+def test_the_launcher_is_a_window_detach_attach_and_a_killed_launcher_change_nothing(tmp_path, tiny_manifest,
+                                                                                    reference, job_names, processes):
+    """Issue 28 item 2: --detach returns with the job submitted; the same command launched again while the job
+    runs follows it and submits nothing; that launcher SIGKILLed changes nothing; `attach RUN_DIR` follows the job
+    to its end. One job in SLURM's accounting, the same samples and weights as the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    name = job_names.new("window")
+    args = [str(BASE_JOB), *job_overrides(run_dir, tiny_manifest, name, ["checkpoint.every_steps=10"])]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    detached = _launcher(run_dir, [*args, "--detach"], "detached.log", processes)
+    assert detached.wait(timeout=RESTART_TIMEOUT) == 0, (tmp_path / "detached.log").read_text()[-2000:]
+    job_id = launcher_job_ids(run_dir)[0]
+    assert "detached: nothing left to run" in (tmp_path / "detached.log").read_text()   # stages=[pretrain]
+    second = _launcher(run_dir, args, "second.log", processes)
+    wait_until(lambda: rows(run_dir, "commit"), RESTART_TIMEOUT, "the first commit", run_dir, job_id)
+    second.kill()   # SIGKILL: no handler runs
+    second.wait(timeout=30)
+    assert "is already training this run: following it, nothing submitted" in (tmp_path / "second.log").read_text()
+    assert slurm_tools.job_info(job_id).get("JobState") in ("RUNNING", "COMPLETING", "COMPLETED")
+    third = _launcher(run_dir, ["attach", str(run_dir)], "attach.log", processes)
+    assert third.wait(timeout=RESTART_TIMEOUT) == 0, (tmp_path / "attach.log").read_text()[-3000:]
+    assert launcher_job_ids(run_dir) == [job_id]
+    named = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "--name", name], capture_output=True,
+                           text=True, timeout=30).stdout.split()
+    assert named == [job_id], named   # no second job was ever submitted
+    assert wait_sacct(job_id, "COMPLETED") == ["COMPLETED"]
+    assert_matches_reference(run_dir, reference)

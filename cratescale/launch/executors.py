@@ -10,6 +10,7 @@ import submitit
 
 from cratescale.compat.submitit import sbatch_text
 from cratescale.config import ConfigError, JobConfig, ProfileConfig
+from cratescale.launch.recover import batch_lines
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -37,6 +38,7 @@ def slurm_parameters(job: JobConfig, profile: ProfileConfig, nodes: int | None =
         "signal_delay_s": profile.signal_lead_s,
         "setup": [f"export {key}={shlex.quote(value)}" for key, value in sorted(profile.env.items())],
     }
+    params["setup"] += batch_lines(Path(job.run_dir))  # a failed step is retried in the allocation (issue 28)
     if profile.gpus_per_node:  # ranks stop at start-up when they see no CUDA (distributed/device.py)
         params["setup"].append(f"export CRATESCALE_EXPECT_GPUS={profile.gpus_per_node}")
     optional = {"gpus_per_node": profile.gpus_per_node or None, "account": profile.account, "qos": profile.qos,

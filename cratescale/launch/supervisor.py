@@ -195,6 +195,13 @@ class Supervisor:
         # that the same config and data repeat (the console gets that rank's reason instead).
         if summary["finished"]:
             return False
+        if self.job.cluster.executor == "slurm":
+            from cratescale.launch.recover import read_record
+
+            record = read_record(self.paths.run_dir)
+            if record.get("job") == str(self.submitit_job.job_id) and record.get("verdict") == "stop":
+                self.failure = job_failure(self.paths.run_dir, self.submitit_job, self.world_size)
+                return False  # the job's own recovery stopped it (launch/recover.py): not undone from outside
         self.failure = job_failure(self.paths.run_dir, self.submitit_job, self.world_size)
         retry, self.stalled = may_retry(classify_failure(self.failure), summary["step"] > self.step_at_submit,
                                         self.stalled, self.resubmits, self.job.cluster.max_requeues)

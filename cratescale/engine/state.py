@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from cratescale.checkpoint import DS_TAG, CheckpointStore, CheckpointWriteError, Commit
+from cratescale.checkpoint.durable import ChecksumWriter, checksum_file
 from cratescale.checkpoint.universal import load_into_engine
 from cratescale.compat import deepspeed as ds_compat
 from cratescale.config import JobConfig, identity_change, identity_hash
@@ -43,6 +44,10 @@ def claim_run(store: CheckpointStore, rank: int, env: dict[str, str] | None = No
     if any_rank(error is not None):
         reason = _failures(error, rank)
         raise CheckpointWriteError(f"claiming {store.root}: {reason}") from error
+    if dist.is_initialized():  # every rank writes into the tmp dir named after rank 0's claim number
+        number = [store.incarnation]
+        dist.broadcast_object_list(number, src=0)
+        store.incarnation = number[0]
 
 
 class ResumeError(RuntimeError):
@@ -212,12 +217,13 @@ def with_filename(exc: BaseException, path: str | Path) -> BaseException:
 
 
 @contextmanager
-def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
+def _deferred_write_errors(engine: Any, sums: dict[str, tuple[int, int]]) -> Iterator[list[BaseException]]:
     """DeepSpeed's save_checkpoint holds barriers between its writes: a rank whose write raised would leave
     the other ranks in the next barrier for good. So the writes record their first failure and let this
     rank pass every barrier with the others; the caller raises it once save_checkpoint has returned.
     Files are written through Python file objects, so a failed write keeps its errno (torch.save to a path
-    turns ENOSPC into "unexpected pos 128 vs 0")."""
+    turns ENOSPC into "unexpected pos 128 vs 0"); each written file's (size, crc32) goes into `sums` (path ->),
+    the rank's own list that the seal checks against the disk."""
     errors: list[BaseException] = []
     real_save, real_copy = ds_compat.checkpoint_save(engine), ds_compat.recovery_script_copy(engine)
     own_writes, zipfile = ds_compat.writes_with_torch_save(engine), ds_compat.zipfile_serialization(engine)
@@ -227,10 +233,12 @@ def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
             return  # this rank's part is lost already: write nothing more
         try:
             if own_writes:
-                with open(path, "wb") as f:
+                with ChecksumWriter(Path(path)) as f:
                     torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile)
+                sums[path] = f.close()
             else:
                 real_save(state_dict, path)
+                sums[path] = checksum_file(Path(path), fsync=True)
         except Exception as exc:  # noqa: BLE001 - raised after the barriers
             errors.append(with_filename(exc, path))
 
@@ -256,23 +264,38 @@ def checkpoint_meta(job: JobConfig, step: int, world_size: int, identity: dict[s
 
 
 def save_state(engine: Any, store: CheckpointStore, step: int, meta: dict[str, Any], rank: int) -> Commit:
-    """Every rank writes its part into step_N.tmp; rank 0 commits once all have succeeded."""
+    """Every rank writes its part into this incarnation's step_N.tmp; rank 0 commits once all have succeeded,
+    sealing every rank's own list of files (sizes on disk checked against it), never whatever is in the dir."""
     path = store.tmp_path(step)
     _agree_or_raise(store, step, rank, _attempt(store.begin, step) if rank == 0 else None)
+    sums: dict[str, tuple[int, int]] = {}
 
     def write_part() -> None:
         # save_latest=False: DeepSpeed writes its `latest` tag file between two barriers, unguarded; we write
         # the same file below, where a failure goes through the agreement like any other.
-        with _deferred_write_errors(engine) as errors:
+        with _deferred_write_errors(engine, sums) as errors:
             engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
         if errors:
             raise errors[0]
         if rank == 0:
-            with open(path / "latest", "w") as f:
-                f.write(DS_TAG)
-        with open(path / f"rank{rank}_rng.pt", "wb") as f:
+            with ChecksumWriter(path / "latest") as f:
+                f.write(DS_TAG.encode())
+            sums[str(path / "latest")] = f.close()
+        with ChecksumWriter(path / f"rank{rank}_rng.pt") as f:
             torch.save(_rng_state(), f)
+        sums[str(path / f"rank{rank}_rng.pt")] = f.close()
 
     _agree_or_raise(store, step, rank, _attempt(write_part))
-    _agree_or_raise(store, step, rank, _attempt(store.commit, step, meta) if rank == 0 else None)
+    mine = {str(Path(p).relative_to(path)): {"size": size, "crc32": crc} for p, (size, crc) in sums.items()}
+    sealed = gather_sums(mine)
+    _agree_or_raise(store, step, rank, _attempt(store.commit, step, meta, sealed) if rank == 0 else None)
     return store.load(step)
+
+
+def gather_sums(mine: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Every rank's own list of written files (rel path -> {size, crc32}), merged; what the seal checks."""
+    gathered: list[Any] = [mine]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+    return {rel: s for part in gathered for rel, s in part.items()}

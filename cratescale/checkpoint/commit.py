@@ -281,20 +281,30 @@ class CheckpointStore:
     def _retain(self, newest: int) -> list[int]:
         return apply_retention(self.root, self._steps(), newest, self.keep_last, self.keep_every, MARKER)
 
-    def tidy(self) -> list[int]:
+    def tidy(self, newest: int | None = None) -> list[int]:
         """Retention over what is on disk now, without a new commit: a crash between a commit and its
         retention pass leaves older commits, a torn delete or tmp files that only the next commit would
         clear, and a job resumed at its last step commits nothing; a re-save cut short between its two renames
-        is rolled back first (resave.py). One process only (rank 0 at resume, before any rank loads)."""
-        if self.root.is_dir():
-            _resave.restore_interrupted(self.root, lambda path: read_marker(path) is not None)
+        is rolled back first (resave.py). One process only (rank 0 at resume). `newest`: the commit the run
+        resumes from when newer ones failed verification (retention keeps it, `latest` names it)."""
+        self.restore_interrupted()
         steps = self._ordered()
         if not steps:
             return []
-        newest = step_dir_name(steps[-1])
-        if self.latest_pointer() != newest:  # first: retention may delete the commit a stale pointer names
-            replace_durable(self.root / LATEST, newest)
-        return self._retain(steps[-1])
+        newest = steps[-1] if newest is None else newest
+        if self.latest_pointer() != step_dir_name(newest):  # first: retention may delete what a stale pointer names
+            replace_durable(self.root / LATEST, step_dir_name(newest))
+        return self._retain(newest)
+
+    def restore_interrupted(self) -> list[int]:
+        """Put back under its name every commit whose re-save was cut short between its renames (resave.py)."""
+        if not self.root.is_dir():
+            return []
+        return _resave.restore_interrupted(self.root, lambda path: read_marker(path) is not None)
+
+    def newest_first(self) -> list[int]:
+        """Committed steps, newest first (by incarnation, then step): the order resume tries them in."""
+        return self._ordered()[::-1]
 
     # ---- read side ---------------------------------------------------------------------------
     def _markers(self) -> dict[int, dict[str, Any]]:

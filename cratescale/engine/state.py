@@ -5,7 +5,7 @@ import logging
 import os
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cratescale.checkpoint import DS_TAG, CheckpointStore, CheckpointWriteError, Commit
+from cratescale.checkpoint import (DS_TAG, CheckpointCorruptError, CheckpointError, CheckpointStore,
+                                  CheckpointWriteError, Commit)
 from cratescale.checkpoint.durable import ChecksumWriter, checksum_file
 from cratescale.checkpoint.universal import load_into_engine
 from cratescale.compat import deepspeed as ds_compat
@@ -58,6 +59,7 @@ class ResumeError(RuntimeError):
 class ResumePlan:
     commit: Commit | None
     elastic: bool
+    passed_over: list[str] = field(default_factory=list)  # one line per newer commit that failed verification
 
 
 def check_identity(commit: Commit, identity: dict[str, Any], allow_config_change: bool) -> None:
@@ -71,9 +73,58 @@ def check_identity(commit: Commit, identity: dict[str, Any], allow_config_change
     log.warning("resume: %s: %s; continuing (checkpoint.allow_config_change=true)", commit.path, why)
 
 
+def _verified_choice(store: CheckpointStore) -> dict[str, Any]:
+    """Rank 0: the newest commit whose files match their sizes and crc32 in COMMITTED (storage damage, a bad
+    disk: DeepSpeed would load a cut-short file, raise, and the run would stop without trying the older commits
+    that keep_last kept). Then retention and clean-up relative to it (never deleting it)."""
+    store.restore_interrupted()  # a re-save cut short: its complete copy is back under its name first
+    passed: list[tuple[int, str]] = []
+    chosen = None
+    for step in store.newest_first():
+        try:
+            store.verify(store.load(step))
+        except CheckpointCorruptError as exc:
+            log.warning("resume: %s", exc)
+            passed.append((step, str(exc)))
+            continue
+        chosen = step
+        break
+    where = f"resuming from step {chosen} instead" if chosen is not None else "no older commit verifies"
+    lines = [f"resume: passed over {why}; {where}" for _, why in passed]
+    if chosen is None and passed:
+        raise CheckpointCorruptError(f"resume: no commit in {store.root} verifies ({len(passed)} tried); newest: "
+                                     f"{passed[0][1]}")
+    try:  # what a crash left beside the chosen commit (never the commit itself, which every rank now loads)
+        store.tidy(chosen)
+    except OSError as exc:
+        log.warning("resume: tidying %s failed (%s); the next commit retries", store.root, exc)
+    return {"step": chosen, "passed_over": lines}
+
+
+def choose_commit(store: CheckpointStore) -> tuple[Commit | None, list[str]]:
+    """The commit every rank resumes from, verified once by rank 0 (the result broadcast), and the lines of the
+    newer ones passed over. Without any commit that verifies: CheckpointCorruptError on every rank."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    result: list[Any] = [None]
+    error: BaseException | None = None
+    if rank0:
+        try:
+            result[0] = _verified_choice(store)
+        except Exception as exc:  # noqa: BLE001 - the other ranks wait in the broadcast: they raise it too
+            error, result[0] = exc, {"error": str(exc), "corrupt": isinstance(exc, CheckpointCorruptError)}
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    choice = result[0]
+    if error is not None:
+        raise error
+    if "error" in choice:  # a damaged run is deterministic (ValueError); a failed read may be transient
+        raise (CheckpointCorruptError if choice["corrupt"] else CheckpointError)(choice["error"])
+    return (None if choice["step"] is None else store.load(choice["step"])), choice["passed_over"]
+
+
 def plan_resume(store: CheckpointStore, identity: dict[str, Any], global_batch: int, world_size: int,
                 allow_config_change: bool = False) -> ResumePlan:
-    commit = store.latest()
+    commit, passed_over = choose_commit(store)
     if commit is None:
         return ResumePlan(None, False)
     meta = commit.meta
@@ -82,13 +133,7 @@ def plan_resume(store: CheckpointStore, identity: dict[str, Any], global_batch: 
                           f"{global_batch}; the data order would change. Start fresh from its weights instead "
                           f"(checkpoint.start_fresh_from_weights=PATH, new run_dir)")
     check_identity(commit, identity, allow_config_change)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        # What a crash left beside the newest commit (never the commit itself, which every rank now loads).
-        try:
-            store.tidy()
-        except OSError as exc:
-            log.warning("resume: tidying %s failed (%s); the next commit retries", store.root, exc)
-    return ResumePlan(commit, meta.get("world_size") != world_size)
+    return ResumePlan(commit, meta.get("world_size") != world_size, passed_over)
 
 
 def check_decoder(commit: Commit | None, identity: str, why: str, allow_change: bool) -> str | None:

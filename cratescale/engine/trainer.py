@@ -138,7 +138,9 @@ class Trainer:
                            "total_steps": self.total, "job_id": world.job_id,
                            "setup_s": round(time.perf_counter() - self.entered, 3), "speed": speed,
                            "decoder": decoder.identity, "decoder_why": decoder.why, "decoder_changed_from": was,
-                           "gpu_decode": route, "schedule_note": note})
+                           "gpu_decode": route, "schedule_note": note, "passed_over": self.plan.passed_over})
+        for line in self.plan.passed_over:
+            say(line)
         if note:
             say(note)
         say(f"decoder: {decoder.identity} ({decoder.why})"

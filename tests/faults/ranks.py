@@ -242,9 +242,9 @@ def _plant_faults(faults: dict) -> None:
     state = {"step": None}
     real_commit = commit_mod.CheckpointStore.commit
 
-    def commit(self, step, meta=None):
+    def commit(self, step, meta=None, sealed=None):
         state["step"] = step
-        return real_commit(self, step, meta)
+        return real_commit(self, step, meta, sealed)
 
     commit_mod.CheckpointStore.commit = commit
     hit = lambda: state["step"] == at  # noqa: E731

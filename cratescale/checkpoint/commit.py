@@ -7,23 +7,25 @@ pointer update leaves it stale, and the scan still finds the newest commit).
 Collective save (engine/state.py `save_state` drives it): three phases, each followed by an agreement, an
 all-reduce of "did any rank fail" and, when one did, a gather of every rank's one-line reason, so all ranks
 raise together and none is left waiting in a collective:
-    rank 0: store.begin(step)                                  fresh, empty step_N.tmp/        -> agree
+    rank 0: store.begin(step)                                  fresh, empty step_N.tmp-i<claim>/ -> agree
     every rank: engine.save_checkpoint(tmp, tag="ds", save_latest=False), its write errors held
-                back until DeepSpeed's barriers are passed; rank{r}_rng.pt; rank 0 the tag file -> agree
-    rank 0: store.commit(step, meta)                           marker, rename, `latest`         -> agree
+                back until DeepSpeed's barriers are passed; rank{r}_rng.pt; rank 0 the tag file;
+                each file's size and crc32 while writing (the rank's own list)  -> agree, lists gathered
+    rank 0: store.commit(step, meta, sealed=lists)   lists checked on disk, marker, rename, `latest` -> agree
 A failed agreement raises on every rank; rank 0 first calls store.abort(step, reason), which removes the tmp
 dir and returns the error to raise.
 Single process: `store.save(step, write_fn, meta)` does the three phases and the clean-up.
-Background writers (engine.commit_async) stream their files' crc32 while writing and hand the sums to
-`commit(step, meta, sealed=...)`, which then checksums only the files it was not told about.
+Background writers (engine.commit_async) do the same from their threads. `commit(step, meta, sealed=...)`
+checks that every listed file is there with its writer's size and checksums only the files it was not told
+about (DeepSpeed's recovery scripts, meta.json): a seal never takes whatever happens to be in the directory.
 
-Incarnations: a job claims the run at start (`claim_incarnation`, file `incarnation`) with who it is (SLURM
-job id, restart count, the local supervisor's attempt number) and gets the next claim number, which its
-commits carry. A start older than the claim (same job, lower restart count; lower attempt) is refused; a
-writer whose claim was superseded (the ranks of a partitioned node that keep running while the requeued job
-starts) is refused at commit, before the rename and before moving `latest`, and cannot replace a newer
-commit. Readers order commits by (claim number, step), so a stale commit that raced past the check is still
-not the newest.
+Incarnations: a job claims the run at start (`claim_incarnation`, folder `incarnation/`: claims.py) with who it
+is (SLURM job id, restart count, the local supervisor's attempt number) and gets the next claim number, never
+one another claimant holds, which its commits and its tmp dir names carry. A start older than the claim (same
+job, lower restart count; lower attempt) is refused; a writer whose claim was superseded (the ranks of a
+partitioned node that keep running while the requeued job starts) is refused at commit, before the rename and
+before moving `latest`, and cannot replace a newer commit. Readers order commits by (claim number, step), so a
+stale commit that raced past the check is still not the newest.
 """
 from __future__ import annotations
 

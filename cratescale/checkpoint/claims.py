@@ -30,32 +30,37 @@ def _read(path: Path) -> dict[str, Any] | None:
     return claim if isinstance(claim, dict) and isinstance(claim.get("incarnation"), int) else None
 
 
-def all_claims(root: Path) -> dict[int, dict[str, Any] | None]:
-    """claim number -> claim (None: unreadable; its number is taken all the same)."""
+def _numbers(root: Path) -> list[int]:
+    """Every claim number taken, highest first (withdrawn ones too: a number is never handed out twice)."""
     where = root / CLAIMS
     if where.is_file():
         legacy = _read(where)
-        return {legacy["incarnation"]: legacy} if legacy else {}
+        return [legacy["incarnation"]] if legacy else []
     try:
         names = os.listdir(where)
     except OSError:
-        return {}
-    return {int(n[:-5]): _read(where / n) for n in names if n.endswith(".json") and n[:-5].isdigit()}
+        return []
+    return sorted((int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()), reverse=True)
+
+
+def _claim_of(root: Path, number: int) -> dict[str, Any] | None:
+    where = root / CLAIMS
+    return _read(where) if where.is_file() else _read(where / f"{number:09d}.json")
 
 
 def current(root: Path) -> dict[str, Any] | None:
-    """The run's claim: the highest-numbered one that is readable and not withdrawn."""
-    claims = all_claims(root)
-    for number in sorted(claims, reverse=True):
-        claim = claims[number]
+    """The run's claim: the highest-numbered one that is readable and not withdrawn (read from the top down:
+    a run restarted 200 times reads one or two files, not 200)."""
+    for number in _numbers(root):
+        claim = _claim_of(root, number)
         if claim is not None and not claim.get("withdrawn"):
             return claim
     return None
 
 
 def newest_number(root: Path) -> int:
-    """The highest claim number taken (withdrawn ones count: a number is never handed out twice)."""
-    return max(all_claims(root), default=0)
+    """The highest claim number taken."""
+    return max(_numbers(root), default=0)
 
 
 def is_newer(claim: dict[str, Any] | None, job: str | None, restart: int, attempt: int) -> bool:
@@ -107,10 +112,10 @@ def take_next(root: Path, who: dict[str, Any], floor: int, seen: int) -> int:
     number = floor + 1
     while not _take(root, number, {**who, "incarnation": number}):
         number += 1
-    claims = all_claims(root)
-    for other in sorted(n for n in claims if seen < n < number):
-        if is_newer(claims[other], who.get("job"), who.get("restart", 0), who.get("attempt", 0)):
+    for other in (n for n in _numbers(root) if seen < n < number):  # claims taken meanwhile
+        claim = _claim_of(root, other)
+        if is_newer(claim, who.get("job"), who.get("restart", 0), who.get("attempt", 0)):
             replace_durable(root / CLAIMS / f"{number:09d}.json",
                             json.dumps({**who, "incarnation": number, "withdrawn": True}, sort_keys=True))
-            raise LookupError(claims[other])
+            raise LookupError(claim)
     return number

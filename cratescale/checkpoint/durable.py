@@ -80,10 +80,9 @@ def check_sealed(tmp: Path, sealed: dict[str, dict[str, int]]) -> dict[str, dict
     """The writers' own lists (rel path -> {size, crc32}, every rank's), after a check that each file is there
     with the size its writer wrote (a file cut short, or removed by someone else, fails the seal here)."""
     for rel, want in sealed.items():
-        try:
-            size = (tmp / rel).stat().st_size
-        except FileNotFoundError:
-            raise OSError(f"{tmp / rel}: missing; its writer wrote {want['size']} bytes") from None
+        if not (tmp / rel).is_file():  # (not stat's FileNotFoundError: the one line names what the writer wrote)
+            raise OSError(f"{tmp / rel}: missing; its writer wrote {want['size']} bytes")
+        size = (tmp / rel).stat().st_size
         if size != want["size"]:
             raise OSError(f"{tmp / rel}: {size} bytes on disk, its writer wrote {want['size']}")
     return {rel: {"size": int(v["size"]), "crc32": int(v["crc32"])} for rel, v in sealed.items()}

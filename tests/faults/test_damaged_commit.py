@@ -73,3 +73,25 @@ def test_a_damaged_newest_commit_is_passed_over_and_none_left_stops(fault_manife
             "checkpoint step 6: " in last and "mp_rank_00_model_states.pt crc32" in last, last
     assert issubclass(CheckpointCorruptError, DETERMINISTIC_ERRORS)
     assert [c.step for c in store.commits()] == [4, 6]  # nothing deleted, nothing committed
+
+
+def test_the_synchronous_seal_refuses_a_commit_without_a_rank_s_file(fault_manifest, tmp_path, rank_server):
+    """Rank 1's optimizer partition is gone when rank 0 seals step 4 (what a stale writer's clean-up did): the seal
+    checks every rank's own list of files, so both ranks stop with one line and step 2 stays the newest commit.
+    Before, the synchronous seal took whatever was in the directory: a commit without that file, which verified."""
+    from cratescale.checkpoint import CheckpointStore
+    from tests.dist.harness import write_config
+
+    run_dir = tmp_path / "run"
+    lost = "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    config = write_config(TINY_JOB, run_dir, ["schedule.steps=6", "checkpoint.every_steps=2"])
+    job = rank_server.start(config, fault_manifest, 2, faults={"mode": "lose", "step": 4, "file": lost})
+    codes = job.wait()
+    assert codes[0] != 0 and codes[1] != 0, codes
+    for rank in (0, 1):
+        last = job.output(rank).splitlines()[-1]
+        assert "CheckpointWriteError: checkpoint step 4" in last and f"{lost}: missing; its writer wrote " in last, last
+    store = CheckpointStore(run_dir / "checkpoints")
+    assert [c.step for c in store.commits()] == [2] and store.latest_pointer() == "step_000000002"
+    store.verify(store.latest())
+    assert not list((run_dir / "checkpoints").glob("step_000000004*"))

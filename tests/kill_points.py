@@ -19,3 +19,14 @@ def kill_around_rename(rename: Callable, when: str, kill: Callable[[], None]) ->
             kill()
 
     return wrapped
+
+
+def kill_after_rename_to(rename: Callable, suffix: str, kill: Callable[[], None]) -> Callable:
+    """`rename` (os.rename) with `kill()` called right after the first rename whose target ends with `suffix`: a
+    re-save killed between moving the old copy aside (`.replaced.tmp`) and renaming the new one into place."""
+    def wrapped(src, dst, *args, **kwargs):
+        rename(src, dst, *args, **kwargs)
+        if str(dst).endswith(suffix):
+            kill()
+
+    return wrapped

@@ -7,23 +7,25 @@ pointer update leaves it stale, and the scan still finds the newest commit).
 Collective save (engine/state.py `save_state` drives it): three phases, each followed by an agreement, an
 all-reduce of "did any rank fail" and, when one did, a gather of every rank's one-line reason, so all ranks
 raise together and none is left waiting in a collective:
-    rank 0: store.begin(step)                                  fresh, empty step_N.tmp/        -> agree
+    rank 0: store.begin(step)                                  fresh, empty step_N.tmp-i<claim>/ -> agree
     every rank: engine.save_checkpoint(tmp, tag="ds", save_latest=False), its write errors held
-                back until DeepSpeed's barriers are passed; rank{r}_rng.pt; rank 0 the tag file -> agree
-    rank 0: store.commit(step, meta)                           marker, rename, `latest`         -> agree
+                back until DeepSpeed's barriers are passed; rank{r}_rng.pt; rank 0 the tag file;
+                each file's size and crc32 while writing (the rank's own list)  -> agree, lists gathered
+    rank 0: store.commit(step, meta, sealed=lists)   lists checked on disk, marker, rename, `latest` -> agree
 A failed agreement raises on every rank; rank 0 first calls store.abort(step, reason), which removes the tmp
 dir and returns the error to raise.
 Single process: `store.save(step, write_fn, meta)` does the three phases and the clean-up.
-Background writers (engine.commit_async) stream their files' crc32 while writing and hand the sums to
-`commit(step, meta, sealed=...)`, which then checksums only the files it was not told about.
+Background writers (engine.commit_async) do the same from their threads. `commit(step, meta, sealed=...)`
+checks that every listed file is there with its writer's size and checksums only the files it was not told
+about (DeepSpeed's recovery scripts, meta.json): a seal never takes whatever happens to be in the directory.
 
-Incarnations: a job claims the run at start (`claim_incarnation`, file `incarnation`) with who it is (SLURM
-job id, restart count, the local supervisor's attempt number) and gets the next claim number, which its
-commits carry. A start older than the claim (same job, lower restart count; lower attempt) is refused; a
-writer whose claim was superseded (the ranks of a partitioned node that keep running while the requeued job
-starts) is refused at commit, before the rename and before moving `latest`, and cannot replace a newer
-commit. Readers order commits by (claim number, step), so a stale commit that raced past the check is still
-not the newest.
+Incarnations: a job claims the run at start (`claim_incarnation`, folder `incarnation/`: claims.py) with who it
+is (SLURM job id, restart count, the local supervisor's attempt number) and gets the next claim number, never
+one another claimant holds, which its commits and its tmp dir names carry. A start older than the claim (same
+job, lower restart count; lower attempt) is refused; a writer whose claim was superseded (the ranks of a
+partitioned node that keep running while the requeued job starts) is refused at commit, before the rename and
+before moving `latest`, and cannot replace a newer commit. Readers order commits by (claim number, step), so a
+stale commit that raced past the check is still not the newest.
 """
 from __future__ import annotations
 
@@ -40,7 +42,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cratescale.checkpoint import catalog as _catalog
-from cratescale.checkpoint.durable import checksum_file
+from cratescale.checkpoint import claims as _claims
+from cratescale.checkpoint import resave as _resave
+from cratescale.checkpoint.durable import check_sealed, checksum_file, seal_files
 from cratescale.checkpoint.retention import apply_retention
 from cratescale.files import fsync_path, replace_durable, write_file_durable
 
@@ -49,7 +53,6 @@ log = logging.getLogger(__name__)
 MARKER = "COMMITTED"
 META = "meta.json"
 LATEST = "latest"
-INCARNATION = "incarnation"
 MARKER_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{9})$")
 
@@ -107,7 +110,7 @@ def read_marker(path: Path) -> dict[str, Any] | None:
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    m = STEP_DIR.match(path.name)
+    m = STEP_DIR.match(path.name) or _resave.REPLACED.match(path.name)  # a swap cut short: resave.py
     if not isinstance(marker, dict) or m is None or marker.get("step") != int(m.group(1)):
         return None
     if marker.get("version") != MARKER_VERSION or not isinstance(marker.get("files"), dict):
@@ -141,7 +144,10 @@ class CheckpointStore:
     committed_path = step_path
 
     def tmp_path(self, step: int) -> Path:
-        return self.root / f"{step_dir_name(step)}.tmp"
+        """This writer's tmp dir of `step`: it carries the claim number, so a stale incarnation's begin() or
+        abort() of the same step (a partitioned node's rank 0) never touches the live job's files."""
+        suffix = "" if self.incarnation is None else f"-i{self.incarnation}"
+        return self.root / f"{step_dir_name(step)}.tmp{suffix}"
 
     @property
     def catalog_path(self) -> Path:
@@ -149,7 +155,8 @@ class CheckpointStore:
 
     # ---- write side --------------------------------------------------------------------------
     def begin(self, step: int) -> Path:
-        """Rank 0, before the barrier: an empty tmp dir for `step` (a leftover from a crash is removed)."""
+        """Rank 0, before the barrier: an empty tmp dir for `step` (a leftover of this incarnation is removed;
+        other incarnations' leftovers are retention's: clean_stale)."""
         tmp = self.tmp_path(step)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -161,7 +168,8 @@ class CheckpointStore:
         return tmp
 
     def abort(self, step: int, cause: BaseException | str | None = None) -> CheckpointWriteError:
-        """Remove the tmp dir of `step`; returns the error to raise (`raise store.abort(step, exc) from exc`)."""
+        """Remove this incarnation's tmp dir of `step`; returns the error to raise
+        (`raise store.abort(step, exc) from exc`)."""
         tmp = self.tmp_path(step)
         shutil.rmtree(tmp, ignore_errors=True)
         if cause is None:
@@ -181,7 +189,8 @@ class CheckpointStore:
                 raise FileNotFoundError(f"no tmp dir {tmp} (was begin({step}) called?)")
             meta = {**(meta or {}), "step": step}
             write_file_durable(tmp / META, json.dumps(meta, sort_keys=True, default=str).encode())
-            files = {**self._check_sealed(tmp, sealed or {}), **self._seal_files(tmp, skip=set(sealed or ()))}
+            rest = [r for r in _list_files(tmp) if r != MARKER and r not in (sealed or {})]
+            files = {**check_sealed(tmp, sealed or {}), **seal_files(tmp, rest, self.checksum_threads)}
             _fsync_dirs(tmp)
             marker = {"version": MARKER_VERSION, "step": step, "time": time.time(), "host": socket.gethostname(),
                       "files": dict(sorted(files.items()))}
@@ -209,59 +218,34 @@ class CheckpointStore:
             raise self.abort(step, exc) from exc
         return self.commit(step, meta)
 
-    @staticmethod
-    def _check_sealed(tmp: Path, sealed: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-        """The writers' own sums, after a size check against the disk (a file cut short is caught here)."""
-        for rel, want in sealed.items():
-            size = (tmp / rel).stat().st_size
-            if size != want["size"]:
-                raise OSError(f"{tmp / rel}: {size} bytes on disk, its writer wrote {want['size']}")
-        return {rel: {"size": int(v["size"]), "crc32": int(v["crc32"])} for rel, v in sealed.items()}
-
-    def _seal_files(self, tmp: Path, skip: set[str] = frozenset()) -> dict[str, dict[str, int]]:
-        """crc32 + fsync of every file not in `skip`. The fsyncs (waiting on the disk) run beside the checksums
-        (CPU on page-cache data), biggest files first, so the seal costs little more than the flush itself."""
-        rels = sorted((r for r in _list_files(tmp) if r != MARKER and r not in skip),
-                      key=lambda r: -(tmp / r).stat().st_size)
-        with ThreadPoolExecutor(min(self.checksum_threads, max(1, 2 * len(rels)))) as pool:
-            synced = [pool.submit(fsync_path, tmp / r) for r in rels]
-            # Our own tmp dir after every rank finished writing: safe to map.
-            sums = [pool.submit(checksum_file, tmp / r, use_mmap=True) for r in rels]
-            for f in synced:
-                f.result()
-            return {r: {"size": s.result()[0], "crc32": s.result()[1]} for r, s in sorted(zip(rels, sums))}
-
     # ---- incarnations ------------------------------------------------------------------------
     def claim(self) -> dict[str, Any] | None:
         """The run's current claim ({job, restart, attempt, incarnation}), None when unclaimed or unreadable."""
-        try:
-            claim = json.loads((self.root / INCARNATION).read_text())
-        except (OSError, ValueError):
-            return None
-        return claim if isinstance(claim, dict) and isinstance(claim.get("incarnation"), int) else None
+        return _claims.current(self.root)
 
     def claim_incarnation(self, job: str | None = None, restart: int = 0, attempt: int = 0) -> int:
-        """Rank 0 at start, before resuming: this job becomes the run's writer; returns its claim number.
-        Raises StaleIncarnationError when the run was claimed by a newer incarnation of this job (a higher
-        restart count of the same job id, or a higher supervisor attempt)."""
+        """Rank 0 at start, before resuming: this job becomes the run's writer; returns its claim number (never
+        one another claimant holds: claims.py). Raises StaleIncarnationError when the run was claimed by a newer
+        incarnation of this job (a higher restart count of the same job id, or a higher supervisor attempt)."""
         claim = self.claim()
-        if claim is not None:
-            newer = claim.get("attempt", 0) > attempt or (
-                job is not None and claim.get("job") == job and claim.get("restart", 0) > restart)
-            if newer:
-                raise StaleIncarnationError(
-                    f"checkpoint {self.root}: job {job} restart {restart} attempt {attempt} is older than the "
-                    f"run's writer (job {claim.get('job')} restart {claim.get('restart')} attempt "
-                    f"{claim.get('attempt')}): refusing to start")
-        number = 1 + self._newest_incarnation(claim)
-        self.root.mkdir(parents=True, exist_ok=True)
-        replace_durable(self.root / INCARNATION, json.dumps(
-            {"job": job, "restart": restart, "attempt": attempt, "incarnation": number}).encode())
+        try:
+            if _claims.is_newer(claim, job, restart, attempt):
+                raise LookupError(claim)
+            seen = claim["incarnation"] if claim else 0
+            floor = max(_claims.newest_number(self.root), self._newest_incarnation())
+            number = _claims.take_next(self.root, {"job": job, "restart": restart, "attempt": attempt}, floor, seen)
+        except LookupError as newer:
+            other = newer.args[0]
+            raise StaleIncarnationError(
+                f"checkpoint {self.root}: job {job} restart {restart} attempt {attempt} is older than the "
+                f"run's writer (job {other.get('job')} restart {other.get('restart')} attempt "
+                f"{other.get('attempt')}): refusing to start") from None
         self.incarnation = number
         return number
 
-    def _newest_incarnation(self, claim: dict[str, Any] | None) -> int:
-        """The highest claim number of the claim file and of every commit."""
+    def _newest_incarnation(self) -> int:
+        """The highest claim number of the run's claim (withdrawn ones left out) and of every commit."""
+        claim = self.claim()
         return max([claim["incarnation"] if claim else 0] + [_incarnation(m) for m in self._markers().values()])
 
     def _check_incarnation(self, step: int | None) -> None:
@@ -269,24 +253,14 @@ class CheckpointStore:
         and before moving `latest`, so a requeued job that started meanwhile wins)."""
         if self.incarnation is None:
             return
-        newest = self._newest_incarnation(self.claim())
+        newest = self._newest_incarnation()
         if newest > self.incarnation:
             what = "move `latest`" if step is None else f"commit step {step}"
             raise StaleIncarnationError(f"checkpoint {self.root}: this writer is incarnation {self.incarnation}, "
                                         f"a newer job claimed the run (incarnation {newest}): refusing to {what}")
 
     def _rename_into_place(self, tmp: Path, final: Path) -> None:
-        if final.exists():
-            # The same step saved again (e.g. a stop right after a resume): swap the old one out first.
-            old = final.with_name(f"{final.name}.replaced.tmp")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            fsync_path(self.root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-            fsync_path(self.root)
+        _resave.swap_into_place(tmp, final)  # a step saved again: never a moment without a complete copy
 
     def _after_commit(self, commit: Commit, seconds: float) -> None:
         steps: list[int] = []
@@ -309,29 +283,42 @@ class CheckpointStore:
     def _retain(self, newest: int) -> list[int]:
         return apply_retention(self.root, self._steps(), newest, self.keep_last, self.keep_every, MARKER)
 
-    def tidy(self) -> list[int]:
+    def tidy(self, newest: int | None = None) -> list[int]:
         """Retention over what is on disk now, without a new commit: a crash between a commit and its
         retention pass leaves older commits, a torn delete or tmp files that only the next commit would
-        clear, and a job resumed at its last step commits nothing. One process only (rank 0 at resume)."""
+        clear, and a job resumed at its last step commits nothing; a re-save cut short between its two renames
+        is rolled back first (resave.py). One process only (rank 0 at resume). `newest`: the commit the run
+        resumes from when newer ones failed verification (retention keeps it, `latest` names it)."""
+        self.restore_interrupted()
         steps = self._ordered()
         if not steps:
             return []
-        newest = step_dir_name(steps[-1])
-        if self.latest_pointer() != newest:  # first: retention may delete the commit a stale pointer names
-            replace_durable(self.root / LATEST, newest)
-        return self._retain(steps[-1])
+        newest = steps[-1] if newest is None else newest
+        if self.latest_pointer() != step_dir_name(newest):  # first: retention may delete what a stale pointer names
+            replace_durable(self.root / LATEST, step_dir_name(newest))
+        return self._retain(newest)
+
+    def restore_interrupted(self) -> list[int]:
+        """Put back under its name every commit whose re-save was cut short between its renames (resave.py)."""
+        if not self.root.is_dir():
+            return []
+        return _resave.restore_interrupted(self.root, lambda path: read_marker(path) is not None)
+
+    def newest_first(self) -> list[int]:
+        """Committed steps, newest first (by incarnation, then step): the order resume tries them in."""
+        return self._ordered()[::-1]
 
     # ---- read side ---------------------------------------------------------------------------
     def _markers(self) -> dict[int, dict[str, Any]]:
         """step -> marker of every dir with a valid COMMITTED marker (the scan; *.tmp, marker-less ignored)."""
         if not self.root.is_dir():
             return {}
-        markers = {}
+        markers, aside = {}, {}
         for entry in os.scandir(self.root):
-            m = STEP_DIR.match(entry.name)
-            if m and entry.is_dir() and (marker := read_marker(Path(entry.path))) is not None:
-                markers[int(m.group(1))] = marker
-        return markers
+            m, m_aside = STEP_DIR.match(entry.name), _resave.REPLACED.match(entry.name)
+            if (m or m_aside) and entry.is_dir() and (marker := read_marker(Path(entry.path))) is not None:
+                (markers if m else aside)[int((m or m_aside).group(1))] = marker
+        return {**aside, **markers}  # a moved-aside copy counts only while its step has no `step_N`
 
     def _steps(self) -> list[int]:
         """Committed steps, ascending."""
@@ -348,6 +335,8 @@ class CheckpointStore:
 
     def load(self, step: int) -> Commit:
         path = self.step_path(step)
+        if not path.is_dir() and read_marker(_resave.replaced_path(path)) is not None:
+            path = _resave.replaced_path(path)  # a re-save cut short between its renames
         marker = read_marker(path)
         if marker is None:
             raise FileNotFoundError(f"checkpoint step {step}: {path} has no valid {MARKER} marker")

@@ -4,7 +4,10 @@ from __future__ import annotations
 import mmap
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from cratescale.files import fsync_path
 
 BLOCK = 8 << 20  # 8 MiB read blocks for the checksum pass
 
@@ -71,3 +74,29 @@ def checksum_file(path: Path, fsync: bool = False, use_mmap: bool = False) -> tu
         if fsync:
             os.fsync(f.fileno())
     return size, crc
+
+
+def check_sealed(tmp: Path, sealed: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The writers' own lists (rel path -> {size, crc32}, every rank's), after a check that each file is there
+    with the size its writer wrote (a file cut short, or removed by someone else, fails the seal here)."""
+    for rel, want in sealed.items():
+        if not (tmp / rel).is_file():  # (not stat's FileNotFoundError: the one line names what the writer wrote)
+            raise OSError(f"{tmp / rel}: missing; its writer wrote {want['size']} bytes")
+        size = (tmp / rel).stat().st_size
+        if size != want["size"]:
+            raise OSError(f"{tmp / rel}: {size} bytes on disk, its writer wrote {want['size']}")
+    return {rel: {"size": int(v["size"]), "crc32": int(v["crc32"])} for rel, v in sealed.items()}
+
+
+def seal_files(tmp: Path, rels: list[str], threads: int) -> dict[str, dict[str, int]]:
+    """crc32 + fsync of `rels` (files under `tmp` that no writer listed). The fsyncs (waiting on the disk) run
+    beside the checksums (CPU on page-cache data), biggest files first, so the seal costs little more than the
+    flush itself."""
+    rels = sorted(rels, key=lambda r: -(tmp / r).stat().st_size)
+    with ThreadPoolExecutor(min(threads, max(1, 2 * len(rels)))) as pool:
+        synced = [pool.submit(fsync_path, tmp / r) for r in rels]
+        # Our own tmp dir after every rank finished writing: safe to map.
+        sums = [pool.submit(checksum_file, tmp / r, use_mmap=True) for r in rels]
+        for f in synced:
+            f.result()
+        return {r: {"size": s.result()[0], "crc32": s.result()[1]} for r, s in sorted(zip(rels, sums))}

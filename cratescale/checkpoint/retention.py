@@ -12,12 +12,14 @@ import re
 import shutil
 from pathlib import Path
 
+from cratescale.checkpoint.resave import only_copy
 from cratescale.files import fsync_path
 
 log = logging.getLogger(__name__)
 
 # step_<N>.tmp (an unfinished save), step_<N>.universal.tmp-<host>-<pid> (an unfinished conversion),
-# step_<N>.replaced.tmp (a re-saved step's old copy).
+# step_<N>.replaced.tmp (a re-saved step's old copy; kept while it is step N's only copy: resave.py),
+# step_<N>.tmp-i<claim> (an unfinished save of incarnation <claim>).
 _TMP = re.compile(r"^step_(\d{9})(?:\.universal|\.replaced)?\.tmp(?:-[\w.-]+)?$")
 _UNIVERSAL = re.compile(r"^step_(\d{9})\.universal$")
 _STEP = re.compile(r"^step_(\d{9})$")
@@ -57,7 +59,7 @@ def clean_stale(root: Path, newest: int, keep: set[int]) -> list[str]:
         m_tmp, m_uni, m_step = _TMP.match(entry.name), _UNIVERSAL.match(entry.name), _STEP.match(entry.name)
         stale = (m_tmp and int(m_tmp.group(1)) <= newest) or (m_uni and int(m_uni.group(1)) not in keep) or \
             (m_step and int(m_step.group(1)) < newest and int(m_step.group(1)) not in keep)
-        if stale and entry.is_dir(follow_symlinks=False):
+        if stale and entry.is_dir(follow_symlinks=False) and not only_copy(root, entry.name):
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.name)
         elif _FILE_TMP.match(entry.name) and entry.is_file(follow_symlinks=False):

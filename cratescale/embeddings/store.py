@@ -9,10 +9,11 @@ Layout of `<store>/`:
                                valid=False: the image could not be read or decoded, its features are NaN
   commits/shard_<k>.json       {"shard", "rows", "crc32": {name: crc32 of the shard's raw bytes}}, written last
 
-One writer per shard, always (two writers on one zarr shard lose chunks, zarr-python#3682): a writer
-clears whatever an interrupted attempt left of its shard, writes every row of the shard in one call per
-array, fsyncs, writes the metadata file, then the commit marker (atomic rename). A rerun skips committed
-shards; compression is deterministic, so a resumed store is byte-identical to an uninterrupted one.
+One writer per shard, always (two writers on one zarr shard lose chunks, zarr-python#3682), also when Ray
+retries a shard whose first writer still runs (fence.py): a writer stages every row of the shard under its
+attempt token (one call per array, fsynced), then, holding the shard's claim, moves the shard files into
+place, writes the metadata file, then the commit marker (atomic rename). A rerun skips committed shards;
+compression is deterministic, so a resumed store is byte-identical to an uninterrupted one.
 Rows of uncommitted shards read as NaN.
 
 Reading it without cratescale:
@@ -27,6 +28,7 @@ Reading it without cratescale:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from cratescale.embeddings.fence import ShardFence, StagedShard, clear_all
 from cratescale.files import fsync_path, replace_durable
 
 FORMAT_VERSION = 1
@@ -104,6 +107,15 @@ class StoreInfo:
                              f"chunk_rows ({self.chunk_rows})")
 
 
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads(path.read_text())
+        marker["shard"] = int(marker["shard"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable marker: the shard counts as not committed and is redone
+    return marker
+
+
 def _with_defaults(meta: pd.DataFrame) -> pd.DataFrame:
     """The metadata columns in order, optional ones filled with their default where absent."""
     meta = meta.assign(**{c: v for c, v in _META_DEFAULTS.items() if c not in meta.columns})
@@ -146,6 +158,7 @@ class EmbeddingStore:
         if (root / "store.json").is_file():
             store = cls(root)
             store._check_compatible(info)
+            clear_all(root)  # staging of killed attempts; no writer of this run has started yet
             return store
         root.mkdir(parents=True, exist_ok=True)
         for sub in ("metadata", "commits"):
@@ -185,24 +198,27 @@ class EmbeddingStore:
     def metadata_path(self, k: int) -> Path:
         return self.root / "metadata" / f"shard_{k:06d}.parquet"
 
-    def _shard_dir(self, name: str, k: int) -> Path:
+    def _shard_dir(self, name: str, k: int, array: Path | None = None) -> Path:
         # zarr's default v3 chunk key for shard (k, 0) is c/<k>/0; everything an attempt wrote is under c/<k>/.
         key = self.group[name].metadata.encode_chunk_key((k, 0))
-        return self.root / "features.zarr" / name / Path(key).parent
+        return (array or self.root / "features.zarr" / name) / Path(key).parent
 
     # ---- commit state ---------------------------------------------------------------------------
     def committed(self) -> dict[int, dict[str, Any]]:
         """{shard: marker} for every valid marker."""
         out: dict[int, dict[str, Any]] = {}
         for p in sorted((self.root / "commits").glob("shard_*.json")):
-            try:
-                marker = json.loads(p.read_text())
-                k = int(marker["shard"])
-            except (ValueError, KeyError, json.JSONDecodeError):
-                continue  # unreadable marker: the shard counts as not committed and is redone
-            if 0 <= k < self.info.num_shards and marker.get("rows") == self._shard_len(k):
-                out[k] = marker
+            marker = _read_marker(p)
+            if marker is not None and 0 <= marker["shard"] < self.info.num_shards and \
+                    marker.get("rows") == self._shard_len(marker["shard"]):
+                out[marker["shard"]] = marker
         return out
+
+    def _marker(self, k: int) -> dict[str, Any] | None:
+        """Shard k's valid marker (one file read: a commit asks under the store's lock)."""
+        marker = _read_marker(self.marker_path(k))
+        return marker if marker is not None and marker["shard"] == k and marker.get("rows") == self._shard_len(k) \
+            else None
 
     def missing(self) -> list[int]:
         done = self.committed()
@@ -217,8 +233,12 @@ class EmbeddingStore:
 
     # ---- writing --------------------------------------------------------------------------------
     def write_shard(self, k: int, features: Mapping[str, np.ndarray], metadata: pd.DataFrame) -> dict:
-        """Write every row of shard k, then its metadata, then its commit marker. The caller must be the
-        only writer of shard k (work is partitioned by shard index)."""
+        """Write every row of shard k, then its metadata, then its commit marker: staged under this attempt's
+        token, committed only while the attempt holds the shard (fence.py). Returns the marker."""
+        return self.commit_staged(self.stage_shard(k, features, metadata))
+
+    def stage_shard(self, k: int, features: Mapping[str, np.ndarray], metadata: pd.DataFrame) -> StagedShard:
+        """Claim shard k for a new attempt and write its rows into the attempt's staging copy (nothing visible)."""
         start, stop = self.info.shard_range(k)
         n = stop - start
         if set(features) != set(self.info.dims):
@@ -231,25 +251,57 @@ class EmbeddingStore:
                 raise StoreError(f"shard {k}: feature {name!r} has shape {a.shape}, expected {(n, d)}")
             arrays[name] = np.ascontiguousarray(a.astype(self.info.dtype, copy=False))
         meta = self._shard_metadata(k, metadata, start, n)
-        self._discard_shard(k)  # whatever a killed or failed attempt left of this shard, marker first
+        fence = ShardFence(self.root, k)
         try:
+            fence.claim()
             for name, a in arrays.items():
-                self.group[name][start:stop] = a                             # one whole-shard write
-                for f in self._shard_dir(name, k).iterdir():
+                shutil.copyfile(self.root / "features.zarr" / name / "zarr.json", fence.array_file(name, "zarr.json"))
+                zarr.open_array(fence.dir / name, mode="r+", zarr_format=3)[start:stop] = a  # one whole-shard write
+                for f in self._shard_dir(name, k, fence.dir / name).iterdir():
                     fsync_path(f)
             sink = pa.BufferOutputStream()
             pq.write_table(pa.Table.from_pandas(meta, schema=_META_SCHEMA, preserve_index=False), sink)
-            replace_durable(self.metadata_path(k), sink.getvalue().to_pybytes(), hidden=True)
-            marker = {"shard": k, "rows": n, "start": start,
-                      "crc32": {name: crc32_of(a) for name, a in sorted(arrays.items())}}
-            replace_durable(self.marker_path(k), json.dumps(marker, sort_keys=True).encode(), hidden=True)
         except Exception as exc:
-            # Disk full, I/O error: leave no part of this shard behind (its rows read as NaN again, the
-            # space is freed) and say which shard failed and why, on one line.
-            self._discard_shard(k)
-            cause = " ".join(f"{type(exc).__name__}: {exc}".split())
-            raise StoreWriteError(f"{self.root}: shard {k}: write failed, shard left uncommitted: {cause}") from exc
-        return marker
+            fence.release()
+            raise self._write_failed(k, exc) from exc
+        marker = {"shard": k, "rows": n, "start": start,
+                  "crc32": {name: crc32_of(a) for name, a in sorted(arrays.items())}}
+        return StagedShard(k, fence, sink.getvalue().to_pybytes(), marker)
+
+    def commit_staged(self, staged: StagedShard) -> dict:
+        """Move a staged shard into place, metadata, then marker, while its attempt still holds the shard. A
+        superseded attempt is refused and removes only its own staging; a committed shard is never rewritten."""
+        k, fence = staged.k, staged.fence
+        with fence.sealing():
+            try:
+                if not fence.holds():
+                    raise StoreWriteError(f"{self.root}: shard {k}: another attempt took the shard over (this "
+                                          f"attempt's token {fence.token[:8]}): its rows are left to it")
+                if (done := self._marker(k)) is not None:
+                    return done  # the same rows, committed by another attempt
+                try:
+                    for name in self.info.dims:
+                        final = self._shard_dir(name, k)
+                        shutil.rmtree(final, ignore_errors=True)  # what an attempt from before the fence left
+                        final.parent.mkdir(parents=True, exist_ok=True)
+                        os.rename(self._shard_dir(name, k, fence.dir / name), final)
+                        fsync_path(final.parent)
+                    replace_durable(self.metadata_path(k), staged.metadata, hidden=True)
+                    replace_durable(self.marker_path(k), json.dumps(staged.marker, sort_keys=True).encode(),
+                                    hidden=True)
+                except Exception as exc:
+                    # Disk full, I/O error: leave no part of this shard behind (its rows read as NaN again, the
+                    # space is freed): they are this attempt's own (it holds the shard under the lock).
+                    self._discard_shard(k)
+                    raise self._write_failed(k, exc) from exc
+            finally:
+                fence.release()
+        return staged.marker
+
+    def _write_failed(self, k: int, exc: BaseException) -> StoreWriteError:
+        """One line: which shard failed and why."""
+        cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return StoreWriteError(f"{self.root}: shard {k}: write failed, shard left uncommitted: {cause}")
 
     def _discard_shard(self, k: int) -> None:
         """Remove every file of shard k: its marker first, then its feature shards, its metadata, and the

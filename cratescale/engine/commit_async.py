@@ -41,7 +41,8 @@ import torch.distributed as dist
 from cratescale.checkpoint import DS_TAG, CheckpointStore, Commit
 from cratescale.checkpoint.durable import ChecksumWriter
 from cratescale.compat import deepspeed as ds_compat
-from cratescale.engine.state import _agree_or_raise, _attempt, _rng_state, collective_device, with_filename
+from cratescale.engine.state import (_agree_or_raise, _attempt, _rng_state, collective_device, gather_sums,
+                                     with_filename)
 
 log = logging.getLogger(__name__)
 
@@ -220,13 +221,9 @@ class AsyncCommitter:
 
     def _start_seal(self, flight: _InFlight) -> None:
         """Every rank's files are durable: rank 0 seals them in its thread (marker, rename, `latest`)."""
-        gathered: list[Any] = [flight.sums]
-        if dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, flight.sums)
+        sums = gather_sums(flight.sums)
         flight.sealing = True
         if self.rank == 0:
-            sums = {rel: s for part in gathered for rel, s in part.items()}
             flight.thread = threading.Thread(target=self._seal, args=(flight, sums), daemon=False,
                                              name=f"seal-step{flight.step}")
             flight.thread.start()

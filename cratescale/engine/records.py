@@ -22,6 +22,7 @@ class StartRecord(TypedDict):
     decoder_changed_from: str | None
     gpu_decode: dict[str, Any]  # the decode route; fallbacks summed over ranks
     schedule_note: str | None
+    passed_over: list[str]  # newer commits that failed verification at resume (one line each), newest first
     micro_batch: NotRequired[int]  # on this world (config/batching.py); schedule.micro_batch or smaller
     accum: NotRequired[int]
     time: NotRequired[float]

@@ -5,7 +5,7 @@ import logging
 import os
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,7 +13,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cratescale.checkpoint import DS_TAG, CheckpointStore, CheckpointWriteError, Commit
+from cratescale.checkpoint import (DS_TAG, CheckpointCorruptError, CheckpointError, CheckpointStore,
+                                  CheckpointWriteError, Commit)
+from cratescale.checkpoint.durable import ChecksumWriter, checksum_file
 from cratescale.checkpoint.universal import load_into_engine
 from cratescale.compat import deepspeed as ds_compat
 from cratescale.config import JobConfig, identity_change, identity_hash
@@ -43,6 +45,10 @@ def claim_run(store: CheckpointStore, rank: int, env: dict[str, str] | None = No
     if any_rank(error is not None):
         reason = _failures(error, rank)
         raise CheckpointWriteError(f"claiming {store.root}: {reason}") from error
+    if dist.is_initialized():  # every rank writes into the tmp dir named after rank 0's claim number
+        number = [store.incarnation]
+        dist.broadcast_object_list(number, src=0)
+        store.incarnation = number[0]
 
 
 class ResumeError(RuntimeError):
@@ -53,6 +59,7 @@ class ResumeError(RuntimeError):
 class ResumePlan:
     commit: Commit | None
     elastic: bool
+    passed_over: list[str] = field(default_factory=list)  # one line per newer commit that failed verification
 
 
 def check_identity(commit: Commit, identity: dict[str, Any], allow_config_change: bool) -> None:
@@ -66,9 +73,58 @@ def check_identity(commit: Commit, identity: dict[str, Any], allow_config_change
     log.warning("resume: %s: %s; continuing (checkpoint.allow_config_change=true)", commit.path, why)
 
 
+def _verified_choice(store: CheckpointStore) -> dict[str, Any]:
+    """Rank 0: the newest commit whose files match their sizes and crc32 in COMMITTED (storage damage, a bad
+    disk: DeepSpeed would load a cut-short file, raise, and the run would stop without trying the older commits
+    that keep_last kept). Then retention and clean-up relative to it (never deleting it)."""
+    store.restore_interrupted()  # a re-save cut short: its complete copy is back under its name first
+    passed: list[tuple[int, str]] = []
+    chosen = None
+    for step in store.newest_first():
+        try:
+            store.verify(store.load(step))
+        except CheckpointCorruptError as exc:
+            log.warning("resume: %s", exc)
+            passed.append((step, str(exc)))
+            continue
+        chosen = step
+        break
+    where = f"resuming from step {chosen} instead" if chosen is not None else "no older commit verifies"
+    lines = [f"resume: passed over {why}; {where}" for _, why in passed]
+    if chosen is None and passed:
+        raise CheckpointCorruptError(f"resume: no commit in {store.root} verifies ({len(passed)} tried); newest: "
+                                     f"{passed[0][1]}")
+    try:  # what a crash left beside the chosen commit (never the commit itself, which every rank now loads)
+        store.tidy(chosen)
+    except OSError as exc:
+        log.warning("resume: tidying %s failed (%s); the next commit retries", store.root, exc)
+    return {"step": chosen, "passed_over": lines}
+
+
+def choose_commit(store: CheckpointStore) -> tuple[Commit | None, list[str]]:
+    """The commit every rank resumes from, verified once by rank 0 (the result broadcast), and the lines of the
+    newer ones passed over. Without any commit that verifies: CheckpointCorruptError on every rank."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    result: list[Any] = [None]
+    error: BaseException | None = None
+    if rank0:
+        try:
+            result[0] = _verified_choice(store)
+        except Exception as exc:  # noqa: BLE001 - the other ranks wait in the broadcast: they raise it too
+            error, result[0] = exc, {"error": str(exc), "corrupt": isinstance(exc, CheckpointCorruptError)}
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    choice = result[0]
+    if error is not None:
+        raise error
+    if "error" in choice:  # a damaged run is deterministic (ValueError); a failed read may be transient
+        raise (CheckpointCorruptError if choice["corrupt"] else CheckpointError)(choice["error"])
+    return (None if choice["step"] is None else store.load(choice["step"])), choice["passed_over"]
+
+
 def plan_resume(store: CheckpointStore, identity: dict[str, Any], global_batch: int, world_size: int,
                 allow_config_change: bool = False) -> ResumePlan:
-    commit = store.latest()
+    commit, passed_over = choose_commit(store)
     if commit is None:
         return ResumePlan(None, False)
     meta = commit.meta
@@ -77,13 +133,7 @@ def plan_resume(store: CheckpointStore, identity: dict[str, Any], global_batch: 
                           f"{global_batch}; the data order would change. Start fresh from its weights instead "
                           f"(checkpoint.start_fresh_from_weights=PATH, new run_dir)")
     check_identity(commit, identity, allow_config_change)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        # What a crash left beside the newest commit (never the commit itself, which every rank now loads).
-        try:
-            store.tidy()
-        except OSError as exc:
-            log.warning("resume: tidying %s failed (%s); the next commit retries", store.root, exc)
-    return ResumePlan(commit, meta.get("world_size") != world_size)
+    return ResumePlan(commit, meta.get("world_size") != world_size, passed_over)
 
 
 def check_decoder(commit: Commit | None, identity: str, why: str, allow_change: bool) -> str | None:
@@ -212,12 +262,13 @@ def with_filename(exc: BaseException, path: str | Path) -> BaseException:
 
 
 @contextmanager
-def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
+def _deferred_write_errors(engine: Any, sums: dict[str, tuple[int, int]]) -> Iterator[list[BaseException]]:
     """DeepSpeed's save_checkpoint holds barriers between its writes: a rank whose write raised would leave
     the other ranks in the next barrier for good. So the writes record their first failure and let this
     rank pass every barrier with the others; the caller raises it once save_checkpoint has returned.
     Files are written through Python file objects, so a failed write keeps its errno (torch.save to a path
-    turns ENOSPC into "unexpected pos 128 vs 0")."""
+    turns ENOSPC into "unexpected pos 128 vs 0"); each written file's (size, crc32) goes into `sums` (path ->),
+    the rank's own list that the seal checks against the disk."""
     errors: list[BaseException] = []
     real_save, real_copy = ds_compat.checkpoint_save(engine), ds_compat.recovery_script_copy(engine)
     own_writes, zipfile = ds_compat.writes_with_torch_save(engine), ds_compat.zipfile_serialization(engine)
@@ -227,10 +278,12 @@ def _deferred_write_errors(engine: Any) -> Iterator[list[BaseException]]:
             return  # this rank's part is lost already: write nothing more
         try:
             if own_writes:
-                with open(path, "wb") as f:
+                with ChecksumWriter(Path(path)) as f:
                     torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile)
+                sums[path] = f.close()
             else:
                 real_save(state_dict, path)
+                sums[path] = checksum_file(Path(path), fsync=True)
         except Exception as exc:  # noqa: BLE001 - raised after the barriers
             errors.append(with_filename(exc, path))
 
@@ -256,23 +309,38 @@ def checkpoint_meta(job: JobConfig, step: int, world_size: int, identity: dict[s
 
 
 def save_state(engine: Any, store: CheckpointStore, step: int, meta: dict[str, Any], rank: int) -> Commit:
-    """Every rank writes its part into step_N.tmp; rank 0 commits once all have succeeded."""
+    """Every rank writes its part into this incarnation's step_N.tmp; rank 0 commits once all have succeeded,
+    sealing every rank's own list of files (sizes on disk checked against it), never whatever is in the dir."""
     path = store.tmp_path(step)
     _agree_or_raise(store, step, rank, _attempt(store.begin, step) if rank == 0 else None)
+    sums: dict[str, tuple[int, int]] = {}
 
     def write_part() -> None:
         # save_latest=False: DeepSpeed writes its `latest` tag file between two barriers, unguarded; we write
         # the same file below, where a failure goes through the agreement like any other.
-        with _deferred_write_errors(engine) as errors:
+        with _deferred_write_errors(engine, sums) as errors:
             engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
         if errors:
             raise errors[0]
         if rank == 0:
-            with open(path / "latest", "w") as f:
-                f.write(DS_TAG)
-        with open(path / f"rank{rank}_rng.pt", "wb") as f:
+            with ChecksumWriter(path / "latest") as f:
+                f.write(DS_TAG.encode())
+            sums[str(path / "latest")] = f.close()
+        with ChecksumWriter(path / f"rank{rank}_rng.pt") as f:
             torch.save(_rng_state(), f)
+        sums[str(path / f"rank{rank}_rng.pt")] = f.close()
 
     _agree_or_raise(store, step, rank, _attempt(write_part))
-    _agree_or_raise(store, step, rank, _attempt(store.commit, step, meta) if rank == 0 else None)
+    mine = {str(Path(p).relative_to(path)): {"size": size, "crc32": crc} for p, (size, crc) in sums.items()}
+    sealed = gather_sums(mine)
+    _agree_or_raise(store, step, rank, _attempt(store.commit, step, meta, sealed) if rank == 0 else None)
     return store.load(step)
+
+
+def gather_sums(mine: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Every rank's own list of written files (rel path -> {size, crc32}), merged; what the seal checks."""
+    gathered: list[Any] = [mine]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+    return {rel: s for part in gathered for rel, s in part.items()}

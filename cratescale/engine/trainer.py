@@ -143,8 +143,10 @@ class Trainer:
                            "total_steps": self.total, "job_id": world.job_id,
                            "setup_s": round(time.perf_counter() - self.entered, 3), "speed": speed,
                            "decoder": decoder.identity, "decoder_why": decoder.why, "decoder_changed_from": was,
-                           "gpu_decode": route, "schedule_note": note, "micro_batch": self.micro,
-                           "accum": self.accum})
+                           "gpu_decode": route, "schedule_note": note, "passed_over": self.plan.passed_over,
+                           "micro_batch": self.micro, "accum": self.accum})
+        for line in self.plan.passed_over:
+            say(line)
         if note:
             say(note)
         if split_note := describe_split(self.job, world.world_size):

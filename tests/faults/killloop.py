@@ -4,7 +4,7 @@ A 2-rank job is started, SIGKILLed at a seeded-random moment of a seeded-random 
 again and again; then it is let run to the end. Kinds of kill:
   startup       a random delay after the start (process-group init, DeepSpeed init, checkpoint load)
   step          a random delay after a given step committed (lands mid-step or mid-save)
-  tmp           the moment `step_<N>.tmp/` appears (the ranks are writing their shards)
+  tmp           the moment `step_<N>.tmp-i<claim>/` appears (the ranks are writing their shards)
   seal          planted: after COMMITTED is written, before the rename to step_<N>
   after_rename  planted: after the rename, before the `latest` pointer moves
   retention     planted: mid-delete of the previous commit (marker gone, half its files removed)
@@ -33,6 +33,7 @@ EXTERNAL = ("startup", "step", "tmp")
 PLANTED = ("seal", "after_rename", "retention", "pointer", "writing")
 MODES = EXTERNAL + PLANTED
 STEP_DIR = re.compile(r"^step_(\d{9})$")
+TMP_DIR = re.compile(r"^step_\d{9}\.tmp(?:-i\d+)?$")
 
 
 @dataclass
@@ -46,6 +47,11 @@ class KillReport:
     problems: list[str] = field(default_factory=list)   # unreadable / unverifiable commits, regressions
     steps_redone: int = 0            # optimizer steps trained again after kills (from rank 0's sample log)
     seconds: float = 0.0
+
+
+def tmp_dirs(root: Path, step: str = "*") -> list[Path]:
+    """The unfinished saves of `step` (a glob), whichever incarnation wrote them (`step_N.tmp-i<claim>`)."""
+    return [p for p in root.glob(f"step_{step}.tmp*") if TMP_DIR.match(p.name) and p.is_dir()]
 
 
 def committed_dirs(root: Path) -> list[int]:
@@ -104,8 +110,7 @@ def _kill_once(server: RankServer, config: Path, manifest: Path, root: Path, mod
         if _wait_for(job, lambda: max(committed_dirs(root), default=-1) >= target):
             time.sleep(rng.uniform(0.0, 0.2))
     elif mode == "tmp":
-        tmp = root / f"step_{target:09d}.tmp"
-        if _wait_for(job, tmp.is_dir):
+        if _wait_for(job, lambda: bool(tmp_dirs(root, f"{target:09d}"))):
             time.sleep(rng.choice([0.0, rng.uniform(0.0, 0.03)]))
     if mode in PLANTED:
         codes = job.wait()
@@ -154,7 +159,7 @@ def run_kill_loop(server: RankServer, config: Path, manifest: Path, run_dir: Pat
             raise AssertionError(f"ranks exited {job.codes} without a kill ({mode}):\n{job.output(0)}")
         report.kills += 1
         report.by_mode[mode] += 1
-        report.during_write += any(p.name.endswith(".tmp") and p.is_dir() for p in root.glob("step_*.tmp"))
+        report.during_write += bool(tmp_dirs(root))
         step, problems = check_store(root, latest)
         report.checks += 1
         report.problems += [f"kill {report.kills} ({mode} @ {base}): {p}" for p in problems]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PREEMPTED_EXIT = 3  # cratescale.launch.entry.PREEMPTED_EXIT (not imported: the client stays torch-free)
-FAULT_MODES = ("seal", "after_rename", "retention", "pointer", "writing", "enospc")
+FAULT_MODES = ("seal", "after_rename", "retention", "pointer", "writing", "enospc", "lose")
 
 
 # ---------------------------------------------------------------------------------------------- client side
@@ -223,7 +223,8 @@ def _plant_writing_kill(at: int) -> None:
 
 def _plant_faults(faults: dict) -> None:
     """At the commit of step `faults['step']`: rank 0 SIGKILLs every rank at the named place of the commit
-    protocol, or ("enospc") a write of the rank `faults['rank']` fails with ENOSPC."""
+    protocol, or ("enospc") a write of the rank `faults['rank']` fails with ENOSPC, or ("lose") the file
+    `faults['file']` of the tmp dir is removed just before rank 0 seals it."""
     mode, at = faults.get("mode"), int(faults.get("step", -1))
     if not mode:
         return
@@ -242,9 +243,11 @@ def _plant_faults(faults: dict) -> None:
     state = {"step": None}
     real_commit = commit_mod.CheckpointStore.commit
 
-    def commit(self, step, meta=None):
+    def commit(self, step, meta=None, sealed=None):
         state["step"] = step
-        return real_commit(self, step, meta)
+        if mode == "lose" and step == at:  # a file another rank wrote is gone when rank 0 seals (someone's clean-up)
+            (self.tmp_path(step) / faults["file"]).unlink()
+        return real_commit(self, step, meta, sealed)
 
     commit_mod.CheckpointStore.commit = commit
     hit = lambda: state["step"] == at  # noqa: E731

@@ -14,7 +14,7 @@ import pytest
 
 from tests.dist.harness import assert_same_tree, final_weights, optimizer_files, write_config
 from tests.faults.conftest import KILL_OVERRIDES, KILL_STEPS, TINY_JOB
-from tests.faults.killloop import check_store
+from tests.faults.killloop import check_store, tmp_dirs
 from tests.faults.ranks import PREEMPTED_EXIT
 
 pytestmark = pytest.mark.dist
@@ -66,7 +66,7 @@ def test_sigterm_usr2_save_and_stop_without_losing_a_step(tmp_path, fault_manife
             reached = _wait(lambda: _count_starts(run_dir) > starts, job)
         elif when == "save":   # while the ranks write the next periodic commit
             nxt = (base // 7 + 1) * 7
-            reached = nxt < KILL_STEPS and _wait((root / f"step_{nxt:09d}.tmp").is_dir, job)
+            reached = nxt < KILL_STEPS and _wait(lambda: bool(tmp_dirs(root, f"{nxt:09d}")), job)
         else:
             target = base + rng.randint(1, 4)
             reached = _wait(lambda: len(_steps_logged(run_dir)) >= target, job)

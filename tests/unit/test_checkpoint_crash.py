@@ -1,5 +1,6 @@
 """kill -9 of a real writer process at three places of a save: the previous commit stays the newest
-(or, once the rename happened, the new one is found by the scan despite the stale `latest` pointer)."""
+(or, once the rename happened, the new one is found by the scan despite the stale `latest` pointer); and of a
+re-save of a committed step between its two renames."""
 from __future__ import annotations
 
 import signal
@@ -85,3 +86,36 @@ def test_kill9_between_rename_and_latest_pointer(tmp_path: Path) -> None:
     assert latest.files["ds/big.bin"]["size"] == 96 << 20
     store.save(3, lambda p: (p / "w.bin").write_bytes(b"three"))
     assert store.catalog().column("step").to_pylist() == [1, 2, 3]  # the missed catalog row is recovered
+
+
+# Commits step 4 with keep_last 1, then saves step 4 again and dies by SIGKILL between the two renames of the
+# swap (the old copy moved aside, the new one not yet in place): tests/kill_points.py kill_after_rename_to.
+RESAVER = r"""
+import os, signal, sys
+from cratescale.checkpoint import CheckpointStore
+from tests.kill_points import kill_after_rename_to
+store = CheckpointStore(sys.argv[1], keep_last=1)
+store.save(4, lambda p: (p / "w.bin").write_bytes(b"old" * 1000), {"world_size": 1})
+os.rename = kill_after_rename_to(os.rename, ".replaced.tmp", lambda: os.kill(os.getpid(), signal.SIGKILL))
+store.save(4, lambda p: (p / "w.bin").write_bytes(b"new" * 1000), {"world_size": 1})
+print("NOT KILLED", flush=True)
+"""
+
+
+def test_kill9_between_the_two_renames_of_a_resave_keeps_step_n(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", RESAVER, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert not (tmp_path / "step_000000004").exists()  # the moment the swap opens: neither copy at the name
+    store = CheckpointStore(tmp_path, keep_last=1)
+    latest = store.latest()
+    assert latest is not None and latest.step == 4  # before: None, and the resume started from step 0
+    store.verify(latest)
+    assert (latest.path / "w.bin").read_bytes() == b"old" * 1000
+    # The resume's tidy puts the complete copy back under its name and retention leaves nothing else behind
+    store.tidy()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_000000004"]
+    assert store.latest().path == tmp_path / "step_000000004"
+    store.verify(store.latest())
+    store.save(5, lambda p: (p / "w.bin").write_bytes(b"five"))
+    assert [c.step for c in store.commits()] == [5]

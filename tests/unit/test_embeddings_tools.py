@@ -117,9 +117,11 @@ def test_a_stale_index_is_refused(store_copy):
     store = EmbeddingStore(store_copy)
     build_index(store, "cls")
     assert NeighbourIndex(store, "cls").search(store.read("cls", np.array([0])), 1)[1][0, 0] == 0
-    start, stop = store.info.shard_range(1)  # a shard rewritten after the index was built
+    start, stop = store.info.shard_range(1)  # a shard extracted again after the index was built (a committed
+    rows = store.metadata().iloc[start:stop].drop(columns="row")  # shard is never rewritten in place: uncommit it)
+    (store_copy / "commits" / "shard_000001.json").unlink()
     feats = {name: np.random.default_rng(1).standard_normal((stop - start, d)) for name, d in store.info.dims.items()}
-    store.write_shard(1, feats, store.metadata().iloc[start:stop].drop(columns="row"))
+    store.write_shard(1, feats, rows)
     line = _one_error_line(_cli("neighbours", store_copy, "--row", 0, child=True))
     assert "cls.faiss: built from an older state of" in line and "rebuild it with" in line
     assert _cli("index", store_copy).returncode == 0

@@ -10,7 +10,7 @@ from cratescale.launch.array import expand_array, pretrain_array, write_members
 from cratescale.launch.datacheck import check_data, job_ingest_settings
 from cratescale.launch.display import StageError, console
 from cratescale.launch.attach import check_attachable, live_job
-from cratescale.launch.stages import STAGES, pretrain_stage
+from cratescale.launch.stages import STAGES
 from data_pipeline.local_ray import start_or_join_ray as start_ray  # joins $RAY_ADDRESS inside an allocation
 
 
@@ -132,7 +132,7 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
                 for member, member_paths in members:
                     STAGES[stage](member, member_paths, profile)
             elif stage == "pretrain":
-                if pretrain_stage(job, paths, profile, live=live, detach=detach).get("detached"):
+                if (STAGES[stage](job, paths, profile, live=live, detach=detach) or {}).get("detached"):
                     later = chosen[chosen.index(stage) + 1:]
                     console.log(f"detached: {', '.join(later) or 'nothing'} left to run; the job goes on without "
                                 f"this launcher. Follow it (and run the rest): python -m cratescale.launch attach "

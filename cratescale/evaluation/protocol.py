@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cratescale.embeddings.store import EmbeddingStore
+from cratescale.embeddings.store import EmbeddingStore, StoreError
 from cratescale.evaluation.data import left_out, load_pixels, load_split
 from cratescale.evaluation.knn import knn_eval
 from cratescale.evaluation.probe import linear_probe
@@ -29,8 +29,8 @@ def evaluate_arrays(tr_x: np.ndarray, tr_y: np.ndarray, te_x: np.ndarray, te_y: 
 def open_store(store_dir: Path | str) -> EmbeddingStore:
     store = EmbeddingStore(store_dir)
     if store.missing():
-        raise ValueError(f"{store.root}: {len(store.missing())} of {store.info.num_shards} shards are not "
-                         f"committed; finish the extraction first")
+        raise StoreError(f"{store.root}: {len(store.missing())} of {store.info.num_shards} shards are not "
+                         f"committed; finish the extraction first (the launcher: --stages extract,evaluate)")
     return store
 
 

@@ -9,6 +9,7 @@ from cratescale.config import (ConfigError, JobConfig, ProfileConfig, RunPaths, 
 from cratescale.launch.array import expand_array, pretrain_array, write_members
 from cratescale.launch.datacheck import check_data, job_ingest_settings
 from cratescale.launch.display import StageError, console
+from cratescale.launch.order import check_stage_order
 from cratescale.launch.stages import STAGES
 from data_pipeline.local_ray import start_or_join_ray as start_ray  # joins $RAY_ADDRESS inside an allocation
 
@@ -99,6 +100,10 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
     chosen = [s for s in job.stages if stages is None or s in stages.split(",")]
     if stages and (unknown := set(stages.split(",")) - set(STAGES)):
         raise ConfigError(f"--stages: unknown stage(s) {sorted(unknown)}; known: {list(STAGES)}")
+    if stages and (outside := [s for s in stages.split(",") if s not in job.stages]):
+        # Before: they were left out silently and the launch ran nothing.
+        raise ConfigError(f"--stages: {','.join(outside)} not among the job's stages {list(job.stages)} "
+                          f"(the job's `stages` field)")
     check_model(job)
     if dry_run:  # at target scale, away from the cluster: its paths and partitions are not checked here
         check_profile_fit(job, profile)
@@ -107,6 +112,7 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
         print(render_plan(job, profile, paths))
         return 0
     preflight(job, profile, paths, chosen)
+    check_stage_order(job, paths, chosen)
     members = expand_array(job, paths) if job.cluster.array else []
     try:
         paths.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """python -m cratescale.launch JOB.yaml [key=value ...] [--dry-run | --print-config] [--stages a,b]
    python -m cratescale.launch config [JOB.yaml [key=value ...]] [--markdown]   every field, its default, doc
-   python -m cratescale.launch status RUN_DIR [--json]
+   python -m cratescale.launch status RUN_DIR [--json]      stages, failures, headline results, the report
+   python -m cratescale.launch runs [DIR] [--json]          every run under DIR (default runs/) with its state
 
 Options and key=value overrides may come in any order."""
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 
 from cratescale.config import ConfigError
 from cratescale.launch.run import launch
-from cratescale.launch.status import show_status
+from cratescale.launch.status import show_runs, show_status
 
 
 def _version() -> str:
@@ -25,7 +26,7 @@ def _version() -> str:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cratescale.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job", help="job YAML, or 'config' / 'status' followed by their arguments")
+    parser.add_argument("job", help="job YAML, or 'config' / 'status' / 'runs' followed by their arguments")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (or the run directory for status)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     parser.add_argument("--print-config", action="store_true", help="print the resolved job as YAML; start nothing")
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.overrides) != 1:
                 raise ConfigError("status: give exactly one run directory")
             return show_status(args.overrides[0], as_json=args.json)
+        if args.job == "runs":
+            if len(args.overrides) > 1:
+                raise ConfigError("runs: give at most one directory")
+            return show_runs(*args.overrides, as_json=args.json)
         if args.job == "config":
             return show_config(args)
         return launch(args.job, args.overrides, dry_run=args.dry_run, stages=args.stages,

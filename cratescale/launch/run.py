@@ -9,6 +9,7 @@ from cratescale.config import (ConfigError, JobConfig, ProfileConfig, RunPaths, 
 from cratescale.launch.array import expand_array, pretrain_array, write_members
 from cratescale.launch.datacheck import check_data, job_ingest_settings
 from cratescale.launch.display import StageError, console
+from cratescale.launch.failures import clear_stage_failure, record_stage_failure
 from cratescale.launch.order import check_stage_order
 from cratescale.launch.stages import STAGES
 from data_pipeline.local_ray import start_or_join_ray as start_ray  # joins $RAY_ADDRESS inside an allocation
@@ -138,6 +139,8 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
         except StageError as err:
             # One line per fact, never re-wrapped at the terminal width, brackets in messages taken literally.
             console.print(f"error: {err}", style="red", markup=False, highlight=False, soft_wrap=True)
+            record_stage_failure(paths.run_dir, stage, str(err))  # for `status`, after this console is gone
             return 1
+        clear_stage_failure(paths.run_dir, stage)
     console.rule(f"done: {paths.run_dir}")
     return 0

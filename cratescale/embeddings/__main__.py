@@ -25,7 +25,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"rows      {s['rows']}")
     print(f"dims      {dims} ({s['dtype']})")
     print(f"shards    {s['total_shards']} x {s['shard_rows']} rows")
-    print(f"coverage  {usable}/{s['total_shards']} shards committed and intact ({100.0 * usable / s['total_shards']:.1f}%)")
+    pct = 100.0 * usable / s["total_shards"]
+    print(f"coverage  {usable}/{s['total_shards']} shards committed and intact ({pct:.1f}%)")
     missing = format_ranges(s["missing_shards"])
     print(f"missing   {missing} (not committed: the extraction did not finish them; a rerun does)" if missing
           else "missing   none")
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--format", required=True, choices=["npy", "parquet"])
     t.add_argument("--feature", default=None, help="comma-separated (default: every feature)")
     args = p.parse_args(argv)
-    commands = {"info": _info, "verify": _verify, "extract": _extract, "index": _index, "neighbours": _neighbours, "export": _export}
+    commands = {"info": _info, "verify": _verify, "extract": _extract, "index": _index, "neighbours": _neighbours,
+                "export": _export}
     try:
         return commands[args.cmd](args)
     except (StoreError, FileNotFoundError, ValueError) as err:

@@ -55,9 +55,10 @@ def results_table(results: Mapping[str, Mapping[str, Any]],
             detail = f"C={r['best_C']:g}"
         row = table[name]
         init, pixels = baselines.get("init", {}).get(name), baselines.get("pixels", {}).get(f"pixels/{method}")
-        lines.append(f"| {feature} | {r['method']} | {_with_ci(row['pretrained'], r)} | {_with_ci(row['init'], init)} | "
-                     f"{_with_ci(row['pixels'], pixels)} | {_points(row['vs_init'])} | {_points(row['vs_pixels'])} | "
-                     f"{detail} | {r['n_train']} / {r['n_test']} |")
+        lines.append(f"| {feature} | {r['method']} | {_with_ci(row['pretrained'], r)} | "
+                     f"{_with_ci(row['init'], init)} | {_with_ci(row['pixels'], pixels)} | "
+                     f"{_points(row['vs_init'])} | {_points(row['vs_pixels'])} | {detail} | "
+                     f"{r['n_train']} / {r['n_test']} |")
     return "\n".join(lines) + "\n"
 
 

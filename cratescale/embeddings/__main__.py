@@ -1,4 +1,5 @@
-"""`python -m cratescale.embeddings info STORE` | `... extract EXPORT MANIFEST STORE [options]` |
+"""`python -m cratescale.embeddings info STORE [--verify]` | `... verify STORE [--drop-damaged]` |
+`... extract EXPORT MANIFEST STORE [options]` |
 `... index STORE [--feature F]` | `... neighbours STORE (--row N | --image PATH) -k K [--out PNG]` |
 `... export STORE OUT --format npy|parquet`."""
 from __future__ import annotations
@@ -13,19 +14,49 @@ from cratescale.embeddings.store import EmbeddingStore, StoreError, format_range
 
 
 def _info(args: argparse.Namespace) -> int:
-    s = EmbeddingStore(args.store).summary()
+    s = EmbeddingStore(args.store).summary(checksums=args.verify)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
     dims = ", ".join(f"{k}={v}" for k, v in s["dims"].items())
-    pct = 100.0 * s["committed_shards"] / s["total_shards"]
+    damaged = s["damaged_shards"]
+    usable = s["committed_shards"] - len(damaged)
     print(f"store     {s['root']}")
     print(f"rows      {s['rows']}")
     print(f"dims      {dims} ({s['dtype']})")
     print(f"shards    {s['total_shards']} x {s['shard_rows']} rows")
-    print(f"coverage  {s['committed_shards']}/{s['total_shards']} shards committed ({pct:.1f}%)")
-    print(f"missing   {format_ranges(s['missing_shards']) or 'none'}")
-    return 0
+    pct = 100.0 * usable / s["total_shards"]
+    print(f"coverage  {usable}/{s['total_shards']} shards committed and intact ({pct:.1f}%)")
+    missing = format_ranges(s["missing_shards"])
+    print(f"missing   {missing} (not committed: the extraction did not finish them; a rerun does)" if missing
+          else "missing   none")
+    for k, why in damaged.items():
+        print(f"damaged   shard {k}: {why}")
+    if not damaged:
+        checked = "checksums checked" if s["checksums_checked"] else \
+            f"files present; checksums not read: python -m cratescale.embeddings verify {s['root']}"
+        print(f"damaged   none ({checked})")
+    return 1 if damaged else 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Every committed shard's bytes against its marker; exit 1 naming the damaged ones."""
+    store = EmbeddingStore(args.store)
+    committed, damaged = store.committed(), store.damaged()
+    for k, why in sorted(damaged.items()):
+        start, stop = store.info.shard_range(k)
+        print(f"damaged   shard {k} (rows {start}-{stop - 1}): {why}")
+    missing = store.missing()
+    print(f"verified  {len(committed) - len(damaged)}/{len(committed)} committed shards intact; "
+          f"{len(missing)} not committed{' (' + format_ranges(missing) + ')' if missing else ''}")
+    if damaged and args.drop_damaged:
+        store.drop_shards(sorted(damaged))
+        print(f"dropped   shard(s) {format_ranges(sorted(damaged))}: uncommitted, the next extraction of this store "
+              f"writes them again")
+    elif damaged:
+        print(f"rerun     python -m cratescale.embeddings verify {store.root} --drop-damaged, then extract again",
+              file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -104,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("info", help="rows, dims, coverage and missing shards of a store")
     i.add_argument("store")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--verify", action="store_true", help="also read every committed byte (as verify does)")
+    v = sub.add_parser("verify", help="check every committed shard against its checksums; exit 1 naming damaged ones")
+    v.add_argument("store")
+    v.add_argument("--drop-damaged", action="store_true",
+                   help="uncommit the damaged shards, so that the next extraction writes them again")
     e = sub.add_parser("extract", help="run the encoder of an export over a manifest into a store")
     e.add_argument("export")
     e.add_argument("manifest")
@@ -143,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--format", required=True, choices=["npy", "parquet"])
     t.add_argument("--feature", default=None, help="comma-separated (default: every feature)")
     args = p.parse_args(argv)
-    commands = {"info": _info, "extract": _extract, "index": _index, "neighbours": _neighbours, "export": _export}
+    commands = {"info": _info, "verify": _verify, "extract": _extract, "index": _index, "neighbours": _neighbours,
+                "export": _export}
     try:
         return commands[args.cmd](args)
     except (StoreError, FileNotFoundError, ValueError) as err:

@@ -56,6 +56,18 @@ class StoreError(ValueError):
     """A store is missing, malformed, or does not match what the caller asked for."""
 
 
+class StoreDamagedError(StoreError):
+    """Committed shards whose bytes no longer match their commit markers (disk or copy damage)."""
+
+    def __init__(self, root: Path, damaged: Mapping[int, str]) -> None:
+        self.root, self.damaged = Path(root), dict(damaged)
+        first = next(iter(self.damaged.items()))
+        more = f" (and {len(self.damaged) - 1} more)" if len(self.damaged) > 1 else ""
+        super().__init__(f"{root}: damaged shard(s) {format_ranges(sorted(self.damaged))}: shard {first[0]}: "
+                         f"{first[1]}{more}; rerun: python -m cratescale.embeddings verify {root} --drop-damaged, "
+                         f"then extract again (the launcher: --stages extract,evaluate)")
+
+
 class StoreWriteError(StoreError):
     """Writing a shard failed (disk full, I/O error): it stays uncommitted, its partial files are removed."""
 
@@ -343,22 +355,85 @@ class EmbeddingStore:
         return pd.concat(parts, ignore_index=True).sort_values("row", ignore_index=True)
 
     def verify(self) -> list[int]:
-        """Recompute the crc32 of every committed shard; return the shards that do not match."""
-        bad = []
+        """Recompute the crc32 of every committed shard; return the shards that do not match or do not read."""
+        return sorted(self.damaged())
+
+    def damaged(self) -> dict[int, str]:
+        """{shard: what is wrong} for every committed shard whose bytes no longer match its marker. A flipped
+        byte in a chunk's data decodes to other numbers without any error (blosc keeps no checksum), so only
+        the marker's crc32 finds it; a damaged shard index fails zarr's own crc32c check as a ValueError."""
+        bad = {}
         for k, marker in self.committed().items():
             start, stop = self.info.shard_range(k)
-            for name, crc in marker["crc32"].items():
-                if crc32_of(self.read(name, slice(start, stop))) != crc:
-                    bad.append(k)
+            for name, crc in sorted(marker["crc32"].items()):
+                if problem := self._shard_problem(name, k, crc, start, stop)[1]:
+                    bad[k] = problem
                     break
-        return sorted(bad)
+            if k not in bad and not self.metadata_path(k).is_file():
+                bad[k] = "its metadata file is missing"
+        return bad
 
-    def summary(self) -> dict[str, Any]:
+    def _shard_problem(self, name: str, k: int, crc: int, start: int, stop: int) -> tuple[np.ndarray | None, str]:
+        """(the shard's rows of feature `name`, '' when they read and match `crc`, else what is wrong)."""
+        try:
+            block = self.read(name, slice(start, stop))
+        except Exception as exc:  # zarr's codecs raise ValueError, RuntimeError, OSError... on damaged bytes
+            return None, f"feature {name!r} does not read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+        if crc32_of(block) != crc:
+            return block, f"feature {name!r} fails its crc32 (the bytes changed after the commit)"
+        return block, ""
+
+    def read_checked(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows (increasing, of committed shards) of feature `name`, each shard they touch checked against its
+        commit marker while it is in memory: damaged features are never evaluated, and the error names every
+        damaged shard and the rerun."""
+        rows = np.asarray(rows, dtype=np.int64)
+        markers, damaged = self.committed(), {}
+        out = np.empty((len(rows), self.info.dims[name]), dtype=self.info.dtype)
+        for k in np.unique(rows // self.info.shard_rows).tolist():
+            start, stop = self.info.shard_range(k)
+            if k not in markers:
+                raise StoreError(f"{self.root}: shard {k} is not committed; finish the extraction first")
+            block, problem = self._shard_problem(name, k, markers[k]["crc32"][name], start, stop)
+            if problem:
+                damaged[k] = problem
+                continue
+            at = (rows >= start) & (rows < stop)
+            out[at] = block[rows[at] - start]
+        if damaged:
+            raise StoreDamagedError(self.root, damaged)
+        return out
+
+    def drop_shards(self, shards: list[int]) -> None:
+        """Uncommit and remove shards (damaged ones): the next extraction of this store writes them again."""
+        for k in shards:
+            self._discard_shard(k)
+
+    def missing_files(self) -> dict[int, str]:
+        """{shard: what is missing} for committed shards whose files are gone: a check without reading any
+        feature (seconds on any store), where `damaged()` reads every byte."""
+        out = {}
+        for k, marker in self.committed().items():
+            n = self._shard_len(k)
+            for name, d in self.info.dims.items():
+                # zarr writes no file for a shard of fill values only (every image undecodable): not missing.
+                if not self._shard_dir(name, k).is_dir() and \
+                        marker["crc32"].get(name) != crc32_of(np.full((n, d), np.nan, self.info.dtype)):
+                    out[k] = f"feature {name!r} has no file"
+                    break
+            if k not in out and not self.metadata_path(k).is_file():
+                out[k] = "its metadata file is missing"
+        return out
+
+    def summary(self, checksums: bool = False) -> dict[str, Any]:
+        """Coverage and problems; `checksums` reads every committed byte (as `verify`), else files only."""
         missing = self.missing()
+        damaged = self.damaged() if checksums else self.missing_files()
         return {"root": str(self.root), "rows": self.info.num_rows, "dims": self.info.dims,
                 "dtype": self.info.dtype, "shard_rows": self.info.shard_rows,
                 "committed_shards": self.info.num_shards - len(missing), "total_shards": self.info.num_shards,
-                "missing_shards": missing}
+                "missing_shards": missing, "damaged_shards": {str(k): v for k, v in sorted(damaged.items())},
+                "checksums_checked": checksums}
 
 
 def format_ranges(ks: list[int]) -> str:

@@ -32,9 +32,10 @@ def left_out(store: EmbeddingStore, split: str) -> int:
 
 
 def load_split(store: EmbeddingStore, feature: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 (n, d), labels (n,)) of one split."""
+    """(features float32 (n, d), labels (n,)) of one split; every shard read is checked against its commit
+    marker (StoreDamagedError names the damaged ones and the rerun)."""
     rows, labels = split_rows(store, split)
-    return store.read(feature, rows).astype(np.float32), labels
+    return store.read_checked(feature, rows).astype(np.float32), labels
 
 
 def load_pixels(store: EmbeddingStore, manifest_path, split: str, image_size: int,

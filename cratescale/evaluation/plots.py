@@ -26,6 +26,25 @@ def _save(fig, path: Path | str) -> Path:
     return path
 
 
+def _full_axis(ax, name: str) -> None:
+    """Whole axes: percentages from 0 to 100, fractions from 0 to 1, other non-negative quantities from 0, so a
+    small change is not drawn as a large one; an axis that cannot start at 0 (negative values) says so."""
+    low, high = ax.get_ylim()
+    if name in ("probe", "knn"):
+        ax.set_ylim(0, 100)
+    elif name == "zero_fraction":
+        ax.set_ylim(0, 1)
+    elif low >= 0 or ax.dataLim.y0 >= 0:
+        ax.set_ylim(0, high)
+    else:
+        ax.set_ylabel("axis not from 0", fontsize=7, color="C3")
+
+
+def _titled(fig, title: str) -> None:
+    if title:
+        fig.suptitle(title, fontsize=9)
+
+
 def plot_layer_curves(curves: Mapping[str, Sequence[float]], path: Path | str,
                       stds: Mapping[str, Sequence[float]] | None = None, title: str = "") -> Path:
     """One panel per metric, x = encoder layer (1-based), error bars = std over images."""
@@ -58,41 +77,48 @@ def plot_layer_comparison(runs: Mapping[str, Mapping[str, Sequence[float]]], pat
             ax.axhline(y, color=f"C{len(runs) + j}", linestyle="--", label=label)
         ax.set_title(TITLES.get(name, name), fontsize=9)
         ax.set_xlabel("layer")
+        _full_axis(ax, name)
         ax.grid(alpha=0.3)
         if any(runs) or (refs or {}).get(name):
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    if title:
-        fig.suptitle(title)
+    _titled(fig, title)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_attention_grid(images: np.ndarray, maps: np.ndarray, path: Path | str) -> Path:
-    """Rows = images; columns = the image, then the cls attention of every head (last layer)."""
+def plot_attention_grid(images: np.ndarray, maps: np.ndarray, path: Path | str, title: str = "") -> Path:
+    """Rows = images; columns = the image, then the cls attention of every head (last layer), one colour scale
+    for the whole grid (a colour means the same weight everywhere) with its bar."""
     b, heads = maps.shape[:2]
-    fig, axes = plt.subplots(b, heads + 1, figsize=(1.6 * (heads + 1), 1.6 * b), squeeze=False)
+    fig, axes = plt.subplots(b, heads + 1, figsize=(1.6 * (heads + 1) + 0.8, 1.6 * b + 0.5), squeeze=False)
+    low, high = float(np.min(maps)), float(np.max(maps))
+    shown = None
     for i in range(b):
         axes[i, 0].imshow(images[i])
         for h in range(heads):
-            axes[i, h + 1].imshow(maps[i, h], cmap="inferno")
+            shown = axes[i, h + 1].imshow(maps[i, h], cmap="inferno", vmin=low, vmax=high)
             if i == 0:
                 axes[i, h + 1].set_title(f"head {h}", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
+    if shown is not None:
+        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight of the cls query")
+    _titled(fig, title)
     return _save(fig, path)
 
 
-def plot_pca(images: np.ndarray, rgb: np.ndarray, path: Path | str) -> Path:
+def plot_pca(images: np.ndarray, rgb: np.ndarray, path: Path | str, title: str = "") -> Path:
     """Pairs of (image, top-3 PCA components of its patch features as RGB)."""
     b = len(images)
-    fig, axes = plt.subplots(2, b, figsize=(1.8 * b, 3.6), squeeze=False)
+    fig, axes = plt.subplots(2, b, figsize=(1.8 * b, 3.9), squeeze=False)
     for i in range(b):
         axes[0, i].imshow(images[i])
         axes[1, i].imshow(rgb[i], interpolation="nearest")
     for ax in axes.flat:
         ax.axis("off")
+    _titled(fig, title or "Patch features: top 3 principal components as RGB")
     return _save(fig, path)
 
 
@@ -106,7 +132,7 @@ def plot_reconstructions(model, images, path: Path | str, *, seed: int = 0) -> P
 
 
 def plot_reconstruction_grid(original: np.ndarray, masked: np.ndarray, recon: np.ndarray,
-                             path: Path | str) -> Path:
+                             path: Path | str, title: str = "Reconstructions") -> Path:
     """Rows = images; columns = original | masked | reconstruction ((B, H, W, 3) arrays in [0, 1])."""
     b = len(original)
     fig, axes = plt.subplots(b, 3, figsize=(5.4, 1.8 * b), squeeze=False)
@@ -117,17 +143,20 @@ def plot_reconstruction_grid(original: np.ndarray, masked: np.ndarray, recon: np
                 axes[i, j].set_title(name, fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
+    _titled(fig, title)
     return _save(fig, path)
 
 
 def plot_comparison(table: Mapping[str, Mapping[str, float | None]], path: Path | str,
-                    models: Sequence[str] = ("pretrained", "init", "pixels")) -> Path:
-    """Grouped bars: top-1 (%) of each model per evaluation (rows of `protocol.compare`)."""
+                    models: Sequence[str] = ("pretrained", "init", "pixels"),
+                    cis: Mapping[str, Mapping[str, Sequence[float] | None]] | None = None, title: str = "") -> Path:
+    """Grouped bars: top-1 (%) of each model per evaluation (rows of `protocol.compare`), with the 95% interval
+    of each as an error bar where `cis` ({model: {row: [low, high] fractions}}) has it."""
     names = list(table)
     if not names:
         raise ValueError("plot_comparison: no results given")
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(4.0, 2.0 * len(names)), 3.4))
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.0 * len(names)), 3.6))
     for j, model in enumerate(models):
         label = model  # once per model, on its first bar
         for i, name in enumerate(names):
@@ -135,11 +164,14 @@ def plot_comparison(table: Mapping[str, Mapping[str, float | None]], path: Path 
             if v is None:
                 continue
             x = i + (j - (len(models) - 1) / 2) * width
-            ax.bar(x, v, width, color=f"C{j}", label=label)
-            ax.text(x, v + 1, f"{v:.1f}", ha="center", fontsize=7)
+            ci = (cis or {}).get(model, {}).get(name)
+            err = None if not ci else [[v - 100 * ci[0]], [100 * ci[1] - v]]
+            ax.bar(x, v, width, color=f"C{j}", label=label, yerr=err, capsize=3)
+            ax.text(x, (100 * ci[1] if ci else v) + 1, f"{v:.1f}", ha="center", fontsize=7)
             label = None
     ax.set_xticks(range(len(names)), names, fontsize=8)
-    ax.set_ylabel("top-1 (%)")
+    ax.set_ylabel("top-1 (%), bars: 95% interval")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
+    ax.set_title(f"Linear probe and kNN top-1\n{title}" if title else "Linear probe and kNN top-1", fontsize=9)
     return _save(fig, path)

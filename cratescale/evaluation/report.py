@@ -33,23 +33,65 @@ def _points(v: float | None) -> str:
     return "-" if v is None else f"{v:+.2f}"
 
 
+def _with_ci(pct: float | None, r: Mapping[str, Any] | None) -> str:
+    """'50.00 [43.1, 56.9]': top-1 (%) and its 95% Wilson interval where the result carries one."""
+    ci = (r or {}).get("top1_ci95")
+    return _pct(pct) if pct is None or not ci else f"{pct:.2f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def results_table(results: Mapping[str, Mapping[str, Any]],
                   baselines: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None) -> str:
-    """Top-1 of the pretrained features beside init and raw pixels (same protocol), with the differences."""
-    table = compare(results, baselines or {})
+    """Top-1 of the pretrained features beside init and raw pixels (same protocol), each with its 95% interval,
+    and the differences."""
+    baselines = baselines or {}
+    table = compare(results, baselines)
     lines = ["| feature | method | pretrained (%) | init (%) | raw pixels (%) | vs init (points) | "
              "vs pixels (points) | detail | train / test |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        feature = name.split("/")[0]
+        feature, method = name.split("/", 1)
         if r["method"] == "knn":
             detail = f"k={r['k']}, T={r['temperature']}, top-5 {100 * r['top5']:.2f}"
         else:
             detail = f"C={r['best_C']:g}"
         row = table[name]
-        lines.append(f"| {feature} | {r['method']} | {_pct(row['pretrained'])} | {_pct(row['init'])} | "
-                     f"{_pct(row['pixels'])} | {_points(row['vs_init'])} | {_points(row['vs_pixels'])} | "
-                     f"{detail} | {r['n_train']} / {r['n_test']} |")
+        init, pixels = baselines.get("init", {}).get(name), baselines.get("pixels", {}).get(f"pixels/{method}")
+        lines.append(f"| {feature} | {r['method']} | {_with_ci(row['pretrained'], r)} | "
+                     f"{_with_ci(row['init'], init)} | {_with_ci(row['pixels'], pixels)} | "
+                     f"{_points(row['vs_init'])} | {_points(row['vs_pixels'])} | {detail} | "
+                     f"{r['n_train']} / {r['n_test']} |")
     return "\n".join(lines) + "\n"
+
+
+def _intervals(results: Mapping[str, Mapping[str, Any]],
+               baselines: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, list | None]]:
+    """{model: {result name: [low, high] (fractions) or None}}, matched as `compare` matches the baselines."""
+    def of(model: str, name: str) -> list | None:
+        key = {"pretrained": name, "init": name, "pixels": f"pixels/{name.split('/', 1)[1]}"}[model]
+        found = results.get(name) if model == "pretrained" else baselines.get(model, {}).get(key)
+        return (found or {}).get("top1_ci95")
+    return {model: {name: of(model, name) for name in results} for model in MODELS}
+
+
+def context_line(context: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """'run cifar10, step 300, set pretrain: 4,500 train / 500 test images': what every figure and table is of."""
+    parts = [f"{k} {context[k]}" for k in ("run", "step", "set") if context.get(k) is not None]
+    first = next(iter((results or {}).values()), None)
+    sizes = f"{first['n_train']:,} train / {first['n_test']:,} test images" if first else ""
+    return ", ".join(parts) + (": " if parts and sizes else "") + sizes
+
+
+def reading(comparison: Mapping[str, Mapping[str, float | None]]) -> str:
+    """One line for a reader when the pretrained features lose to a baseline ('' when they do not)."""
+    below = [(name, model, row["pretrained"], row[model]) for name, row in comparison.items()
+             for model in ("pixels", "init") if row.get(model) is not None and row["pretrained"] < row[model]]
+    if not below:
+        return ""
+    name, model, mine, theirs = below[0]
+    what = {"pixels": "raw pixels", "init": "the same architecture at its initialization"}[model]
+    more = f" ({len(below) - 1} more row(s) below a baseline)" if len(below) > 1 else ""
+    return (f"Reading: the pretrained {name} ({mine:.1f}%) is below {what} ({theirs:.1f}%) by {theirs - mine:.1f} "
+            f"points{more}: on this run the pretraining has not (yet) learned features that beat it; compare the "
+            f"95% intervals before reading more into small differences.")
 
 
 def layers_table(layers: Mapping[str, Mapping[int, Mapping[str, Mapping[str, Any]]]],
@@ -98,29 +140,34 @@ def write_report(out_dir: Path | str, *, results: Mapping[str, Mapping[str, Any]
                  extra: Mapping[str, Any] | None = None,
                  baselines: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
                  layers: Mapping[str, Mapping[int, Mapping[str, Any]]] | None = None,
-                 init_diagnostics: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                 init_diagnostics: Mapping[str, Any] | None = None,
+                 context: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write metrics.json, results.md and the PNGs that the given inputs allow; returns {name: path}.
     `results` are the pretrained features', `baselines` {"init": ..., "pixels": ...} the same protocol on
     the baselines, `layers` {"pretrained"|"init": {layer: {method: result}}}. `images` (normalized
     (B, 3, H, W)) are the batch `diagnostics` was computed on; with `model` they also give the
-    reconstruction grid."""
+    reconstruction grid. `context` ({"run", "step", "set"}) goes on every figure and table with the set sizes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     baselines, layers = dict(baselines or {}), {k: v for k, v in (layers or {}).items() if v}
     metrics: dict[str, Any] = {"results": dict(results or {}), "baselines": baselines,
                                "extra": dict(extra or {})}
-    md = []
+    about = context_line(context or {}, results)
+    metrics["context"] = {**dict(context or {}), "about": about}
+    md = [f"# Results: {about}\n\nTop-1 (%) with its 95% Wilson interval in brackets.\n"]
     if results:
         metrics["comparison"] = compare(results, baselines)
-        md.append(results_table(results, baselines))
-        written["results.png"] = plots.plot_comparison(metrics["comparison"], out / "results.png")
+        md.append(results_table(results, baselines) + (f"\n{line}\n" if (line := reading(metrics["comparison"]))
+                                                       else ""))
+        written["results.png"] = plots.plot_comparison(metrics["comparison"], out / "results.png",
+                                                       cis=_intervals(results, baselines), title=about)
     if layers:
         metrics["layers"] = layers
         metrics["best_layer"] = best_layer(layers.get("pretrained", {}))
         md.append("## Per layer (mean-pooled block output), top-1 (%)\n\n" +
                   layers_table(layers, metrics["best_layer"]))
-    if md:
+    if len(md) > 1:
         (out / "results.md").write_text("\n".join(md))
         written["results.md"] = out / "results.md"
     runs = {"pretrained": layer_curves(layers.get("pretrained", {}), diagnostics)}
@@ -132,19 +179,27 @@ def write_report(out_dir: Path | str, *, results: Mapping[str, Mapping[str, Any]
             for method, key in (("linear_probe", "probe"), ("knn", "knn"))
             if f"pixels/{method}" in baselines.get("pixels", {}) and key in runs["pretrained"]}
     if any(runs.values()):
-        written["layers.png"] = plots.plot_layer_comparison(runs, out / "layers.png", stds=stds, refs=refs)
+        written["layers.png"] = plots.plot_layer_comparison(runs, out / "layers.png", stds=stds, refs=refs,
+                                                            title=f"Per encoder layer: {about}")
     for key, diag in (("diagnostics", diagnostics), ("diagnostics_init", init_diagnostics)):
         if diag:
             metrics[key] = {k: v for k, v in diag.items() if k not in ("attention", "pca")}
     if diagnostics and images is not None:
         shown = denormalize(images)
-        written["attention.png"] = plots.plot_attention_grid(shown, diagnostics["attention"], out / "attention.png")
-        written["pca.png"] = plots.plot_pca(shown, diagnostics["pca"], out / "pca.png")
+        where = f"{(context or {}).get('run', 'model')}, step {(context or {}).get('step', '?')}"
+        layer = f"layer {diagnostics.get('depth', '?')} (last)"
+        written["attention.png"] = plots.plot_attention_grid(
+            shown, diagnostics["attention"], out / "attention.png",
+            title=f"Attention of the cls token (query) over the patches, {layer}, per head: {where}")
+        written["pca.png"] = plots.plot_pca(
+            shown, diagnostics["pca"], out / "pca.png",
+            title=f"Patch features of {layer}: top 3 principal components as RGB: {where}")
     if model is not None and images is not None:
         r = reconstructions(model, images, seed=seed)
         metrics["reconstruction_mask_ratio"] = r["mask_ratio"]
         written["reconstructions.png"] = plots.plot_reconstruction_grid(
-            r["original"], r["masked"], r["reconstruction"], out / "reconstructions.png")
+            r["original"], r["masked"], r["reconstruction"], out / "reconstructions.png",
+            title=f"Reconstructions ({r['mask_ratio']:.0%} of patches masked): {about}")
     (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2, sort_keys=True))
     written["metrics.json"] = out / "metrics.json"
     return written
@@ -201,5 +256,8 @@ def evaluate(export_dir: Path | str, store_dir: Path | str, manifest_path: Path 
             init_diag = run_diagnostics(load_model(init_export)[0], images)
     extra = {"export": str(export_dir), "store": str(store_dir), "init_export": init_export and str(init_export),
              "init_store": init_store and str(init_store), "image_size": size}
+    made = read_export_header(export_dir).get("provenance", {})
+    context = {"run": made.get("run") or made.get("run_name"), "step": made.get("step"), "set": Path(out_dir).name}
     return write_report(out_dir, results=results, diagnostics=diag, images=images, model=model, seed=seed,
-                        extra=extra, baselines=baselines, layers=per_layer, init_diagnostics=init_diag)
+                        extra=extra, baselines=baselines, layers=per_layer, init_diagnostics=init_diag,
+                        context=context)

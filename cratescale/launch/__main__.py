@@ -1,7 +1,8 @@
 """python -m cratescale.launch JOB.yaml [key=value ...] [--dry-run | --print-config | --detach] [--stages a,b]
    python -m cratescale.launch attach RUN_DIR      follow a run's live job (submits nothing), then its later stages
    python -m cratescale.launch config [JOB.yaml [key=value ...]] [--markdown]   every field, its default, doc
-   python -m cratescale.launch status RUN_DIR [--json]
+   python -m cratescale.launch status RUN_DIR [--json]      stages, failures, headline results, the report
+   python -m cratescale.launch runs [DIR] [--json]          every run under DIR (default runs/) with its state
 
 A launch of a run whose job is still queued or running follows that job instead of submitting another.
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from cratescale.config import ConfigError
 from cratescale.launch.run import launch
-from cratescale.launch.status import show_status
+from cratescale.launch.status import show_runs, show_status
 
 
 def _version() -> str:
@@ -29,7 +30,7 @@ def _version() -> str:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cratescale.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job", help="job YAML, or 'config' / 'status' followed by their arguments")
+    parser.add_argument("job", help="job YAML, or 'config' / 'status' / 'runs' followed by their arguments")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (or the run directory for status)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     parser.add_argument("--print-config", action="store_true", help="print the resolved job as YAML; start nothing")
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.overrides) != 1:
                 raise ConfigError("status: give exactly one run directory")
             return show_status(args.overrides[0], as_json=args.json)
+        if args.job == "runs":
+            if len(args.overrides) > 1:
+                raise ConfigError("runs: give at most one directory")
+            return show_runs(*args.overrides, as_json=args.json)
         if args.job == "config":
             return show_config(args)
         if args.job == "attach":

@@ -152,3 +152,47 @@ def may_retry(kind: Kind, progressed: bool, stalled: int, resubmits: int, max_re
     retried at most once: a job that fails twice without a step is broken, not unlucky."""
     stalled = 0 if progressed else stalled + 1
     return kind == "transient" and resubmits < max_requeues and stalled <= 1, stalled
+
+
+STAGE_FAILURE = "stage.json"  # the launcher's own record: which stage of the last launch failed, and its line
+
+
+def record_stage_failure(run_dir: Path | str, stage: str, line: str) -> None:
+    """The launcher's stage error, kept for `status` (the console that showed it may be long gone)."""
+    import time
+
+    try:
+        failures_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        replace_durable(failures_dir(run_dir) / STAGE_FAILURE,
+                        json.dumps({"stage": stage, "line": line.splitlines()[0][:500], "time": time.time()}))
+    except OSError:
+        pass  # the console already said it
+
+
+def clear_stage_failure(run_dir: Path | str, stage: str) -> None:
+    """A stage that has now run through is no longer the failed one."""
+    path = failures_dir(run_dir) / STAGE_FAILURE
+    if (stage_failure(run_dir) or {}).get("stage") == stage:
+        path.unlink(missing_ok=True)
+
+
+def stage_failure(run_dir: Path | str) -> dict[str, Any] | None:
+    try:
+        return json.loads((failures_dir(run_dir) / STAGE_FAILURE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def recorded_failures(run_dir: Path | str) -> list[str]:
+    """Every reason in failures/, one line each: the launcher's stage error, then each rank's."""
+    lines = [f"{f['stage']}: {f['line']}"] if (f := stage_failure(run_dir)) else []
+    for path in sorted(failures_dir(run_dir).glob("rank*.json")):
+        try:
+            failure = RankFailure(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        lines.append(f"rank {failure.rank}: {failure.line}")
+    for path in sorted(failures_dir(run_dir).glob("rank*.fatal")):
+        if line := crash_line(path.read_text(errors="replace")):  # empty: armed at start, nothing happened
+            lines.append(f"{path.stem.replace('rank', 'rank ')}: {line}")
+    return lines

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from cratescale.config import ConfigError, JobConfig, RunPaths
+from cratescale.embeddings.store import StoreError
 from cratescale.files import replace_durable
 from cratescale.launch.display import StageError, console
 
@@ -138,9 +139,23 @@ def report_inputs(job: JobConfig, paths: RunPaths, name: str, manifest: Path) ->
     return {"export_step": read_export_header(paths.export)["provenance"].get("step"), "key": digest.hexdigest()}
 
 
-def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
+def _evaluate_one(job: JobConfig, paths: RunPaths, name: str, manifest: Path, out: Path, init: bool) -> dict:
+    """The report of one set; StoreError where a store it reads is missing, unfinished or damaged."""
     from cratescale.evaluation.report import evaluate
 
+    store = paths.embeddings / name
+    if not (store / "store.json").is_file():
+        raise StoreError(f"no embedding store {store}; run the extract stage first (--stages extract,evaluate)")
+    return evaluate(paths.export, store, manifest, out, features=[job.evaluate.feature], knn_k=job.evaluate.knn_k,
+                    knn_temperature=job.evaluate.knn_temperature, probe=job.evaluate.probe,
+                    diagnostics=job.evaluate.diagnostics, diagnostic_images=job.evaluate.diagnostic_images,
+                    image_size=job.data.image_size, loader_kind=job.data.loader, seed=job.seed,
+                    init_export=paths.init_export if init else None,
+                    init_store=init_store(paths, name) if init else None,
+                    pixels="pixels" in job.evaluate.baselines, layers=job.evaluate.layers)
+
+
+def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
     summary = {}
     for name, manifest in _datasets(job, paths).items():
         out = paths.report / name
@@ -152,14 +167,10 @@ def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
             summary[name] = (_read_json(paths.report / "index.json") or {}).get(name, {})
             continue
         (out / REPORT_INPUTS).unlink(missing_ok=True)  # a report killed half-rewritten is never taken as current
-        written = evaluate(paths.export, paths.embeddings / name, manifest, out,
-                           features=[job.evaluate.feature], knn_k=job.evaluate.knn_k,
-                           knn_temperature=job.evaluate.knn_temperature, probe=job.evaluate.probe,
-                           diagnostics=job.evaluate.diagnostics, diagnostic_images=job.evaluate.diagnostic_images,
-                           image_size=job.data.image_size, loader_kind=job.data.loader, seed=job.seed,
-                           init_export=paths.init_export if init else None,
-                           init_store=init_store(paths, name) if init else None,
-                           pixels="pixels" in job.evaluate.baselines, layers=job.evaluate.layers)
+        try:
+            written = _evaluate_one(job, paths, name, manifest, out, init)
+        except StoreError as err:  # no store, an unfinished or a damaged one: what to run, on one line
+            raise StageError(f"evaluate: {name}: {err}") from None
         summary[name] = {key: str(path) for key, path in written.items()}
         replace_durable(out / REPORT_INPUTS, json.dumps(inputs, indent=1))
         table = out / "results.md"

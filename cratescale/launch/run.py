@@ -10,6 +10,8 @@ from cratescale.launch.array import expand_array, pretrain_array, write_members
 from cratescale.launch.datacheck import check_data, job_ingest_settings
 from cratescale.launch.display import StageError, console
 from cratescale.launch.attach import check_attachable, live_job
+from cratescale.launch.failures import clear_stage_failure, record_stage_failure
+from cratescale.launch.order import check_stage_order
 from cratescale.launch.stages import STAGES
 from data_pipeline.local_ray import start_or_join_ray as start_ray  # joins $RAY_ADDRESS inside an allocation
 
@@ -100,6 +102,10 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
     chosen = [s for s in job.stages if stages is None or s in stages.split(",")]
     if stages and (unknown := set(stages.split(",")) - set(STAGES)):
         raise ConfigError(f"--stages: unknown stage(s) {sorted(unknown)}; known: {list(STAGES)}")
+    if stages and (outside := [s for s in stages.split(",") if s not in job.stages]):
+        # Before: they were left out silently and the launch ran nothing.
+        raise ConfigError(f"--stages: {','.join(outside)} not among the job's stages {list(job.stages)} "
+                          f"(the job's `stages` field)")
     check_model(job)
     if dry_run:  # at target scale, away from the cluster: its paths and partitions are not checked here
         check_profile_fit(job, profile)
@@ -108,6 +114,7 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
         print(render_plan(job, profile, paths))
         return 0
     preflight(job, profile, paths, chosen)
+    check_stage_order(job, paths, chosen)
     live = live_job(paths) if "pretrain" in chosen else None
     if live is not None:
         check_attachable(live, paths, job_yaml(job))
@@ -143,6 +150,8 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
         except StageError as err:
             # One line per fact, never re-wrapped at the terminal width, brackets in messages taken literally.
             console.print(f"error: {err}", style="red", markup=False, highlight=False, soft_wrap=True)
+            record_stage_failure(paths.run_dir, stage, str(err))  # for `status`, after this console is gone
             return 1
+        clear_stage_failure(paths.run_dir, stage)
     console.rule(f"done: {paths.run_dir}")
     return 0

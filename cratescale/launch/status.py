@@ -12,8 +12,10 @@ from rich.table import Table
 
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.commit import read_marker
-from cratescale.config import ConfigError, RunPaths
+from cratescale.config import ConfigError, RunPaths, load_job
+from cratescale.launch.failures import recorded_failures, stage_failure
 from cratescale.launch.progress import run_summary
+from cratescale.launch.stage_state import headline, stage_states
 
 
 def _slurm_state(job_id: str) -> str | None:
@@ -57,14 +59,20 @@ def run_status(run: Path, now: float | None = None) -> dict[str, Any]:
     last = summary["last"] or {}
     commit_step, commit_time = _last_commit(paths)
     age = (lambda t: None if t is None else round(now - t, 1))
-    return {"run_dir": str(run), "state": _state(summary, launch_state), "step": summary["step"],
+    state = _state(summary, launch_state)
+    job = load_job(paths.config)
+    stages = stage_states(job, run, state, commit_step, summary["total_steps"])
+    if failed := stage_failure(run):  # the last launch stopped at a stage: the run is not COMPLETED
+        state = f"FAILED ({failed['stage']})"
+    return {"run_dir": str(run), "name": job.name, "state": state, "step": summary["step"],
             "total_steps": summary["total_steps"], "restarts": summary["restarts"],
             "lost_steps": summary["lost_steps"], "last_commit_step": commit_step,
             "last_commit_age_s": age(commit_time), "images_per_s": last.get("images_per_s"),
             "data_wait": last.get("data_wait"), "bad_samples": last.get("bad_samples"),
             "decoder": summary["decoder"], "loss": last.get("loss"),
             "last_record_age_s": age(summary["last_record_time"]), "executor": launch_state.get("executor"),
-            "job_ids": launch_state.get("job_ids", []), "submitit_dir": launch_state.get("submitit_dir")}
+            "job_ids": launch_state.get("job_ids", []), "submitit_dir": launch_state.get("submitit_dir"),
+            "stages": stages, "failures": recorded_failures(run), "results": headline(run, job)}
 
 
 def _age(seconds: float | None) -> str:
@@ -99,7 +107,27 @@ def _rows(s: dict[str, Any]) -> list[tuple[str, str]]:
             ("img/s", dash(s["images_per_s"], "{:.0f}")), ("data-wait", dash(s["data_wait"], "{:.0%}")),
             ("bad samples", dash(s["bad_samples"])), ("decoder", _decoder(s["decoder"])),
             ("loss", dash(s["loss"], "{:.4f}")),
-            ("jobs", f"{s['executor'] or '-'} {', '.join(s['job_ids']) or '-'}")]
+            ("jobs", f"{s['executor'] or '-'} {', '.join(s['job_ids']) or '-'}"),
+            *((f"  {r['stage']}", r["state"] + (f": {r['detail']}" if r["detail"] else "")) for r in s["stages"]),
+            *(("failure", line) for line in s["failures"]),
+            *_result_rows(s["results"])]
+
+
+def _accuracy(r: dict[str, Any]) -> str:
+    ci = f" [{r['low']:.1f}, {r['high']:.1f}]" if r.get("low") is not None else ""
+    others = ", ".join(f"{k} {r[k]:.1f}" for k in ("init", "pixels") if r.get(k) is not None)
+    return f"{r['top1']:.1f}%{ci} on {r['n_test']} test images" + (f" ({others})" if others else "")
+
+
+def _result_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """The headline numbers of each report (95% interval in brackets) and where the report is."""
+    rows = []
+    for name, found in results.items():
+        for method in ("probe", "knn"):
+            if method in found:
+                rows.append((f"{name} {method}", f"{found[method]['feature']}: {_accuracy(found[method])}"))
+        rows.append((f"{name} report", found["report"]))
+    return rows
 
 
 def show_status(run_dir: str, as_json: bool = False, console: Console | None = None) -> int:
@@ -113,5 +141,40 @@ def show_status(run_dir: str, as_json: bool = False, console: Console | None = N
     table.add_column()
     for name, value in _rows(status):
         table.add_row(name, value)
+    (console or Console()).print(table)
+    return 0
+
+
+def _progress(stages: list[dict[str, str]]) -> str:
+    """The first stage that is not done, and its state; "all done" when every one is."""
+    pending = next((r for r in stages if r["state"] != "done"), None)
+    return "all done" if pending is None else f"{pending['stage']}: {pending['state']}"
+
+
+def show_runs(runs_dir: str = "runs", as_json: bool = False, console: Console | None = None) -> int:
+    """`runs [DIR]`: every run directory under DIR (a config.yaml in it) with its state, one row each."""
+    root = Path(runs_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise ConfigError(f"runs: {root} is not a directory")
+    found = []
+    for run in sorted(p.parent for p in root.glob("*/config.yaml")):
+        try:
+            found.append(run_status(run))
+        except (ConfigError, OSError, ValueError) as err:  # one unreadable run does not hide the others
+            found.append({"run_dir": str(run), "name": run.name, "state": "UNREADABLE", "error": str(err)})
+    if as_json:
+        print(json.dumps(found, indent=1))
+        return 0
+    table = Table(title=f"{root}: {len(found)} run(s)", title_justify="left")
+    for column in ("run", "state", "step", "stages", "probe / kNN (top-1 %)"):
+        table.add_column(column)
+    for s in found:
+        if "error" in s:
+            table.add_row(Path(s["run_dir"]).name, s["state"], "-", s["error"], "-")
+            continue
+        first = next(iter(s["results"].values()), {})
+        numbers = " / ".join(f"{first[m]['top1']:.1f}" if m in first else "-" for m in ("probe", "knn"))
+        table.add_row(Path(s["run_dir"]).name, s["state"], f"{s['step']} / {s['total_steps'] or '-'}",
+                      _progress(s["stages"]), numbers if first else "-")
     (console or Console()).print(table)
     return 0

@@ -222,3 +222,42 @@ def test_the_index_benchmark_runs_small(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["kind"] for r in rows] == ["flat", "ivfpq"] and all(r["rows"] == 3000 for r in rows)
     assert rows[1]["recall_at_10"] >= 0.9 and all(r["peak_rss_mb"] >= r["rss_before_build_mb"] > 0 for r in rows)
+
+
+def _flip_a_byte(store: Path, feature: str, shard: int, at: int) -> None:
+    """Damage one byte of a committed shard's file on disk (at >= 0: in the chunk data, < 0: in the shard index)."""
+    path = next((store / "features.zarr" / feature / "c" / str(shard)).iterdir())
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("at", [24, -10], ids=["chunk-data", "shard-index"])
+def test_verify_names_a_damaged_chunk_and_evaluate_refuses_it(store_copy, demo_store, at):
+    """A flipped byte in a committed shard: `info` no longer says all is well once checksums are read, `verify`
+    exits 1 naming the shard, evaluation stops with one line naming the shard and the rerun (before: a flip in the
+    data was evaluated silently, one in the index a 100-line zarr traceback), `--drop-damaged` uncommits it and the
+    next extraction makes the store byte-identical to the undamaged one."""
+    from cratescale.embeddings.store import StoreDamagedError
+    from cratescale.evaluation.protocol import evaluate_store
+
+    _flip_a_byte(store_copy, "cls", 1, at)
+    assert _cli("info", store_copy).returncode == 0  # the files are all there; checksums are not read by default
+    info = _cli("info", store_copy, "--verify")
+    assert info.returncode == 1 and "damaged   shard 1: feature 'cls'" in info.stdout, info.stdout
+    done = _cli("verify", store_copy, child=True)
+    assert "rerun     python -m cratescale.embeddings verify" in _one_error_line(done, code=1)
+    assert "damaged   shard 1 (rows 16-31): feature 'cls'" in done.stdout, done.stdout
+    assert "verified  2/3 committed shards intact; 0 not committed" in done.stdout
+    with pytest.raises(StoreDamagedError, match=r"damaged shard\(s\) 1: shard 1: feature 'cls'.*rerun: python -m "
+                                                r"cratescale.embeddings verify .* --drop-damaged"):
+        evaluate_store(store_copy, features=("cls",), probe=False)
+    dropped = _cli("verify", store_copy, "--drop-damaged")
+    assert "dropped   shard(s) 1: uncommitted" in dropped.stdout
+    assert "missing   1 (not committed" in _cli("info", store_copy).stdout
+    meta = json.loads((store_copy / "store.json").read_text())["source"]
+    extract(demo_store.parent / "export", meta["manifest"], store_copy, actors=0, shard_rows=16,
+            chunk_rows=8, batch_size=16, loader_kind="pil", dtype="float32")
+    assert _cli("verify", store_copy).returncode == 0
+    files = {p.relative_to(store_copy): p.read_bytes() for p in store_copy.rglob("*") if p.is_file()}
+    assert files == {p.relative_to(demo_store): p.read_bytes() for p in demo_store.rglob("*") if p.is_file()}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from cratescale.evaluation import plots
 from cratescale.evaluation.knn import knn_eval, knn_predict
 from cratescale.evaluation.probe import linear_probe
-from cratescale.evaluation.protocol import best_layer, compare
+from cratescale.evaluation.protocol import best_layer, compare, evaluate_arrays, wilson
 from cratescale.evaluation.report import layers_table, results_table, write_report
 
 
@@ -137,7 +138,7 @@ def test_write_report_and_plots(tmp_path, separable):
     assert metrics["results"]["cls/knn"]["top1"] == results["cls/knn"]["top1"]
     assert metrics["diagnostics"]["curves"]["zero_fraction"] == [0.2, 0.4, 0.6]
     assert "attention" not in metrics["diagnostics"] and metrics["extra"]["note"] == 1.5
-    assert (tmp_path / "rep" / "results.md").read_text() == table
+    assert (tmp_path / "rep" / "results.md").read_text().endswith(table)
     img = rng.random((2, 16, 16, 3))
     assert _is_png(plots.plot_reconstruction_grid(img, img * 0.5, img, tmp_path / "r.png"))
     with pytest.raises(ValueError, match="no curves"):
@@ -175,3 +176,62 @@ def test_baselines_side_by_side_and_best_layer(tmp_path, separable):
     assert _is_png(written["results.png"]) and _is_png(written["layers.png"])
     metrics = json.loads(written["metrics.json"].read_text())
     assert metrics["best_layer"]["layer"] == 2 and set(metrics["layers"]) == {"pretrained", "init"}
+
+
+def test_wilson_interval():
+    # 200 test images at 50%: about +-7 points (the issue's number); never outside [0, 1], even at 0 or n.
+    low, high = wilson(100, 200)
+    assert (round(100 * low, 1), round(100 * high, 1)) == (43.1, 56.9)
+    assert wilson(0, 20)[0] == 0.0 and 0.1 < wilson(0, 20)[1] < 0.2 and wilson(20, 20)[1] == 1.0
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_report_carries_its_context_intervals_and_a_reading(tmp_path, separable, monkeypatch):
+    """Run, step, set and sizes on every figure and the table; a 95% interval beside every accuracy; whole axes;
+    a colour bar, the layer and the query on the attention map; a one-line reading when pretrained loses to a
+    baseline (here raw pixels: the 'pretrained' features are noise)."""
+    tr_x, tr_y, te_x, te_y = separable
+    rng = np.random.default_rng(5)
+    noise = evaluate_arrays(rng.standard_normal(tr_x.shape), tr_y, rng.standard_normal(te_x.shape), te_y)
+    pixels = evaluate_arrays(tr_x, tr_y, te_x, te_y)
+    results = {f"mean/{m}": r for m, r in noise.items()}
+    baselines = {"pixels": {f"pixels/{m}": r for m, r in pixels.items()}}
+    figures = {}
+    save = plots._save
+
+    def spy(fig, path):  # what a reader sees on each figure, read from the figure itself before it is saved
+        figures[Path(path).name] = {
+            "title": fig._suptitle.get_text() if fig._suptitle else " ".join(a.get_title() for a in fig.axes),
+            "colorbars": [a.get_ylabel() for a in fig.axes if a.get_label() == "<colorbar>"],
+            "ylims": [a.get_ylim() for a in fig.axes if a.get_label() != "<colorbar>" and a.axison]}
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    diag = {"curves": {"coding_rate": [5.0, 4.9, 4.95], "zero_fraction": [0.40, 0.41, 0.42]}, "depth": 3,
+            "attention": rng.random((2, 3, 4, 4)), "pca": rng.random((2, 4, 4, 3))}
+    layers = {"pretrained": {1: noise, 2: noise}}
+    context = {"run": "cifar10", "step": 300, "set": "pretrain"}
+    written = write_report(tmp_path / "rep", results=results, baselines=baselines, diagnostics=diag, layers=layers,
+                           images=torch.randn(2, 3, 32, 32), context=context)
+    about = "run cifar10, step 300, set pretrain: 400 train / 200 test images"
+    md = written["results.md"].read_text()
+    assert md.startswith(f"# Results: {about}\n") and "95% Wilson interval" in md
+    probe = results["mean/linear_probe"]
+    low, high = (100 * v for v in probe["top1_ci95"])
+    assert f"| {100 * probe['top1']:.2f} [{low:.1f}, {high:.1f}] |" in md
+    pix = pixels["linear_probe"]
+    assert f"{100 * pix['top1']:.2f} [{100 * pix['top1_ci95'][0]:.1f}, {100 * pix['top1_ci95'][1]:.1f}]" in md
+    assert low < 100 * probe["top1"] < high and high - low > 8  # 200 images near chance: wide
+    reading = [line for line in md.splitlines() if line.startswith("Reading: ")]
+    assert len(reading) == 1 and "is below raw pixels" in reading[0], md
+    assert json.loads(written["metrics.json"].read_text())["context"]["about"] == about
+    for name in ("results.png", "layers.png", "attention.png", "pca.png"):
+        assert "cifar10" in figures[name]["title"] and "300" in figures[name]["title"], (name, figures[name])
+    assert about in figures["results.png"]["title"] and about in figures["layers.png"]["title"]
+    assert "layer 3" in figures["attention.png"]["title"] and "query" in figures["attention.png"]["title"]
+    assert figures["attention.png"]["colorbars"] == ["attention weight of the cls query"]
+    assert "layer 3" in figures["pca.png"]["title"]
+    assert all(lim[0] == 0 for lim in figures["layers.png"]["ylims"]), figures["layers.png"]  # whole axes
+    assert (0, 100) in [tuple(lim) for lim in figures["layers.png"]["ylims"]]
+    good = write_report(tmp_path / "good", results={f"mean/{m}": r for m, r in pixels.items()}, context=context)
+    assert "Reading:" not in good["results.md"].read_text()  # no note where pretrained is not below a baseline

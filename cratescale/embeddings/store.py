@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,81 +41,15 @@ import pyarrow.parquet as pq
 import zarr
 
 from cratescale.embeddings.fence import ShardFence, StagedShard, clear_all
+from cratescale.embeddings.store_info import (FORMAT_VERSION, StoreDamagedError, StoreError, StoreInfo,  # noqa: F401
+                                              StoreWriteError, format_ranges)
 from cratescale.files import fsync_path, replace_durable
 
-FORMAT_VERSION = 1
 META_COLUMNS = ("sample_id", "key", "label", "split", "valid", "row")
 _META_DTYPES = ("int64", "object", "int32", "object", "bool", "int64")
 _META_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("label", pa.int32()),
                           ("split", pa.string()), ("valid", pa.bool_()), ("row", pa.int64())])
 _META_DEFAULTS = {"valid": True}  # a writer that does not say: every row decoded (also stores from before)
-
-
-class StoreError(ValueError):
-    """A store is missing, malformed, or does not match what the caller asked for."""
-
-
-class StoreDamagedError(StoreError):
-    """Committed shards whose bytes no longer match their commit markers (disk or copy damage)."""
-
-    def __init__(self, root: Path, damaged: Mapping[int, str]) -> None:
-        self.root, self.damaged = Path(root), dict(damaged)
-        first = next(iter(self.damaged.items()))
-        more = f" (and {len(self.damaged) - 1} more)" if len(self.damaged) > 1 else ""
-        super().__init__(f"{root}: damaged shard(s) {format_ranges(sorted(self.damaged))}: shard {first[0]}: "
-                         f"{first[1]}{more}; rerun: python -m cratescale.embeddings verify {root} --drop-damaged, "
-                         f"then extract again (the launcher: --stages extract,evaluate)")
-
-
-class StoreWriteError(StoreError):
-    """Writing a shard failed (disk full, I/O error): it stays uncommitted, its partial files are removed."""
-
-
-@dataclass(frozen=True)
-class StoreInfo:
-    """What `store.json` holds: everything needed to interpret the arrays."""
-    num_rows: int
-    dims: dict[str, int]
-    dtype: str = "float16"
-    shard_rows: int = 4096
-    chunk_rows: int = 1024
-    source: dict[str, Any] = field(default_factory=dict)      # manifest path, fingerprint, row selection
-    provenance: dict[str, Any] = field(default_factory=dict)  # export provenance + model config
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_rows // self.shard_rows)
-
-    def shard_range(self, k: int) -> tuple[int, int]:
-        if not 0 <= k < self.num_shards:
-            raise StoreError(f"shard {k} out of range [0, {self.num_shards})")
-        start = k * self.shard_rows
-        return start, min(start + self.shard_rows, self.num_rows)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "num_rows": self.num_rows, "dims": dict(self.dims),
-                "dtype": self.dtype, "shard_rows": self.shard_rows, "chunk_rows": self.chunk_rows,
-                "num_shards": self.num_shards, "source": self.source, "provenance": self.provenance}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "StoreInfo":
-        return cls(num_rows=int(d["num_rows"]), dims={k: int(v) for k, v in d["dims"].items()},
-                   dtype=d["dtype"], shard_rows=int(d["shard_rows"]), chunk_rows=int(d["chunk_rows"]),
-                   source=d.get("source", {}), provenance=d.get("provenance", {}))
-
-    def validate(self) -> None:
-        if self.num_rows <= 0:
-            raise StoreError(f"num_rows must be > 0, got {self.num_rows}")
-        if not self.dims or any(int(v) <= 0 for v in self.dims.values()):
-            raise StoreError(f"dims must be a non-empty {{name: d > 0}} mapping, got {self.dims}")
-        for name in self.dims:
-            if not name.replace("_", "").isalnum():
-                raise StoreError(f"feature name {name!r} must be alphanumeric/underscore")
-        if self.dtype not in ("float16", "float32"):
-            raise StoreError(f"dtype must be float16 or float32, got {self.dtype!r}")
-        if self.chunk_rows <= 0 or self.shard_rows <= 0 or self.shard_rows % self.chunk_rows:
-            raise StoreError(f"shard_rows ({self.shard_rows}) must be a positive multiple of "
-                             f"chunk_rows ({self.chunk_rows})")
 
 
 def _read_marker(path: Path) -> dict[str, Any] | None:
@@ -434,15 +367,3 @@ class EmbeddingStore:
                 "committed_shards": self.info.num_shards - len(missing), "total_shards": self.info.num_shards,
                 "missing_shards": missing, "damaged_shards": {str(k): v for k, v in sorted(damaged.items())},
                 "checksums_checked": checksums}
-
-
-def format_ranges(ks: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
-    out, i = [], 0
-    while i < len(ks):
-        j = i
-        while j + 1 < len(ks) and ks[j + 1] == ks[j] + 1:
-            j += 1
-        out.append(str(ks[i]) if i == j else f"{ks[i]}-{ks[j]}")
-        i = j + 1
-    return ", ".join(out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -229,26 +229,33 @@ def evaluate(export_dir: Path | str, store_dir: Path | str, manifest_path: Path 
              probe: bool = True, diagnostics: bool = True, diagnostic_images: int = 8,
              image_size: int | None = None, loader_kind: str = "auto", seed: int = 0,
              init_export: Path | str | None = None, init_store: Path | str | None = None,
-             pixels: bool = True, layers: bool = True) -> dict[str, Path]:
+             pixels: bool = True, layers: bool = True,
+             progress: Callable[[str], None] = lambda what: None) -> dict[str, Path]:
     """The evaluate stage: probe + kNN on the store, the same on `init_store` (the architecture at its
     initialization) and on raw pixels of the same rows, per-layer probes on every stored layer (pooled as
-    the first feature), diagnostics of the export's model and of `init_export` on a fixed batch."""
+    the first feature), diagnostics of the export's model and of `init_export` on a fixed batch. `progress` is told
+    each part as it starts (minutes each at ImageNet scale; the launcher prints them)."""
     protocol = dict(knn_k=knn_k, knn_temperature=knn_temperature, probe=probe, seed=seed)
     size = int(image_size or read_export_header(export_dir)["model_config"]["img_size"])
+    progress(f"probe and kNN on the pretrained {', '.join(features)}")
     results = evaluate_store(store_dir, features=features, **protocol)
     baselines: dict[str, dict[str, Any]] = {}
     if init_store is not None:
+        progress("the same on the init baseline")
         baselines["init"] = evaluate_store(init_store, features=features, **protocol)
     if pixels:
+        progress("the same on raw pixels")
         baselines["pixels"] = evaluate_pixels(store_dir, manifest_path, size, loader_kind=loader_kind, **protocol)
     per_layer: dict[str, dict] = {}
     if layers:
         pool = "mean" if "mean" in features else features[0]
+        progress(f"per layer ({pool}-pooled blocks)")
         per_layer["pretrained"] = evaluate_layers(store_dir, pool, **protocol)
         if init_store is not None:
             per_layer["init"] = evaluate_layers(init_store, pool, **protocol)
     diag = init_diag = images = model = None
     if diagnostics:
+        progress("white-box diagnostics and figures")
         model, _ = load_model(export_dir)
         images = diagnostic_batch(manifest_path, diagnostic_images, size, loader_kind=loader_kind)
         diag = run_diagnostics(model, images)

@@ -152,7 +152,8 @@ def _evaluate_one(job: JobConfig, paths: RunPaths, name: str, manifest: Path, ou
                     image_size=job.data.image_size, loader_kind=job.data.loader, seed=job.seed,
                     init_export=paths.init_export if init else None,
                     init_store=init_store(paths, name) if init else None,
-                    pixels="pixels" in job.evaluate.baselines, layers=job.evaluate.layers)
+                    pixels="pixels" in job.evaluate.baselines, layers=job.evaluate.layers,
+                    progress=lambda what: console.log(f"evaluate: {name}: {what}"))
 
 
 def run_evaluate(job: JobConfig, paths: RunPaths) -> None:

@@ -69,7 +69,7 @@ class RunProgress:
                 "total_steps": self.total_steps, "last": self.last_train, "finished": self.last_end == "completed",
                 "preempted": self.preempted, "commits": self.commits, "first_step_s": self.first_step_s,
                 "started": self.starts > 0, "ended": self.last_end, "last_record_time": self.last_time,
-                "decoder": (self.last_start or {}).get("decoder")}
+                "decoder": (self.last_start or {}).get("decoder"), "start": self.last_start}
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:

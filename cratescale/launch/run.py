@@ -12,6 +12,7 @@ from cratescale.launch.display import StageError, console
 from cratescale.launch.attach import check_attachable, live_job
 from cratescale.launch.failures import clear_stage_failure, record_stage_failure
 from cratescale.launch.order import check_stage_order
+from cratescale.launch.quiet import route_library_logs
 from cratescale.launch.stages import STAGES
 from data_pipeline.local_ray import start_or_join_ray as start_ray  # joins $RAY_ADDRESS inside an allocation
 
@@ -125,6 +126,7 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
         write_members(members)
     except OSError as err:  # e.g. root passes os.access where the file system still refuses
         raise ConfigError(f"run_dir: {paths.run_dir} cannot be created: {err.strerror or err}") from None
+    route_library_logs(paths.run_dir)  # Ray's, Ray Data's and DeepSpeed's own lines: logs/launcher.log
     start_ray(job.cluster.ray_address)
     data_checked = False
     for stage in chosen:

@@ -15,6 +15,7 @@ from cratescale.config import JobConfig, ProfileConfig, RunPaths
 from cratescale.launch.attach import LiveJob
 from cratescale.launch.datacheck import job_ingest_settings
 from cratescale.launch.display import StageError, TrainingDisplay, console
+from cratescale.launch.quiet import library_output
 from cratescale.launch.followups import run_evaluate, run_extract
 from cratescale.launch.supervisor import Supervisor, follow
 
@@ -125,7 +126,8 @@ def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Pat
     if _exported(paths.export, commit):
         console.log(f"export: step {commit.step} is already exported to {paths.export}, skipping")
         return paths.export
-    found = consolidate(commit)
+    with library_output(paths.run_dir):  # zero_to_fp32 prints and draws a bar: into logs/launcher.log
+        found = consolidate(commit)
     model = build_model(job)
     model.load_state_dict(found.state_dict)
     provenance = {"run": job.name, "step": commit.step, "config_hash": commit.meta.get("config_hash"),

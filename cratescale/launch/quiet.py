@@ -1,0 +1,66 @@
+"""The launcher's console speaks for the project (issue 30 item 3): what Ray, Ray Data and DeepSpeed log, and the
+warnings of libraries, go to `<run_dir>/logs/launcher.log`; the console keeps the stages' own lines.
+
+Ray's token warning ("Set RAY_AUTH_MODE=disabled to opt out") is logged there too: tokens stay on.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Iterator
+
+# Loggers that install their own console handlers on import: replaced by the file handler, not propagated.
+LIBRARY_LOGGERS = ("ray", "ray.data", "DeepSpeed", "py.warnings")
+_handler: logging.FileHandler | None = None
+
+
+def log_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "logs" / "launcher.log"
+
+
+def _route(name: str, handler: logging.Handler) -> None:
+    logger = logging.getLogger(name)
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+
+def _file_handler(run_dir: Path) -> logging.FileHandler:
+    """The one handler on this run's launcher.log (a launch in the same process for another run replaces it)."""
+    global _handler
+    path = log_path(run_dir)
+    if _handler is None or Path(_handler.baseFilename) != path.resolve():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if _handler is not None:
+            _handler.close()
+        _handler = logging.FileHandler(path)
+        _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    return _handler
+
+
+def route_library_logs(run_dir: Path) -> Path:
+    """From here on (this process), library logs and warnings append to the run's launcher.log."""
+    import ray.data  # Ray Data installs its handlers when imported: import first, then replace them
+
+    handler = _file_handler(run_dir)
+    logging.captureWarnings(True)
+    for name in LIBRARY_LOGGERS:
+        _route(name, handler)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the stage prints its own lines
+    return Path(handler.baseFilename)
+
+
+@contextmanager
+def library_output(run_dir: Path) -> Iterator[None]:
+    """Around code that prints (DeepSpeed's zero_to_fp32: print() and tqdm, and its import's accelerator line):
+    stdout and stderr go to launcher.log for the duration; DeepSpeed's logger stays routed there afterwards."""
+    path = log_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f, redirect_stdout(f), redirect_stderr(f):
+        import deepspeed.utils.logging  # noqa: F401 - its handler binds to the stream of the moment: this file
+
+        _route("DeepSpeed", _file_handler(run_dir))
+        yield

@@ -54,6 +54,9 @@ def show_config(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a log file (sbatch output) gets each line at once, also before a kill
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         if args.job == "status":

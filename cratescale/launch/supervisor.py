@@ -60,6 +60,7 @@ class Supervisor:
         self.slurm_queries: list[float] = []  # when the watches of every submission asked SLURM (monotonic s)
         self.no_fit: str | None = None  # why no node count fits now (waiting for nodes), shown by the follower
         self.nodes_checked_at: float | None = None
+        self.saved_queries = 0
 
     def submit(self) -> str:
         executor = make_executor(self.job, self.profile, self.paths.submitit_dir / "%j", nodes=self.nodes)
@@ -75,6 +76,7 @@ class Supervisor:
             if self.watch is not None:
                 self.slurm_queries += self.watch.asked_at
             self.watch = SlurmWatch(self.submitit_job.job_id, self.job.cluster.slurm_poll_s)
+            self.saved_queries = 0
         self._save_state()
         return str(self.submitit_job.job_id)
 
@@ -90,6 +92,7 @@ class Supervisor:
         self.submitit_job = submitit.SlurmJob(folder=self.paths.submitit_dir / "%j", job_id=str(job_id),
                                               tasks=range(self.world_size))
         self.watch = SlurmWatch(job_id, self.job.cluster.slurm_poll_s)
+        self.saved_queries = 0
         self.step_at_submit = self.progress.update()["step"]
         self._save_state()
         return str(job_id)
@@ -135,6 +138,9 @@ class Supervisor:
 
     def poll(self) -> dict[str, Any]:
         state = self._state()
+        if self.watch is not None and self.watch.queries != self.saved_queries:
+            self.saved_queries = self.watch.queries
+            self._save_state()  # launch.json records when this follower asked SLURM (once a period at most)
         summary = self.progress.update()
         if self.watch is not None and self.watch.lost_a_node:
             state = self._resume_on_nodes_left(summary)

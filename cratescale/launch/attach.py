@@ -48,9 +48,10 @@ def live_job(paths: RunPaths) -> LiveJob | None:
     if executor == "local":
         return LiveJob(job_id, executor, "RUNNING", record) if _local_alive(job_id) else None
     try:
-        state = queue_state(job_id)
+        queued = queue_state(job_id)
     except SlurmError:
         return None  # no SLURM here (a run dir copied off its cluster): nothing to attach to
+    state = queued[0] if queued else None
     return LiveJob(job_id, executor, state, record) if state in _LIVE else None
 
 

@@ -142,15 +142,19 @@ def job_info(job_id: str | int) -> dict[str, str]:
     return next((r for r in recs if r.get("JobId") == str(job_id)), recs[0] if recs else {})
 
 
-def queue_state(job_id: str | int) -> str | None:
-    """The job's state in the controller's queue (squeue: no accounting database), None once it left the queue."""
-    res = _run("squeue", "-h", "-j", str(job_id), "-o", "%T")
+def queue_state(job_id: str | int) -> tuple[str, str] | None:
+    """(state, reason) of the job in the controller's queue (squeue: no accounting database), None once it left
+    the queue. The reason says why a pending job waits (BeginTime after a requeue, ReqNodeNotAvail, ...)."""
+    res = _run("squeue", "-h", "-j", str(job_id), "-o", "%T|%r")
     if res.returncode != 0:
         if "Invalid job id" in res.stderr:
             return None
         raise SlurmError(f"squeue -j {job_id} failed (rc {res.returncode}): {res.stderr.strip()}")
-    states = res.stdout.split()
-    return states[0] if states else None
+    line = res.stdout.strip().splitlines()[0] if res.stdout.strip() else ""
+    if not line:
+        return None
+    state, _, reason = line.partition("|")
+    return state.strip(), reason.strip()
 
 
 def job_history(job_id: str | int) -> list[str]:

@@ -15,6 +15,8 @@ from cratescale.launch.slurm_tools import SlurmError, job_history, queue_state
 
 # squeue's states of a job that has ended (it keeps them for MinJobAge): the end itself comes from sacct.
 # (PREEMPTED is not here: a preempted job with --requeue is queued again.)
+# Why a pending job waits when SLURM requeued it: held after the requeue, or waiting for a node that went down.
+_REQUEUED_REASONS = ("BeginTime", "ReqNodeNotAvail", "NodeDown", "are DOWN")
 _ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "DEADLINE", "BOOT_FAIL"}
 
 
@@ -44,15 +46,18 @@ class SlurmWatch:
         return self.state
 
     def _from_queue(self) -> None:
-        live = queue_state(self.job_id)
-        if live is None or live in _ENDED:
+        queued = queue_state(self.job_id)
+        if queued is None or queued[0] in _ENDED:
             self.left_queue = True
             self._from_history()  # its end is sacct's to say
             return
+        live, reason = queued
         if live == "RUNNING":
             self._ran = True
-        elif live == "PENDING" and self._ran:
-            self._ran, self._ask_history = False, True  # requeued: the next question asks why
+        elif live == "PENDING" and (self._ran or any(r in reason for r in _REQUEUED_REASONS)):
+            # requeued (seen running, or waiting as only a requeued job does): the next question asks why, even
+            # when it ran and lost its node between two questions
+            self._ran, self._ask_history = False, not self.lost_a_node
         self.state = live
 
     def _from_history(self) -> None:

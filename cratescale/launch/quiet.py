@@ -1,7 +1,7 @@
 """The launcher's console speaks for the project (issue 30 item 3): what Ray, Ray Data and DeepSpeed log, and the
 warnings of libraries, go to `<run_dir>/logs/launcher.log`; the console keeps the stages' own lines.
 
-Ray's token warning ("Set RAY_AUTH_MODE=disabled to opt out") is logged there too: tokens stay on.
+Ray's token warning (which suggests turning token authentication off) is logged there too: tokens stay on.
 """
 from __future__ import annotations
 

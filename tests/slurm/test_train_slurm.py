@@ -418,13 +418,15 @@ def test_the_launcher_is_a_window_detach_attach_and_a_killed_launcher_change_not
     job_id = launcher_job_ids(run_dir)[0]
     assert "detached: nothing left to run" in (tmp_path / "detached.log").read_text()   # stages=[pretrain]
     second = _launcher(run_dir, args, "second.log", processes)
+    following = "is already training this run: following it, nothing submitted"
+    wait_until(lambda: following in (tmp_path / "second.log").read_text(), RESTART_TIMEOUT,
+               "the second launcher to follow the job", run_dir, job_id)
     wait_until(lambda: rows(run_dir, "commit"), RESTART_TIMEOUT, "the first commit", run_dir, job_id)
     second.kill()   # SIGKILL: no handler runs
-    second.wait(timeout=30)
     # every rank SIGKILLed with no launcher alive: the job's own recovery retries the step in its allocation
     subprocess.run(["scancel", "--signal=KILL", f"{job_id}.0"], check=True)
     killed_at = last_step(run_dir)
-    assert "is already training this run: following it, nothing submitted" in (tmp_path / "second.log").read_text()
+    second.wait(timeout=30)
     assert wait_sacct(job_id, "COMPLETED", timeout=2 * RESTART_TIMEOUT) == ["COMPLETED"]
     assert killed_at < STEPS and rows(run_dir, "end")[-1]["status"] == "completed"
     assert read_record(run_dir)["verdict"] == "retry" and len(rows(run_dir, "start")) == 2

@@ -405,13 +405,16 @@ def _launcher(run_dir: Path, argv: list[str], log_name: str, processes: list) ->
 
 
 def test_the_launcher_is_a_window_detach_attach_and_a_killed_launcher_change_nothing(tmp_path, tiny_manifest,
-                                                                                    reference, job_names, processes):
+                                                                                    job_names, processes):
     """Issue 28 item 2: --detach returns with the job submitted; the same command launched again while the job
     runs follows it and submits nothing; that launcher SIGKILLed changes nothing; `attach RUN_DIR` follows the job
     to its end. One job in SLURM's accounting, the same samples and weights as the uninterrupted run."""
     run_dir = tmp_path / "run"
     name = job_names.new("window")
-    args = [str(BASE_JOB), *job_overrides(run_dir, tiny_manifest, name, ["checkpoint.every_steps=10"])]
+    # 400 steps (the reference's 100 take under 5 s on a quiet machine: the job could end before the second
+    # launcher attaches or the kill lands), so the samples are checked against the sampler's sequence instead
+    args = [str(BASE_JOB), *job_overrides(run_dir, tiny_manifest, name, ["checkpoint.every_steps=20",
+                                                                         "schedule.steps=400"])]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     detached = _launcher(run_dir, [*args, "--detach"], "detached.log", processes)
     assert detached.wait(timeout=RESTART_TIMEOUT) == 0, (tmp_path / "detached.log").read_text()[-2000:]
@@ -428,7 +431,7 @@ def test_the_launcher_is_a_window_detach_attach_and_a_killed_launcher_change_not
     killed_at = last_step(run_dir)
     second.wait(timeout=30)
     assert wait_sacct(job_id, "COMPLETED", timeout=2 * RESTART_TIMEOUT) == ["COMPLETED"]
-    assert killed_at < STEPS and rows(run_dir, "end")[-1]["status"] == "completed"
+    assert killed_at < 400 and rows(run_dir, "end")[-1]["status"] == "completed"
     assert read_record(run_dir)["verdict"] == "retry" and len(rows(run_dir, "start")) == 2
     third = _launcher(run_dir, ["attach", str(run_dir)], "attach.log", processes)
     assert third.wait(timeout=RESTART_TIMEOUT) == 0, (tmp_path / "attach.log").read_text()[-3000:]
@@ -437,4 +440,7 @@ def test_the_launcher_is_a_window_detach_attach_and_a_killed_launcher_change_not
     named = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "--name", name], capture_output=True,
                            text=True, timeout=30).stdout.split()
     assert named == [job_id], named   # no second job was ever submitted
-    assert_matches_reference(run_dir, reference, exact_samples=False)   # the steps after the last commit ran twice
+    starts = rows(run_dir, "start")
+    assert starts[1]["resumed"] and starts[1]["job_id"] == job_id and starts[1]["step"] >= 20
+    consumed = consumed_samples(run_dir)   # every step trained, the ones after the last commit twice
+    assert sorted(consumed) == list(range(400)) and all(len(set(ids)) == 16 for ids in consumed.values())

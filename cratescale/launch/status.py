@@ -14,6 +14,7 @@ from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.commit import read_marker
 from cratescale.config import ConfigError, RunPaths, load_job
 from cratescale.launch.failures import recorded_failures, stage_failure
+from cratescale.launch.attach import launch_record
 from cratescale.launch.progress import run_summary
 from cratescale.launch.stage_state import headline, stage_states
 
@@ -54,8 +55,7 @@ def run_status(run: Path, now: float | None = None) -> dict[str, Any]:
         raise ConfigError(f"status: {run} is not a run directory (no config.yaml)")
     now = time.time() if now is None else now
     summary = run_summary(run)
-    state_file = paths.launch_state
-    launch_state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    launch_state = launch_record(paths) or {}
     last = summary["last"] or {}
     commit_step, commit_time = _last_commit(paths)
     age = (lambda t: None if t is None else round(now - t, 1))

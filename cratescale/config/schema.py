@@ -32,7 +32,7 @@ class DataConfig(Strict):
     source: str = "synthetic://shapes?n=2048&classes=10&size=48"
     # Where the manifest lives; default: <run_dir>/data. Ingest runs when it holds no manifest.
     root: str | None = None
-    # Size hint for --dry-run before ingest has counted (ImageNet-21k fall11: 14,197,122).
+    # Size hint for --dry-run before ingest has counted (ImageNet-21k winter21: 13,153,500; fall11: 14,197,122).
     expected_samples: int | None = Field(None, gt=0)
     # The square side, in pixels, that the loader crops and resizes to (the model's img_size).
     image_size: int = Field(32, gt=0, json_schema_extra=IDENTITY)

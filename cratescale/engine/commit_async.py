@@ -15,8 +15,8 @@ the outcome of an all-reduce):
                         replaced by a snapshot (storages copied once to host memory, pinned on GPUs, views
                         and sharing kept: the bytes torch.save writes are those of a synchronous save);
                         the thread writes the snapshots through ChecksumWriter (crc32 while writing, fsync).
-    poll()              at each step boundary while a commit is in flight: one all-reduce of
-                        (busy, failed). A failure raises on every rank (rank 0 removes the tmp dir).
+    poll()              at each step boundary while a commit is in flight: (busy, failed) reduced over the
+                        ranks (inside the trainer's one agreement per step, engine/agreement.py). A failure raises on every rank (rank 0 removes the tmp dir).
                         All written: the sums are gathered and rank 0's thread seals (store.commit with
                         sealed=...). Sealed: the commit is done (metrics: stall_s, write_s, seconds).
     drain()             wait for the commit in flight (before the next one, a stop, the end of the run).
@@ -194,16 +194,25 @@ class AsyncCommitter:
         except Exception as exc:  # noqa: BLE001 - raised on every rank at the next boundary
             flight.error = exc
 
-    def poll(self) -> Commit | None:
-        """At a step boundary: advance the commit in flight; returns it once sealed. Raises its failure."""
+    def flags(self) -> tuple[int, int]:
+        """This rank's (busy, failed) for the step's agreement; (0, 0) with nothing in flight."""
+        flight = self.inflight
+        if flight is None:
+            return 0, 0
+        return int(flight.thread is not None and flight.thread.is_alive()), int(flight.error is not None)
+
+    def poll(self, agreed: tuple[bool, bool] | None = None) -> Commit | None:
+        """At a step boundary: advance the commit in flight; returns it once sealed. Raises its failure.
+        `agreed`: (busy, failed) already reduced over ranks (the trainer's step agreement); else one all-reduce."""
         flight = self.inflight
         if flight is None:
             return None
-        busy = flight.thread is not None and flight.thread.is_alive()
-        flags = torch.tensor([float(busy), float(flight.error is not None)], device=collective_device())
-        if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        busy_any, failed_any = bool(flags[0].item()), bool(flags[1].item())
+        if agreed is None:
+            flags = torch.tensor(self.flags(), dtype=torch.int64, device=collective_device())
+            if dist.is_initialized():
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            agreed = (bool(flags[0].item()), bool(flags[1].item()))
+        busy_any, failed_any = agreed
         if failed_any:
             self._fail(flight)
         if busy_any:

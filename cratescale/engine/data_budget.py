@@ -7,8 +7,9 @@ loader and counted; the run stops with one line when
 - the samples that failed exceed `max_fraction` of the samples seen by this process (checked once a
   window's worth has been seen, so one bad file in the first step of a 0.1%-corrupt dataset is no stop).
 
-Ranks agree on the counts each step (one all-reduce) before the step's batches reach the model, so every
-rank stops together at the same step, never in the middle of a collective, and nothing is committed.
+Ranks agree on the counts each step (in the trainer's one all-reduce per step, engine/agreement.py) before the
+step's batches reach the model, so every rank stops together at the same step, never in the middle of a
+collective, and nothing is committed.
 """
 from __future__ import annotations
 
@@ -36,21 +37,28 @@ class BadDataBudget:
         self._window: deque[int] = deque(maxlen=window_steps)
         self._seen_local = (0, 0)  # (count, lost) of this rank's loader at the last check
 
-    def check(self, bad) -> None:
-        """After a step's batches are fetched, before they train. `bad`: the rank's loader.bad (BadSamples).
-        Raises BadDataError on every rank at once when the budget is spent."""
+    def local_counts(self, bad) -> tuple[int, int]:
+        """This rank's (failed, lost) samples since the last call; `bad`: the rank's loader.bad (BadSamples)."""
         step_bad, step_lost = bad.count - self._seen_local[0], bad.lost - self._seen_local[1]
         self._seen_local = (bad.count, bad.lost)
-        t = torch.tensor([step_bad, step_lost], dtype=torch.int64, device=collective_device())
-        if dist.is_initialized():
-            dist.all_reduce(t)
-        step_bad, step_lost = (int(v) for v in t.tolist())
+        return step_bad, step_lost
+
+    def apply(self, step_bad: int, step_lost: int, bad) -> None:
+        """The step's counts summed over ranks (the trainer's one agreement per step). Raises BadDataError on
+        every rank at once when the budget is spent."""
         self.total += step_bad
         self.steps += 1
         self._window.append(step_bad)
         reason = self._reason(step_lost)
         if reason is not None:
             raise BadDataError(f"bad data: {reason}; first: {', '.join(_examples(bad.examples)) or 'unknown'}")
+
+    def check(self, bad) -> None:
+        """local_counts, summed over ranks, then apply: after a step's batches are fetched, before they train."""
+        t = torch.tensor(self.local_counts(bad), dtype=torch.int64, device=collective_device())
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        self.apply(*(int(v) for v in t.tolist()), bad)
 
     def _reason(self, lost: int) -> str | None:
         seen = self.steps * self.global_batch

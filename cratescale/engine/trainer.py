@@ -13,7 +13,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -22,13 +22,14 @@ from cratescale.config import JobConfig, RunPaths, job_identity, schedule_note
 from cratescale.config.batching import describe_split, split_for_world
 from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
 from cratescale.engine import optim
+from cratescale.engine.agreement import Agreed, agree
 from cratescale.engine.commit_async import AsyncCommitter
 from cratescale.engine.data_budget import BadDataBudget, BadDataError
 from cratescale.engine.metrics import (MetricsWriter, StepTimer, commit_line, memory_gb, mfu, say,
                                        unrecorded_commits)
 from cratescale.engine.model_build import build_model, count_train_samples, wrap_for_training
 from cratescale.engine.records import CommitRecord, CommitSkippedRecord
-from cratescale.engine.state import (any_rank, check_decoder, checkpoint_meta, claim_run, load_state,
+from cratescale.engine.state import (check_decoder, checkpoint_meta, claim_run, load_state,
                                      mean_over_ranks, plan_resume, save_state)
 from cratescale.models import train_flops_per_image
 from data_pipeline.loader import choose_decoder, make_train_loader
@@ -158,21 +159,26 @@ class Trainer:
                  f"(rank 0: {route.get('reason', 'ok')})")
 
     def run(self, should_stop: Callable[[], bool]) -> TrainOutcome:
-        job, batches, first_step, status = self.job, iter(self.loader), self.step + 1, "completed"
+        job, first_step, status = self.job, self.step + 1, "completed"
+        self.batches = iter(self.loader)
         self.timer, self.window_loss, self.window_steps = StepTimer(), 0.0, 0
         while self.step < self.total:
-            if any_rank(should_stop()):
+            micro_batches = self._fetch()
+            agreed = agree(should_stop(), *self.budget.local_counts(self.loader.bad), *self.committer.flags())
+            if agreed.stop:  # the fetched batches are not trained: the commit's loader state is the step's
                 status = "preempted"
                 break
+            self._check_data(agreed)
+            # a background write that failed on any rank raises here, on every rank
+            self.committer.poll((agreed.commit_busy, agreed.commit_failed))
             lr = optim.lr_at(self.step, self.peak, self.warmup, self.total)
-            self.train_step(batches, lr)
+            self.train_step(micro_batches, lr)
             if self.writer and self.step == first_step:
                 # this process's first step: loader start-up and (with parallel.compile) the compile
                 self.writer.write({"kind": "first_step", "step": self.step,
                                    "seconds_since_start": time.perf_counter() - self.entered})
             if self.step % job.logging.every_steps == 0 or self.step == self.total:
                 self.log(lr)
-            self.committer.poll()  # a background write that failed on any rank raises here, on every rank
             if self.step % job.checkpoint.every_steps == 0 and self.step < self.total:
                 self.commit()
         self.commit(final=True)  # waits for the write in flight first, then for its own
@@ -180,13 +186,16 @@ class Trainer:
             self.writer.write({"kind": "end", "step": self.step, "status": status})
         return TrainOutcome(status, self.step, self.total)
 
-    def train_step(self, batches: Iterator[dict], lr: float) -> None:
+    def _fetch(self) -> list[dict]:
+        """The step's micro-batches, fetched before the step agreement so that their bad samples are counted in it."""
+        t0 = time.perf_counter()
+        micro_batches = [next(self.batches) for _ in range(self.accum)]
+        self.timer.data_wait += time.perf_counter() - t0
+        return micro_batches
+
+    def train_step(self, micro_batches: list[dict], lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        t0 = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(self.accum)]  # the step's data, checked before any of it trains
-        self.timer.data_wait += time.perf_counter() - t0
-        self._check_data()
         for batch in micro_batches:
             images = batch["images"].to(self.engine.device, self.dtype, non_blocking=True)
             loss, _, _ = self.engine(images, batch["mask_noise"].to(self.engine.device, non_blocking=True))
@@ -199,11 +208,12 @@ class Trainer:
         self.step += 1
         self.window_steps += 1
 
-    def _check_data(self) -> None:
-        """Every rank agrees on the step's bad samples; past the budget every rank raises here together, before
-        the step trains and with the last commit untouched. The one line goes to metrics.jsonl and the console."""
+    def _check_data(self, agreed: Agreed) -> None:
+        """Every rank has the step's bad samples summed over ranks; past the budget every rank raises here together,
+        before the step trains and with the last commit untouched. The one line goes to metrics.jsonl and the
+        console."""
         try:
-            self.budget.check(self.loader.bad)
+            self.budget.apply(agreed.bad, agreed.lost, self.loader.bad)
         except BadDataError as exc:
             if self.writer:
                 self.writer.write({"kind": "end", "step": self.step, "status": "bad_data", "error": str(exc)})
@@ -232,7 +242,7 @@ class Trainer:
                 self.committer.drain()  # a stop right after this step's commit started: it must land first
             return
         meta = checkpoint_meta(self.job, at_step, self.world.world_size, self.identity, self.total, self.warmup,
-                               self.decoder.identity, self.loader.state().to_dict())
+                               self.decoder.identity, self._loader_state(at_step))
         if self.job.checkpoint.async_commit:
             if self.committer.commit(at_step, meta, final=final):
                 self.last_commit = at_step
@@ -242,6 +252,12 @@ class Trainer:
         self.last_commit, seconds = at_step, time.perf_counter() - t0
         self._on_commit({"kind": "commit", "step": at_step, "seconds": seconds, "stall_s": seconds, "write_s": 0.0,
                          "async": False})
+
+    def _loader_state(self, step: int) -> dict[str, int]:
+        """The loader's state after `step` (a function of the step: batches fetched for a step that a stop kept from
+        training are not in it)."""
+        sched = self.job.schedule
+        return LoaderState.from_step(step, self.steps_per_epoch, sched.global_batch, self.job.seed).to_dict()
 
     def _on_commit(self, record: CommitRecord | CommitSkippedRecord) -> None:
         """One metrics row and one console line per finished (or skipped) commit, rank 0."""

@@ -2,14 +2,34 @@
 
 The launcher sets RANK/WORLD_SIZE/MASTER_*; STOP_AFTER makes the stop flag rise at that step boundary (the
 graceful preemption path, deterministic), so a run can be stopped and resumed at a known step.
+COUNT_COLLECTIVES=1 counts the collectives that cratescale's own modules issue (not DeepSpeed's), by module.
 """
 import json
+import os
 import sys
+from collections import Counter
 from pathlib import Path
+
+import torch.distributed as dist
 
 from cratescale.config import load_job
 from cratescale.distributed import exit_without_teardown, shutdown_distributed, world_from_env
 from cratescale.engine.trainer import train
+
+
+def count_collectives() -> Counter:
+    """Wrap torch.distributed's collectives: calls from a cratescale module are counted under its name."""
+    counts: Counter = Counter()
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_object", "broadcast_object_list", "barrier"):
+        real = getattr(dist, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("cratescale."):
+                counts[f"{caller}.{_name}"] += 1
+            return _real(*args, **kwargs)
+        setattr(dist, name, counted)
+    return counts
 
 
 def main() -> None:
@@ -21,10 +41,14 @@ def main() -> None:
         boundaries["n"] += 1
         return stop_after is not None and boundaries["n"] > stop_after
 
+    counts = count_collectives() if os.environ.get("COUNT_COLLECTIVES") else None
     job = load_job(config)
     outcome = train(job, Path(job.run_dir), Path(manifest), world_from_env(), 1e11, should_stop=should_stop)
     shutdown_distributed()
-    print(json.dumps({"status": outcome.status, "step": outcome.step}), flush=True)
+    result = {"status": outcome.status, "step": outcome.step}
+    if counts is not None:
+        result["collectives"] = dict(counts)
+    print(json.dumps(result), flush=True)
     exit_without_teardown(0)  # as TrainTask does
 
 

@@ -6,7 +6,7 @@ tag dir. Load it on every rank with the universal flag in the DeepSpeed config:
 
     ds_config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=AdamW(...), config=ds_config)
-    tag_dir = ensure_universal(commit)            # safe on every rank at once (lock + atomic rename)
+    tag_dir = ensure_universal(commit)            # safe on every rank at once: one converts, the rest wait
     engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
     # i.e. load_dir = <root>/step_<N>.universal, tag = "ds"
 
@@ -17,12 +17,13 @@ to 3 convert; ZeRO-0 has no partitioned optimizer state to reshard (ds_to_univer
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,12 +76,21 @@ def convert(src_tag_dir: Path, out_tag_dir: Path, workers: int = 1, timeout_s: f
         raise UniversalConversionError(f"ds_to_universal on {src_tag_dir} exited {proc.returncode}: {tail}")
 
 
-def ensure_universal(commit: Commit, workers: int = 1) -> Path:
+def conversion_workers() -> int:
+    """ds_to_universal's extract and merge workers: the CPUs this process may use (every rank of the node waits
+    for the conversion, so the node's cores are free), at most 16."""
+    return max(1, min(16, len(os.sched_getaffinity(0))))
+
+
+def ensure_universal(commit: Commit, workers: int | None = None, stale_s: float = 120.0,
+                     poll_s: float = 1.0) -> Path:
     """The universal tag dir of `commit`, `<root>/step_<N>.universal/ds` (converted on first use, reused after).
 
     Load with `engine.load_checkpoint(str(p.parent), tag=p.name)` under `"checkpoint": {"load_universal": true}`.
-    Concurrent callers (every rank of a job) are serialised by a lock file; where the file system ignores the
-    lock, each converts into its own tmp dir and only the first rename wins, so the cache is never mixed.
+    Every rank of every node may call it at once: one converter per run, chosen by the exclusive creation of
+    `step_N.universal.converting` beside the commit (O_EXCL holds on shared file systems where flock is
+    node-local, as Lustre's localflock, or unsupported), the others wait for the finished dir. The converter
+    touches the marker every few seconds; a marker older than `stale_s` (its converter died) is taken over.
     """
     src = commit.path / DS_TAG
     if not src.is_dir():
@@ -89,20 +99,55 @@ def ensure_universal(commit: Commit, workers: int = 1) -> Path:
         raise UniversalConversionError(f"checkpoint step {commit.step}: {src} is a ZeRO-0 checkpoint (no optimizer "
                                        f"partitions); ds_to_universal converts ZeRO 1-3 only")
     out = universal_dir(commit)
-    with _lock(out.with_name(f"{out.name}.lock")):
-        if not _is_complete(out):
-            _convert_into(src, out, workers)
+    marker = out.with_name(f"{out.name}.converting")
+    while not _is_complete(out):
+        if _claim(marker, stale_s):
+            try:
+                if not _is_complete(out):  # finished between our look and our claim
+                    with _heartbeat(marker):
+                        _convert_into(src, out, workers or conversion_workers())
+            finally:
+                marker.unlink(missing_ok=True)
+        else:
+            time.sleep(poll_s)
     return out / UNIVERSAL_TAG
 
 
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+def _claim(marker: Path, stale_s: float) -> bool:
+    """True when this process now holds the conversion (created the marker, or replaced a stale one)."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
         try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            age = time.time() - marker.stat().st_mtime
+        except FileNotFoundError:
+            return False  # released just now: look again
+        if age > stale_s:
+            marker.unlink(missing_ok=True)  # a dead converter's; the next look claims it (or another waiter does)
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()} {time.time():.0f}\n")
+    return True
+
+
+@contextmanager
+def _heartbeat(marker: Path, every_s: float = 10.0) -> Iterator[None]:
+    """Touch `marker` while the conversion runs, so waiters can tell a slow converter from a dead one."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            try:
+                os.utime(marker)
+            except OSError:
+                pass  # taken over or removed: the rename of the finished dir still decides
+    thread = threading.Thread(target=beat, daemon=True, name="universal-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _convert_into(src: Path, out: Path, workers: int) -> None:

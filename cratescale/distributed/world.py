@@ -53,7 +53,8 @@ def world_from_env(env: dict[str, str] | None = None) -> WorldInfo:
         rank, world, local, job_id = 0, 1, 0, "single"
     addr = env.get("MASTER_ADDR")
     if addr is None:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        # the step's nodes: a step may run on fewer nodes than the job holds (a batch that splits over fewer)
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         addr = master_address(_first_host(nodelist)) if nodelist else "127.0.0.1"
     port = int(env.get("MASTER_PORT", _port_for(job_id)))
     return WorldInfo(rank, world, local, addr, port, job_id)

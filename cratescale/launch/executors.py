@@ -8,7 +8,7 @@ from typing import Any
 
 import submitit
 
-from cratescale.compat.submitit import sbatch_text
+from cratescale.compat.submitit import range_executor_class, sbatch_text, with_node_range
 from cratescale.config import ConfigError, JobConfig, ProfileConfig
 from cratescale.launch.recover import batch_lines
 
@@ -38,7 +38,8 @@ def slurm_parameters(job: JobConfig, profile: ProfileConfig, nodes: int | None =
         "signal_delay_s": profile.signal_lead_s,
         "setup": [f"export {key}={shlex.quote(value)}" for key, value in sorted(profile.env.items())],
     }
-    params["setup"] += batch_lines(Path(job.run_dir))  # a failed step is retried in the allocation (issue 28)
+    params["setup"] += batch_lines(job)  # a failed step is retried in the allocation, a lost node shrinks it (issue 28)
+    params["additional_parameters"] = {"requeue": True}  # SLURM's own requeue after NODE_FAIL and preemption
     if profile.gpus_per_node:  # ranks stop at start-up when they see no CUDA (distributed/device.py)
         params["setup"].append(f"export CRATESCALE_EXPECT_GPUS={profile.gpus_per_node}")
     optional = {"gpus_per_node": profile.gpus_per_node or None, "account": profile.account, "qos": profile.qos,
@@ -54,11 +55,18 @@ def make_executor(job: JobConfig, profile: ProfileConfig, folder: Path, nodes: i
                                    name=job.name)
         return executor
     # max_num_timeout bounds how many USR2 stops submitit tolerates; our own requeue path counts separately.
-    executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=job.cluster.max_requeues)
+    executor = range_executor_class()(folder=str(folder), max_num_timeout=job.cluster.max_requeues)
     executor.update_parameters(**slurm_parameters(job, profile, nodes))
+    executor.node_range = node_range(job, nodes)
     return executor
+
+
+def node_range(job: JobConfig, nodes: int | None = None) -> tuple[int, int, int]:
+    """(min, max, tasks per node) of the allocation: cluster.min_nodes to the count asked (cluster.nodes)."""
+    top = nodes or job.cluster.nodes
+    return min(job.cluster.min_nodes, top), top, job.cluster.tasks_per_node
 
 
 def sbatch_script(job: JobConfig, profile: ProfileConfig, folder: Path) -> str:
     """The sbatch file submitit would write for this job (shown by --dry-run; nothing is submitted)."""
-    return sbatch_text(folder, slurm_parameters(job, profile))
+    return with_node_range(sbatch_text(folder, slurm_parameters(job, profile)), *node_range(job))

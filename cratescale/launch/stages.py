@@ -100,8 +100,6 @@ def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, live
 def failure_message(status: dict[str, Any], failure: dict[str, Any] | None, paths: RunPaths) -> str:
     """How the job ended, where its logs are, and under that the failing rank's own last error line."""
     head = f"pretrain: job {status['job_id']} ended {status['state']}"
-    if status.get("no_fit"):
-        head += f": no node count fits ({status['no_fit']}; cluster.when_no_fit=stop)"
     if failure is None:
         return f"{head} (logs: {paths.submitit_dir})"
     why = ", not retried: the same config and data fail the same way" if failure["deterministic"] else ""

@@ -1,7 +1,9 @@
 """The Ray supervisor actor: submits the training through submitit and follows it to the end.
 
-Training ranks never depend on Ray: the actor only submits, polls and resubmits. On SLURM the job requeues
-itself under the same id; with the local executor the supervisor resubmits after a preemption or a crash.
+Training ranks never depend on Ray: the actor only submits, polls and resubmits. On SLURM the job recovers by itself
+under the same id (its own requeue on preemption, its retries and requeue after a crashed rank, SLURM's requeue
+after a lost node onto fewer nodes: launch/recover.py); the supervisor resubmits only a job that ended for good
+(and the local executor's, after a preemption or a crash).
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import ray
 
 from cratescale.checkpoint import CheckpointStore
 from cratescale.config import RunPaths, load_job, load_profile
-from cratescale.config.batching import no_fit_line, nodes_to_run_on
 from cratescale.distributed.rendezvous import free_port
 from cratescale.files import replace_durable
 from cratescale.launch.entry import TrainTask
@@ -58,8 +59,6 @@ class Supervisor:
         self.nodes = self.job.cluster.nodes  # what the current submission runs on (fewer after a lost node)
         self.watch: SlurmWatch | None = None
         self.slurm_queries: list[float] = []  # when the watches of every submission asked SLURM (monotonic s)
-        self.no_fit: str | None = None  # why no node count fits now (waiting for nodes), shown by the follower
-        self.nodes_checked_at: float | None = None
         self.saved_queries = 0
 
     def submit(self) -> str:
@@ -143,58 +142,31 @@ class Supervisor:
             self._save_state()  # launch.json records when this follower asked SLURM (once a period at most)
         summary = self.progress.update()
         if self.watch is not None and self.watch.lost_a_node:
-            state = self._resume_on_nodes_left(summary)
-        elif state in _CRASHED and self._may_resubmit(summary):
-            # SLURM requeues a job that stops on a signal under the same id; a job that died (kill -9 of its
-            # ranks, a crash) ends here instead and gets a new one, on the full node count if the nodes are back.
+            self._follow_node_loss(summary)
+            state = "REQUEUED" if state in ("PENDING", "REQUEUED") else state
+        if state in _CRASHED and self._may_resubmit(summary):
+            # SLURM requeues a job that stops on a signal or loses a node under the same id; a job that died (kill
+            # -9 of its ranks past the job's own retries, a NODE_FAIL without --requeue) ends here instead and gets
+            # a new one, on the full node count if the nodes are back.
             self.resubmits += 1
-            self.nodes = self._nodes_that_fit() or self.nodes
+            self.nodes = self.job.cluster.nodes  # asked as a range from cluster.min_nodes: SLURM gives what it can
             self.submit()
             state = "REQUEUED"
         return {"state": state, "job_id": self.submissions[-1] if self.submissions else None,
                 "done": state in _DONE, "requeues": self.resubmits, "node_failures": self.node_failures,
-                "nodes": self.nodes, "no_fit": self.no_fit, **summary}
+                "nodes": self.nodes, **summary}
 
-    def _resume_on_nodes_left(self, summary: dict[str, Any]) -> str:
-        """Take over a job that lost a node (SLURM_MULTINODE.md pitfall 13: SLURM requeues it for the full node
-        count and it would wait for the dead node): cancel it, and once it left the queue resubmit on the largest
-        node count that the usable nodes hold and whose ranks split the global batch (config/batching.py). The
-        run resumes elastically from its newest commit: same global batch and sample sequence on fewer ranks."""
-        if not self.watch.left_queue:
-            if self.watch.state in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING"):
-                self.submitit_job.cancel(check=False)
-            return "COMPLETING"  # resubmit once SLURM has let go of it
-        if summary["finished"] or self.resubmits >= self.job.cluster.max_requeues:
-            return "NODE_FAIL"
-        nodes = self._nodes_that_fit()
-        if nodes is None:
-            return "NODE_FAIL" if self.no_fit and self.job.cluster.when_no_fit == "stop" else "PENDING"
-        self.nodes = nodes
-        self.node_failures += 1
-        self.resubmits += 1
-        self.submit()
-        return "REQUEUED"
-
-    def _nodes_that_fit(self) -> int | None:
-        """The node count a resubmission runs on: the largest that the usable nodes hold and whose ranks split the
-        global batch, so a run grows back to cluster.nodes once they return. Asked at most once a poll period
-        (None in between, and when none fits: then `no_fit` says why)."""
-        from cratescale.launch.slurm_tools import SlurmError, usable_nodes
-
-        if self.job.cluster.executor != "slurm":
-            return self.job.cluster.nodes
-        now = time.monotonic()
-        if self.nodes_checked_at is not None and now - self.nodes_checked_at < self.job.cluster.slurm_poll_s:
-            return None
-        self.nodes_checked_at = now
-        self.slurm_queries.append(now)
-        try:
-            left = usable_nodes(self.job.cluster.partition or self.profile.partition)
-        except SlurmError:
-            return None  # scontrol hiccup: look again next period
-        nodes = nodes_to_run_on(self.job, left)
-        self.no_fit = None if nodes is not None else no_fit_line(self.job, left)
-        return nodes
+    def _follow_node_loss(self, summary: dict[str, Any]) -> None:
+        """SLURM requeued the job that lost a node (--requeue) onto the nodes it can get (--nodes=MIN-MAX), and the
+        job's batch script trains on the largest count there that splits the global batch (recover.py): nothing is
+        decided here. What the follower shows: how many node failures, and the node count of the latest start."""
+        failures = self.watch.history.count("NODE_FAIL")
+        start = summary.get("start") or {}
+        if start.get("world_size"):
+            self.nodes = max(1, start["world_size"] // self.job.cluster.tasks_per_node)
+        if failures != self.node_failures:
+            self.node_failures = failures
+            self._save_state()
 
     def _may_resubmit(self, summary: dict[str, Any]) -> bool:
         # Resubmit after a preemption or a transient crash, as SLURM's requeue would; never after an error

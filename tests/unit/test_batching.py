@@ -54,3 +54,37 @@ def test_a_three_node_job_whose_batch_does_not_divide_over_two_nodes_resumes_on_
 def test_min_nodes_above_nodes_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="cluster.min_nodes 3 > cluster.nodes 2"):
         load_job(JOBS / "demo.yaml", ["cluster.nodes=2", "cluster.min_nodes=3"])
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # imagenet21k: 8 nodes x 8, min 4
+    ["cluster.nodes=3", "cluster.tasks_per_node=1", "cluster.min_nodes=1", "schedule.global_batch=9",
+     "schedule.micro_batch=3"],
+])
+def test_the_batch_script_trains_on_the_count_the_rule_picks(overrides, tmp_path):
+    """The sbatch setup's own choice (bash, in the allocation) against config/batching.py's rule, for every
+    allocation size from nothing to the full count."""
+    import subprocess
+
+    from cratescale.launch.recover import batch_lines
+
+    job = load_job(JOBS / "imagenet21k.yaml", [f"run_dir={tmp_path}", *overrides])
+    lines = batch_lines(job)
+    fit = next(line for line in lines if line.startswith("cs_fit()"))
+    counts = " ".join(map(str, resumable_node_counts(job)))
+    script = fit + "\n" + "".join(f'cs_fit "{counts}" {n}\n' for n in range(job.cluster.nodes + 1))
+    got = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert [int(n) for n in got] == [nodes_to_run_on(job, n) or 0 for n in range(job.cluster.nodes + 1)]
+
+
+def test_the_sbatch_asks_for_a_node_range_with_the_task_count_of_the_full_size(tmp_path):
+    from cratescale.config import load_profile
+    from cratescale.launch.executors import sbatch_script
+
+    job = load_job(JOBS / "imagenet21k.yaml", [f"run_dir={tmp_path}"])
+    text = sbatch_script(job, load_profile(job.cluster.profile), tmp_path / "submitit")
+    assert "#SBATCH --nodes=4-8\n" in text and "#SBATCH --ntasks=64\n" in text and "#SBATCH --requeue\n" in text
+    assert "--ntasks-per-node" not in text.split("# setup")[0]  # it would keep SLURM from starting on fewer nodes
+    same = load_job(JOBS / "imagenet21k.yaml", [f"run_dir={tmp_path}", "cluster.min_nodes=8"])
+    text = sbatch_script(same, load_profile(job.cluster.profile), tmp_path / "submitit")
+    assert "#SBATCH --nodes=8\n" in text and "#SBATCH --ntasks-per-node=8\n" in text

@@ -40,7 +40,7 @@ def test_imagenet21k_plan_numbers(tmp_path):
     assert "44,047,872 parameters" in out
     assert "8 nodes x 8 = 64" in out and "global 4096 = micro 64 x accum 1 x 64 ranks" in out
     assert "3211 steps per epoch" in out  # winter21: 13,153,500 // 4096
-    assert "#SBATCH --signal=USR2@" in out and "#SBATCH --ntasks-per-node=8" in out
+    assert "#SBATCH --signal=USR2@" in out and "#SBATCH --nodes=4-8" in out and "--ntasks-per-node=8 \"$@\"" in out
     # example_h100's measured step: 14.7 ms + 64 / 3744 img/s = 31.8 ms; 3211 steps an epoch
     assert "estimate       31.8 ms per step (compute only), 128,829 img/s on 64 GPUs, 1.7 min per epoch" in out
     assert "fixed per-step cost is 46%" in out

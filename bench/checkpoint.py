@@ -1,6 +1,6 @@
 """Checkpoint save/load through CheckpointStore vs plain sequential file I/O of the same bytes, same run.
 
-    .venv/bin/python bench/checkpoint.py [--reps 3] [--root DIR] [--model crate_mae_base|linear]
+    .venv/bin/python -m bench.checkpoint [--reps 3] [--root DIR] [--model crate_mae_base|linear]
 
 One process, DeepSpeed ZeRO-2 (world 1, gloo, CPU), fp32 CRATE-MAE-Base (44M params) + torch AdamW after
 one step: ~0.7 GB of checkpoint. Measured --reps times, alternating with the baseline (best and median):
@@ -12,16 +12,17 @@ one step: ~0.7 GB of checkpoint. Measured --reps times, alternating with the bas
         (page cache dropped per file with posix_fadvise DONTNEED before each; verify() timed the same way)
 Target: save and load <= 1.5x the plain baseline.
 
-    .venv/bin/python bench/checkpoint.py --async-commit [--reps 5]     (issue 18)
+    .venv/bin/python -m bench.checkpoint --async-commit [--reps 5]     (issue 18)
 Per commit, alternating in each rep: the synchronous commit (engine.state.save_state), the asynchronous one
 (engine.commit_async.AsyncCommitter: stall = the step-boundary snapshot to host memory; total = snapshot
 until sealed, drained at once, no training beside it), and torch.save + fsync of the same state objects.
-Targets: stall <= 0.15x the synchronous commit; total <= 1.2x torch.save + fsync. Medians of the per-rep ratios.
+Targets: stall <= 0.15x the synchronous commit; total <= 1.2x torch.save + fsync. The verdict uses the median of
+the per-rep (paired) ratios; the table also shows the medians of the times and their ratio (med/med).
+`--json PATH` keeps every rep's times, the rows and the machine (bench/record.py), in both modes.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.record import Run, add_json_arg
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.universal import load_into_engine
 
@@ -196,7 +198,7 @@ def summarize_async(reps: list[dict]) -> list[dict]:
     return out
 
 
-def print_async(reps: list[dict], kind: str, n_params: int, json_out: Path | None = None) -> None:
+def print_async(reps: list[dict], kind: str, n_params: int, run: Run, json_out: Path | None = None) -> None:
     gb = reps[0]["bytes"] / 1e9
     load = os.getloadavg()[0]
     print(f"async commit bench: {kind} {n_params / 1e6:.1f}M params, ZeRO-2 world 1 fp32 + AdamW, {gb:.3f} GB, "
@@ -209,9 +211,7 @@ def print_async(reps: list[dict], kind: str, n_params: int, json_out: Path | Non
         print(f"{row['what']:<58}{row['baseline_median_s']:>11.3f}{row['measured_median_s']:>11.3f}"
               f"{row['ratio_of_medians']:>8.3f}{row['median_of_paired_ratios']:>8.3f}{target:>8} "
               f"{row['verdict'] or ''}")
-    if json_out is not None:
-        json_out.write_text(json.dumps({"model": kind, "params": n_params, "gb": gb, "load_average": load,
-                                        "reps": reps, "rows": rows}, indent=1) + "\n")
+    run.save(json_out, {"model": kind, "params": n_params, "gb": gb, "reps": reps, "rows": rows})
 
 
 def main() -> None:
@@ -220,8 +220,9 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=None, help="where to write (default: a tmp dir on /tmp's disk)")
     ap.add_argument("--model", default="crate_mae_base", choices=["crate_mae_base", "linear"])
     ap.add_argument("--async-commit", action="store_true", help="the issue-18 rows (stall and total time)")
-    ap.add_argument("--json", type=Path, default=None, help="with --async-commit: per-rep times and rows to this file")
+    add_json_arg(ap, "checkpoint")
     args = ap.parse_args()
+    run = Run()
     kind = args.model
     try:
         engine, n_params = make_engine(kind)
@@ -231,7 +232,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_ckpt_", dir=args.root))
     if args.async_commit:
         try:
-            print_async(bench_async(engine, root, args.reps), kind, n_params, args.json)
+            print_async(bench_async(engine, root, args.reps), kind, n_params, run, args.json)
         finally:
             shutil.rmtree(root, ignore_errors=True)
         return
@@ -269,14 +270,19 @@ def main() -> None:
             ("load: same, DeepSpeed's own torch.load / read to RAM", reads, ds_loads),
             ("load (mmap) / read through one 8 MiB buffer", scans, loads),
             ("verify (re-read + crc32) / read through 8 MiB buf", scans, verifies)]
+    table = []
     for label, base, meas in rows:
         ratio = med([m / b for m, b in zip(meas, base)])
         cells = [f"{med(base):.3f} [{best(base):.2f}]", f"{med(meas):.3f} [{best(meas):.2f}]"]
         print(f"{label:<52}{cells[0]:>14}{cells[1]:>14}{ratio:>7.2f}{'<= ' + str(TARGET):>8}")
+        table.append({"what": label, "baseline_s": base, "measured_s": meas, "baseline_median_s": med(base),
+                      "measured_median_s": med(meas), "median_of_paired_ratios": ratio, "target": TARGET})
     print(f"save split: DeepSpeed save_checkpoint + rng file {med([a - b for a, b in zip(saves, commits)]):.3f} s, "
           f"commit() (fsync + crc32 + marker + rename + latest + catalog) {med(commits):.3f} s (medians); "
           f"plain write {gb / med(plains):.2f} GB/s, read into RAM {gb / med(reads):.2f} GB/s, "
           f"through 8 MiB {gb / med(scans):.2f} GB/s (median)")
+    run.save(args.json, {"model": kind, "params": n_params, "gb": gb, "files": len(sizes), "rows": table,
+                         "commit_s": commits})
 
 if __name__ == "__main__":
     main()

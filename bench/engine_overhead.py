@@ -21,6 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.record import Run, add_json_arg
 from tests.dist.harness import run_local_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +104,7 @@ def measure_model(variant: str, steps: int, rounds: int, zero_extra: str = "{}")
     for k, rows in times.items():
         cols = list(zip(*rows))
         out[k] = {"median": statistics.median(cols[3]), "min": min(cols[3]), "params": params, "micro": micro,
+                  "steps_s": list(cols[3]),
                   **{f"{ph}_median": statistics.median(c) for ph, c in zip(("fwd", "bwd", "step"), cols[:3])}}
     return out
 
@@ -122,8 +124,11 @@ def worker(args: argparse.Namespace) -> None:
 def launch(args: argparse.Namespace, world: int = 2, timeout: float = 300) -> dict:
     results = run_local_ranks([__file__, "--worker", "--steps", str(args.steps), "--rounds", str(args.rounds),
                                "--models", args.models, "--zero", args.zero], world, timeout)
-    # the slowest rank sets the pace
-    return {v: {loop: {k: max(r[v][loop][k] for r in results) for k in results[0][v][loop]}
+    # the slowest rank sets the pace; per-step times are kept per rank
+    def merge(key: str, values: list):
+        return values if key == "steps_s" else max(values)
+
+    return {v: {loop: {k: merge(k, [r[v][loop][k] for r in results]) for k in results[0][v][loop]}
                 for loop in results[0][v]} for v in results[0]}
 
 
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="demo,d192", help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--zero", default="{}", help='JSON merged into zero_optimization, e.g. \'{"overlap_comm": true}\'')
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_json_arg(p, "engine_overhead")
     args = p.parse_args(argv)
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
@@ -164,7 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(args)
     else:
-        report(launch(args))
+        run = Run()
+        res = launch(args)
+        rows = report(res)
+        run.save(args.json, {"steps": args.steps, "rounds": args.rounds, "zero": args.zero, "loops": res,
+                             "rows": [{"what": w, "baseline_median_s": b, "measured_median_s": m, "ratio": r,
+                                       "target": TARGET} for w, b, m, r in rows]})
 
 
 if __name__ == "__main__":

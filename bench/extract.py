@@ -1,6 +1,6 @@
 """Extraction throughput (decode + encode + store) vs bare `model.encode` on already-decoded tensors.
 
-    .venv/bin/python bench/extract.py [--model crate_mae_tiny] [--images 192] [--image-size 224]
+    .venv/bin/python -m bench.extract [--model crate_mae_tiny] [--images 192] [--image-size 224]
                                       [--source-size 128] [--batch-size 32] [--shard-rows 48] [--loader auto]
 
 Same run, same cores (2 here): the baseline decodes every image first (untimed) and times encode alone
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.record import Run, add_json_arg
 from cratescale.checkpoint.export import export_weights, load_model
 from cratescale.embeddings.extract import run_extraction
 from data_pipeline.local_ray import start_or_join_ray
@@ -74,7 +75,9 @@ def main() -> int:
     ap.add_argument("--loader", default="auto")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--only-inprocess", action="store_true", help="skip the Ray configurations")
+    add_json_arg(ap, "extract")
     args = ap.parse_args()
+    run = Run()
     from data_pipeline.ingest import ingest
 
     root = Path(tempfile.mkdtemp(prefix="bench_extract_"))
@@ -116,6 +119,10 @@ def main() -> int:
         med = lambda xs: float(np.median(xs))  # noqa: E731
         print(f"{label:<28}{med([r[0] for r in rs]):>11.1f}{med([r[1] for r in rs]):>13.1f}"
               f"{med([r[1] / r[4] for r in rs]):>12.2f}{med([r[2] for r in rs]):>13.2f}{'>=0.85':>8}{rs[0][3]:>7}")
+    keys = ("img_s_wall", "img_s_steady", "encode_share", "actors", "baseline_img_s")
+    run.save(args.json, {"model": args.model, "images": args.images, "image_size": args.image_size,
+                         "batch_size": args.batch_size, "loader": args.loader, "target": ">= 0.85",
+                         "repeats": {label: [dict(zip(keys, r)) for r in rs] for label, rs in runs.items()}})
     return 0
 
 

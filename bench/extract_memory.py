@@ -1,6 +1,6 @@
 """Extraction memory per actor (issue 14.3): predicted (cratescale/embeddings/memory.py) vs measured peak RSS.
 
-    .venv/bin/python bench/extract_memory.py [--batches 16,64,128] [--images-per-batch 2] [--loader auto]
+    .venv/bin/python -m bench.extract_memory [--batches 16,64,128] [--images-per-batch 2] [--loader auto]
 
 crate_mae_debug at 224 px (patch 8: 785 tokens, 4 heads), synthetic JPEGs. Each configuration runs in a fresh
 process (what one actor is: the model, the loader, the store) over the whole manifest and reports its own peak
@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.record import Run, add_json_arg
 from cratescale.checkpoint.export import export_weights
 from cratescale.embeddings.memory import encode_chunk, predict_actor_bytes
 from cratescale.models import create_model
@@ -51,7 +52,10 @@ def main() -> int:
     ap.add_argument("--batches", default="16,64,128")
     ap.add_argument("--images-per-batch", type=int, default=2, help="images = this x the largest batch")
     ap.add_argument("--loader", default="auto")
+    add_json_arg(ap, "extract_memory")
     args = ap.parse_args()
+    run = Run()
+    rows = []
     from data_pipeline.ingest import ingest
 
     batches = [int(b) for b in args.batches.split(",")]
@@ -71,6 +75,10 @@ def main() -> int:
             want = predict_actor_bytes(config, 224, batch, "cpu", chunk=chunk)
             print(f"| {batch} | {mode} | {chunk} | {want / 2**30:.2f} GiB | {got['peak_rss'] / 2**30:.2f} GiB | "
                   f"{got['peak_rss'] / want:.2f} | {got['encode_img_s']:.1f} |", flush=True)
+            rows.append({"batch": batch, "forward": mode, "chunk": chunk, "predicted_bytes": want, **got,
+                         "measured_over_predicted": got["peak_rss"] / want})
+    run.save(args.json, {"images": n, "loader": args.loader, "rows": rows,
+                         "targets": "measured / predicted in 0.75-1.25; chunked img/s >= 0.9 x whole"})
     return 0
 
 

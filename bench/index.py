@@ -1,6 +1,6 @@
 """Nearest-neighbour index over an embedding store: build and query time, recall@10 and peak memory vs rows.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/index.py [--rows 10000 100000 1000000] [--dim 64] [--queries 200]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.index [--rows 10000 100000 1000000] [--dim 64] [--queries 200]
         [--data clustered|gaussian] [--out bench/results/index.json]
 
 For each row count: a real store (EmbeddingStore, float32 as the demo extracts, shards of 65,536 rows) of
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from bench.record import Run
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD = 65536
@@ -92,6 +95,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--one", nargs=2, metavar=("STORE", "KIND"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    run = Run()
     if args.one:
         print(json.dumps(one(Path(args.one[0]), args.one[1], args.queries, args.data)))
         return
@@ -103,21 +107,13 @@ def main() -> None:
             print(json.dumps({"rows": rows, "dim": args.dim, "data": args.data, "store_write_s": round(write_s, 2)}),
                   flush=True)
             for kind in ("flat", "ivfpq"):
-                done = subprocess.run([sys.executable, __file__, "--one", str(store), kind, "--queries",
+                done = subprocess.run([sys.executable, "-m", "bench.index", "--one", str(store), kind, "--queries",
                                        str(args.queries), "--data", args.data], capture_output=True, text=True,
                                       check=True, cwd=REPO)
                 results.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(json.dumps(results[-1]), flush=True)
-    if args.out:
-        machine = {"cpu": _cpu(), "threads": "OMP_NUM_THREADS=1", "date": time.strftime("%Y-%m-%d")}
-        Path(args.out).write_text(json.dumps({"machine": machine, "rows": results}, indent=1) + "\n")
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+    threads = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    run.save(Path(args.out) if args.out else None, {"threads": threads, "rows": results})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train-loader throughput: decode + random-resized-crop 224 + flip + normalize, DALI CPU vs PIL.
 
-    .venv/bin/python bench/loader.py [--epochs 2] [--threads 2] [--batch 32] [--repeats 2] [--skip-reshard]
-    .venv/bin/python bench/loader.py --gpu [--hw-loads 0,0.75,1]    # DALI mixed decode on a GPU vs DALI CPU
+    .venv/bin/python -m bench.loader [--epochs 2] [--threads 2] [--batch 32] [--repeats 2] [--skip-reshard]
+    .venv/bin/python -m bench.loader --gpu [--hw-loads 0,0.75,1]    # DALI mixed decode on a GPU vs DALI CPU
 
 Data: the 1,000 full-size ImageNet sample photos, read in place from imagenet-sample.tar (byte
 offsets), then the same photos after `ingest --reshard 256`. Baseline: the PIL + torch DataLoader
@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.record import Run, add_json_arg
 from data_pipeline.ingest import run_ingest
 from data_pipeline.loader import make_train_loader
 from data_pipeline.sampler import LoaderState
@@ -51,11 +52,13 @@ def main() -> None:
     ap.add_argument("--skip-reshard", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="DALI mixed (GPU) decode against DALI on the CPU")
     ap.add_argument("--hw-loads", default="0,0.75,1", help="hardware-decoder shares tried with --gpu")
+    add_json_arg(ap, "loader")
     a = ap.parse_args()
+    run = Run()
     if a.gpu:
         gpu_main(a)
         return
-    results = []
+    results, raw = [], []
     with tempfile.TemporaryDirectory() as d:
         datasets = [("full-size JPEGs in the tar", run_ingest(SOURCE, Path(d) / "raw", workers=0, progress=False))]
         if not a.skip_reshard:
@@ -68,6 +71,7 @@ def main() -> None:
                     runs[kind].append(measure(res.manifest, kind, a.epochs, a.threads, a.batch))
             best = {k: {m: (min if m == "startup" else max)(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
             results.append((name, best["pil"], best["dali"]))
+            raw.append({"data": name, "runs": runs, "best": best})
     print(f"\nbench/loader.py  RRC 224 + flip + normalize, {a.threads} threads/workers, batch {a.batch}, "
           f"{a.epochs} epochs of 1000 photos, best of {a.repeats}  (machine: {os.cpu_count()}-core CPU, no GPU)")
     print(f"{'data':<28} {'measure':<8} {'PIL baseline':>13} {'DALI cpu':>10} {'ratio':>7} {'target':>7}")
@@ -79,6 +83,9 @@ def main() -> None:
     if len(results) == 2:
         for i, kind in ((1, "PIL"), (2, "DALI")):
             print(f"reshard 256 speed-up for {kind}: {results[1][i]['steady'] / results[0][i]['steady']:.2f}x (steady)")
+    run.save(a.json, {"threads": a.threads, "batch": a.batch, "epochs": a.epochs, "repeats": a.repeats,
+                      "note": "img/s; best = max of the repeats (startup: min); ratio = DALI / PIL of the bests",
+                      "target": "DALI / PIL >= 1.5", "raw": raw})
 
 
 def gpu_main(a: argparse.Namespace) -> None:

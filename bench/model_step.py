@@ -1,7 +1,7 @@
 """Forward + backward + AdamW step time: CRATE-MAE-Base vs ViT-MAE-Base in the same token layout, and
 CRATE-MAE-Base's visible-token layout vs its reference (all-token) layout; fp32 and bf16 autocast.
 
-    .venv/bin/python bench/model_step.py [--batch 8] [--steps 3] [--warmup 1] [--threads 2]
+    .venv/bin/python -m bench.model_step [--batch 8] [--steps 3] [--warmup 1] [--threads 2]
 
 Models are timed round-robin (one step each in turn) so load from other processes hits all of them alike.
 Both the median wall time and the median process CPU time (user+sys, all threads) of a step are reported:
@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the torch im
 
 import torch
 
+from bench.record import Run, add_json_arg
 from cratescale.models import create_model, param_counts, train_flops_per_image
 
 MODELS = {
@@ -56,6 +57,7 @@ def make_step(model: torch.nn.Module, images: torch.Tensor, noise: torch.Tensor,
 
 
 def run(args: argparse.Namespace) -> None:
+    record = Run()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models = {key: create_model(name, encoder_tokens=layout, img_size=args.img) for key, (name, layout) in MODELS.items()}
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"  {key:<14} {MODELS[key][0]:<15} params {c['total']:>12,}  train GFLOP/img {train_flops_per_image(model) / 1e9:7.1f}")
     wall: dict[tuple[str, str], float] = {}
     cpu: dict[tuple[str, str], float] = {}
+    per_step: dict[str, dict[str, list]] = {}
     for dtype in args.dtypes.split(","):
         steps = {k: make_step(m, images, noise, dtype == "bf16") for k, m in models.items()}
         for _ in range(args.warmup):
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> None:
         for _ in range(args.steps):
             for k, fn in steps.items():
                 times[k].append(fn())
+        per_step[dtype] = {k: [{"wall_s": w, "cpu_s": c} for w, c in ts] for k, ts in times.items()}
         for k, ts in times.items():
             wall[(dtype, k)] = statistics.median(t[0] for t in ts)
             cpu[(dtype, k)] = statistics.median(t[1] for t in ts)
@@ -86,18 +90,24 @@ def run(args: argparse.Namespace) -> None:
     print(f"\nload average after the run: {os.getloadavg()[0]:.2f} (2 cores)")
     print(f"{'comparison':<38} {'dtype':<5} {'clock':<5} {'baseline s':>10} {'measured s':>10} {'ratio':>6} "
           f"{'target':>7} {'flop ratio':>10}")
+    rows: list[dict] = []
     for label, meas, base, target in COMPARISONS:
         flop_ratio = train_flops_per_image(models[meas]) / train_flops_per_image(models[base])
         for dtype in args.dtypes.split(","):
             for clock, table in (("wall", wall), ("cpu", cpu)):
                 b, m = table[(dtype, base)], table[(dtype, meas)]
                 ok = "ok" if m / b <= target else "MISS"
+                rows.append({"what": label, "dtype": dtype, "clock": clock, "baseline_median_s": b,
+                             "measured_median_s": m, "ratio": m / b, "flop_ratio": flop_ratio, "target": target})
                 print(f"{label:<38} {dtype:<5} {clock:<5} {b:>10.3f} {m:>10.3f} {m / b:>6.3f} "
                       f"{'<=' + str(target):>7} {flop_ratio:>10.3f} {ok}")
+    record.save(args.json, {"threads": args.threads, "batch": args.batch, "img": args.img, "steps": args.steps,
+                            "warmup": args.warmup, "per_step": per_step, "rows": rows})
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_json_arg(p, "model_step")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

@@ -2,7 +2,7 @@
 profile showed at 4.6% of a CRATE-MAE-B step) against the same weights as one GEMM over patches (what
 cratescale.models.layers.PatchEmbed runs). Interleaved, median of --steps.
 
-    .venv/bin/python bench/patch_embed.py [--batch 32] [--steps 5] [--device cpu|cuda]
+    .venv/bin/python -m bench.patch_embed [--batch 32] [--steps 5] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from bench.record import Run, add_json_arg
 from cratescale.models.layers import PatchEmbed
 
 
@@ -21,7 +22,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_json_arg(p, "patch_embed")
     args = p.parse_args()
+    run = Run()
+    rows = []
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     embed = PatchEmbed(224, 16, 3, 768).to(device)
@@ -44,6 +48,11 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         conv, gemm = (statistics.median(times[k][1:]) for k in ("conv", "gemm"))
         print(f"{str(dtype).split('.')[-1]:<6} {conv * 1e3:>9.2f} {gemm * 1e3:>9.2f} {conv / gemm:>16.2f}  {diff:.2e}")
+        rows.append({"dtype": str(dtype).split(".")[-1], "conv_s": times["conv"], "gemm_s": times["gemm"],
+                     "conv_median_s": conv, "gemm_median_s": gemm, "ratio_conv_over_gemm": conv / gemm,
+                     "max_abs_diff": diff, "target": ">= 1.0"})
+    run.save(args.json, {"device": args.device, "threads": args.threads, "batch": args.batch,
+                         "note": "per-step lists include the warm-up round first; medians exclude it", "rows": rows})
 
 
 if __name__ == "__main__":

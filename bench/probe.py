@@ -8,7 +8,6 @@ run's stored features: same rows, split, C grid and refit.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from bench.record import Run
 from cratescale.evaluation.data import load_pixels, load_split
 from cratescale.evaluation.probe import DEFAULT_CS, linear_probe
 from cratescale.evaluation.protocol import open_store
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--out", type=Path, default=Path("bench/results/probe.json"))
     args = ap.parse_args()
+    run = Run()
     store = open_store(args.run_dir / "embeddings" / "pretrain")
     rows = {}
     for feature in args.features:
@@ -68,8 +69,7 @@ def main() -> None:
               f"(C={r['torch']['best_C']}), scikit-learn {100 * r['sklearn']['top1']:.2f}% in "
               f"{r['sklearn']['seconds']:.1f} s (C={r['sklearn']['best_C']}): {r['speedup']:.2f}x, "
               f"{r['top1_points']:+.2f} points")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
+    run.save(args.out, {"run_dir": str(args.run_dir), "rows": rows})
 
 
 if __name__ == "__main__":

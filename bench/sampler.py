@@ -1,6 +1,6 @@
 """Sampler and manifest at ImageNet-21k scale (14.2M samples, W=512).
 
-    .venv/bin/python bench/sampler.py [--n 14200000] [--world 512] [--batch 4096] [--skip-manifest]
+    .venv/bin/python -m bench.sampler [--n 14200000] [--world 512] [--batch 4096] [--skip-manifest]
 
 Measures: GlobalSampler construction + one epoch's permutation + every rank's slices (time and
 peak traced memory); per-sample augmentation parameters; a 14.2M-row manifest built by the same
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from bench.record import Run, add_json_arg
 from data_pipeline.augment import train_params
 from data_pipeline.manifest import ROWS_SCHEMA, build_table, read_manifest, write_manifest
 from data_pipeline.sampler import GlobalSampler
@@ -121,7 +122,9 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--skip-manifest", action="store_true")
+    add_json_arg(ap, "sampler")
     a = ap.parse_args()
+    run = Run()
     rows = bench_sampler(a.n, a.world, a.batch)
     if not a.skip_manifest:
         rows += bench_manifest(a.n)
@@ -129,6 +132,8 @@ def main() -> None:
     print(f"{'what':<52} {'measured':>12} {'target':>10}")
     for what, val, target in rows:
         print(f"{what:<52} {val:>12} {target:>10}")
+    run.save(a.json, {"n": a.n, "world": a.world, "batch": a.batch,
+                      "rows": [{"what": w, "measured": v, "target": t} for w, v, t in rows]})
 
 
 if __name__ == "__main__":

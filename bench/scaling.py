@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.record import Run, add_json_arg
+
 REPO = Path(__file__).resolve().parents[1]
 IN21K_IMAGES = 14_197_122
 GPU_COUNTS = (8, 16, 32, 64, 128, 256, 512)
@@ -240,11 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check-cpu", action="store_true", help="run the 2-rank gloo check (bench/scaling_check.py)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per worker in --check-cpu")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the --check-cpu runs")
+    add_json_arg(p, "scaling_{check,model}")
     args = p.parse_args(argv)
+    run = Run()
     if args.check_cpu:
         from bench.scaling_check import check_cpu
 
-        check_cpu(args.steps, repeats=args.repeats)
+        run.save(args.json, {"steps": args.steps, "repeats": args.repeats, **check_cpu(args.steps, repeats=args.repeats)})
         return
     if args.gpu_results:
         compute = compute_from_results(args.gpu_results, args.model, args.layout, args.compiled)
@@ -258,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
         compute = Compute(compute.rate, args.fixed_ms / 1e3, compute.max_micro, compute.source + ", fixed given")
     links = Links(args.gpus_per_node, args.nvlink_gbs, args.nic_gbs, args.link_efficiency)
     args.decode_note = decode_note(args.gpu_results)
-    table(trainable_params(args.model), compute, links, args)
+    rows = table(trainable_params(args.model), compute, links, args)
+    run.save(args.json, {"compute": vars(compute), "links": vars(links), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -156,7 +156,9 @@ def check_cpu(steps: int, global_batch: int = 16, repeats: int = 2) -> dict[str,
     return {"predicted_s": pred["step_s"], "predicted_shared_s": pred_shared, "measured_s": two["total"],
             "step_allreduce_elems": two["step_allreduce_elems"], "step_allreduce_s": two["step_allreduce_s"],
             "ratio": two["total"] / pred["step_s"], "busbw_gbs": busbw / 1e9, "one_rank_s": one_full["total"],
-            "allreduce_s": two["allreduce_s"], "contention": contention, "params": params}
+            "allreduce_s": two["allreduce_s"], "contention": contention, "params": params,
+            "runs": runs, "rows": [{"what": label, "baseline": base, "measured": meas, "ratio": meas / base}
+                                   for label, base, meas in rows]}
 
 
 def main() -> None:

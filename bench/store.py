@@ -1,6 +1,6 @@
 """Embedding store write/read throughput vs raw .npy files of the same bytes.
 
-    .venv/bin/python bench/store.py [--rows 65536] [--dim 384] [--shard-rows 4096] [--chunk-rows 256]
+    .venv/bin/python -m bench.store [--rows 65536] [--dim 384] [--shard-rows 4096] [--chunk-rows 256]
 
 Store write = EmbeddingStore.write_shard per shard (blosc-zstd, crc32, fsync, metadata Parquet, commit
 marker). Baseline = np.save of the same per-shard arrays + fsync (the same durability). Reads: the whole
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.record import Run, add_json_arg
 from cratescale.files import fsync_path
 from cratescale.embeddings.store import EmbeddingStore, StoreInfo
 
@@ -74,15 +75,24 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--shard-rows", type=int, default=4096)
     ap.add_argument("--chunk-rows", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=1, help="whole runs, one after another (each row kept)")
+    add_json_arg(ap, "store")
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bench_store_"))
-    try:
-        table = bench(args.rows, args.dim, args.shard_rows, args.chunk_rows, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    print(f"{'metric':<14}{'baseline (.npy)':>17}{'store':>10}{'ratio':>8}{'target (store)':>16}")
-    for name, base, got, target in table:
-        print(f"{name:<14}{base:>17.1f}{got:>10.1f}{got / base:>8.2f}{'>= ' + f'{target:g}':>16}")
+    run = Run()
+    reps = []
+    for _ in range(args.repeats):
+        root = Path(tempfile.mkdtemp(prefix="bench_store_"))
+        try:
+            table = bench(args.rows, args.dim, args.shard_rows, args.chunk_rows, root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"{'metric':<14}{'baseline (.npy)':>17}{'store':>10}{'ratio':>8}{'target (store)':>16}")
+        for name, base, got, target in table:
+            print(f"{name:<14}{base:>17.1f}{got:>10.1f}{got / base:>8.2f}{'>= ' + f'{target:g}':>16}")
+        reps.append([{"metric": n, "baseline_npy": b, "store": g, "ratio": g / b, "target_store_min": t}
+                     for n, b, g, t in table])
+    run.save(args.json, {"rows": args.rows, "dim": args.dim, "shard_rows": args.shard_rows,
+                         "chunk_rows": args.chunk_rows, "repeats": reps})
     return 0
 
 

@@ -15,7 +15,7 @@ DEV = REPO / "cluster" / "dev"
 MN_DIR = Path(os.environ.get("MN", "/var/lib/cratescale-slurm-mn"))
 MN_CONF = str(MN_DIR / "etc" / "slurm.conf")
 HOSTS = MN_DIR / "etc" / "hosts"
-NODES = 2
+NODES = 3   # the node-loss test shrinks a 3-node job and grows it back
 
 
 def mn_env() -> dict[str, str]:

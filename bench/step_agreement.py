@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
+from bench.record import Run, add_json_arg
 from tests.dist.harness import run_local_ranks
 
 TARGET = 0.5
@@ -67,9 +66,9 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--boundaries", type=int, default=2000)
-    parser.add_argument("--json", type=Path, default=Path("bench/results/step_agreement.json"))
+    add_json_arg(parser, "step_agreement")
     args = parser.parse_args()
-    load_before = os.getloadavg()[0]
+    run = Run()
     ranks = run_local_ranks([__file__, "--boundaries", str(args.boundaries)], 2, timeout=1200)
     slowest = {name: max(r[name] for r in ranks) for name in ranks[0]}
     rows = {f"after / {name}": slowest["after"] / slowest[name] for name in slowest if name != "after"}
@@ -77,19 +76,8 @@ def main() -> None:
         print(f"{name:26s} {us:8.1f} us per step boundary (median, slowest rank)")
     for name, ratio in rows.items():
         print(f"{name:35s} {ratio:.2f}  (target <= {TARGET}: {'met' if ratio <= TARGET else 'missed'})")
-    record = {"bench": "step_agreement", "argv": sys.argv, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "cpu": platform.processor() or _cpu_model(), "cores": os.cpu_count(),
-              "load_1min": [load_before, os.getloadavg()[0]], "boundaries": args.boundaries,
-              "median_us_per_rank": ranks, "median_us_slowest": slowest, "ratios": rows, "target": TARGET}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(record, indent=1) + "\n")
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+    run.save(args.json, {"boundaries": args.boundaries, "median_us_per_rank": ranks, "median_us_slowest": slowest,
+                         "ratios": rows, "target": TARGET})
 
 
 if __name__ == "__main__":

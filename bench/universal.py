@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.record import Run, add_json_arg
+
 TARGET = 1.3
 
 
@@ -60,13 +62,13 @@ def one(model_name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="crate_mae_tiny,crate_mae_small,crate_mae_base")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/universal.json"))
+    add_json_arg(parser, "universal")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one)), flush=True)
         return
-    load_before, rows = os.getloadavg()[0], []
+    run, rows = Run(), []
     for name in args.models.split(","):
         out = subprocess.run([sys.executable, "-m", "bench.universal", "--one", name], capture_output=True, text=True,
                              env=dict(os.environ, DS_ACCELERATOR="cpu"), timeout=3600)
@@ -80,12 +82,7 @@ def main() -> None:
         print(f"{name:16s} {row['params'] / 1e6:6.1f}M params {row['checkpoint_bytes'] / 2**20:7.0f} MiB  "
               f"1 worker {secs['1']:6.1f} s  {many} workers {secs[many]:6.1f} s  speed-up {row['speedup']:.2f} "
               f"(target >= {TARGET}: {'met' if row['speedup'] >= TARGET else 'missed'})", flush=True)
-    from bench.step_agreement import _cpu_model
-
-    record = {"bench": "universal", "argv": sys.argv, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": _cpu_model(),
-              "cores": os.cpu_count(), "load_1min": [load_before, os.getloadavg()[0]], "rows": rows, "target": TARGET}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(record, indent=1) + "\n")
+    run.save(args.json, {"rows": rows, "target": TARGET})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 
 __all__ = ["SlurmError", "SlurmRequestError", "check_request", "job_history", "job_info", "node_info", "parse_gpus",
-           "parse_records", "partitions", "partitions_from", "queue_state", "usable_nodes", "validate_request"]
+           "parse_records", "partitions", "partitions_from", "queue_state", "validate_request"]
 
 # A key starts a token: "Key=" at the start or after whitespace. Keys look like JobId, CPUs/Task, AllocNode:Sid.
 _KEY = re.compile(r"(?:^|(?<=\s))([A-Za-z][\w/:.\-]*)=")
@@ -162,13 +162,6 @@ def job_history(job_id: str | int) -> list[str]:
     ["NODE_FAIL", "PENDING"]: SLURM requeues a job that lost a node, and then plain sacct shows only PENDING."""
     out = _check("sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", str(job_id))
     return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def usable_nodes(partition: str) -> int:
-    """Nodes of `partition` that can take a job: not DOWN, DRAINED/DRAINING, FAILed or NOT_RESPONDING."""
-    bad = ("DOWN", "DRAIN", "FAIL", "NOT_RESPONDING", "POWER")
-    return sum(1 for node in node_info().values()
-               if partition in node["partitions"] and not any(b in node["state"] for b in bad))
 
 
 def validate_request(partition: str, nodes: int, tasks_per_node: int, cpus_per_task: int,

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .manifest import MANIFEST_NAME, ManifestError, manifest_fingerprint
+from .manifest import MANIFEST_NAME, ManifestError, manifest_info
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,9 @@ def index_key(manifest: str | Path) -> str:
         st = manifest.stat()
     except FileNotFoundError:
         raise ManifestError(f"manifest not found: {manifest}") from None
-    text = f"v{INDEX_VERSION} {manifest_fingerprint(manifest)} {st.st_size} {st.st_mtime_ns}"
+    # A manifest from before fingerprints were recorded: its file alone (computing the print reads every row).
+    fingerprint = manifest_info(manifest).fingerprint or "unrecorded"
+    text = f"v{INDEX_VERSION} {fingerprint} {st.st_size} {st.st_mtime_ns}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.record import cpu_model, load_average  # noqa: E402
 from bench.scale_data import build_manifest, build_store, build_tree  # noqa: E402
 
 CODE: str | None = None  # --code: measure another tree's data_pipeline and cratescale (e.g. main's, for "before")
@@ -42,9 +42,7 @@ PROCESS = {"rank": "rank", "worker": "loader worker", "count": "launcher", "samp
 
 
 def _machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, load {load_average()}"
 
 
 def point(what: str, rows: int | None, label: str, timeout: float = 900, **kw) -> dict:

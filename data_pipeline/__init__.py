@@ -1,7 +1,8 @@
 """cratescale's data pipeline: ingest -> Parquet manifest, global sampler, DALI/PIL loaders.
 
 Modules: ingest (CLI + Ray fan-out), sources/work/tario/validate/synthetic (ingest internals),
-manifest (schema, read/write), sampler (GlobalSampler, LoaderState), augment (per-sample
+manifest (schema, read/write), manifest_index (the shared mapped index every rank and worker
+reads the manifest through), sampler (GlobalSampler, LoaderState), augment (per-sample
 randomness), feed (sampler order -> bytes + augmentation), loader (make_train_loader,
 make_eval_loader), dali_loader / pil_loader (backends), reader (file / tar+offset bytes).
 Imports nothing from cratescale and never calls torch.distributed: it is told rank and world size.

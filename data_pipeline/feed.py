@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .augment import center_window, train_params
-from .manifest import ManifestArrays
+from .manifest_index import ManifestArrays
 from .reader import ByteReader
 from .sampler import GlobalSampler
 from .validate import quick_jpeg_ok

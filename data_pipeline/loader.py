@@ -19,7 +19,7 @@ import numpy as np
 
 from .feed import NO_REPLACEMENT, SampleFeed, bad_reason
 from .gpu_decode import HW_DECODER_LOAD
-from .manifest import ManifestArrays
+from .manifest_index import ManifestArrays
 from .sampler import GlobalSampler, LoaderState, SamplerError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

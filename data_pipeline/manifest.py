@@ -148,6 +148,8 @@ def write_manifest(table: pa.Table, out_dir: Path, source: str | None = None,
     if settings is not None:
         meta[_META_SETTINGS] = json.dumps(settings, sort_keys=True).encode()
     _atomic_write_table(table.replace_schema_metadata(meta), path)
+    from .manifest_index import build_index  # imports this module: a function-level import breaks the cycle
+    build_index(path, table)  # every rank and loader worker maps it instead of reading the table again
     return path
 
 
@@ -259,33 +261,3 @@ def read_manifest(path: str | Path, columns: list[str] | None = None) -> pa.Tabl
     if missing:
         raise ManifestError(f"{path}: missing manifest columns {missing}")
     return table
-
-
-class ManifestArrays:
-    """Numpy view of the columns a loader needs (paths dictionary-encoded to save memory).
-
-    `rows` are the manifest row indices of `split` (all rows when split is None), in file order.
-    """
-
-    def __init__(self, path: str | Path, split: str | None = None):
-        table = read_manifest(path)
-        n = table.num_rows
-        self.total_rows = n
-        if split is not None:
-            splits = table["split"].to_numpy(zero_copy_only=False)
-            self.rows = np.nonzero(splits == split)[0].astype(np.int64)
-        else:
-            self.rows = np.arange(n, dtype=np.int64)
-        enc = table["path"].combine_chunks().dictionary_encode()
-        self.paths: list[str] = enc.dictionary.to_pylist()
-        self.path_index = enc.indices.to_numpy(zero_copy_only=False).astype(np.int32)
-        self.sample_id = table["sample_id"].to_numpy()
-        self.offset = table["offset"].to_numpy()
-        self.size = table["size"].to_numpy()
-        self.label = table["label"].to_numpy().astype(np.int64)
-        has_wh = "width" in table.column_names and "height" in table.column_names
-        self.width = table["width"].to_numpy() if has_wh else np.zeros(n, np.int32)
-        self.height = table["height"].to_numpy() if has_wh else np.zeros(n, np.int32)
-
-    def location(self, row: int) -> tuple[str, int, int]:
-        return self.paths[self.path_index[row]], int(self.offset[row]), int(self.size[row])

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from cratescale.config import JobConfig
 from cratescale.distributed.wrap import (apply_activation_checkpointing, apply_mssa_kernel, compile_model,
                                         select_attention_backend)
 from cratescale.models import create_model
+from data_pipeline.manifest_index import count_split
 
 
 def count_train_samples(manifest: Path) -> int:
-    splits = pq.read_table(manifest, columns=["split"]).column("split").to_pylist()
-    return sum(1 for s in splits if s == "train")
+    return count_split(manifest, "train")
 
 
 def build_model(job: JobConfig) -> torch.nn.Module:

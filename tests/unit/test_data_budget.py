@@ -15,7 +15,7 @@ from cratescale.engine.state import ResumeError, check_decoder
 from data_pipeline.feed import DECODE_ERROR, NO_REPLACEMENT, READ_ERROR
 from data_pipeline.ingest import ingest
 from data_pipeline.loader import BadSamples, make_train_loader
-from data_pipeline.manifest import ManifestArrays
+from data_pipeline.manifest_index import ManifestArrays
 from data_pipeline.sampler import LoaderState
 
 B = 16

@@ -37,10 +37,10 @@ def nodes_to_run_on(job: "JobConfig", usable: int) -> int | None:
     return fits[-1] if fits else None
 
 
-def no_fit_line(job: "JobConfig", usable: int) -> str:
+def no_fit_line(job: "JobConfig", usable: int, what: str = "usable node(s) in the partition") -> str:
     """One line naming the numbers, when no node count fits."""
     counts = resumable_node_counts(job)
-    return (f"{usable} usable node(s) in the partition; schedule.global_batch {job.schedule.global_batch} splits "
+    return (f"{usable} {what}; schedule.global_batch {job.schedule.global_batch} splits "
             f"over {', '.join(map(str, counts)) or 'no'} node count(s) of {job.cluster.tasks_per_node} ranks between "
             f"cluster.min_nodes {job.cluster.min_nodes} and cluster.nodes {job.cluster.nodes}")
 

@@ -95,7 +95,7 @@ def no_fit(run_dir: Path, allocated: int) -> str:
     """What to do when no node count of an allocation of `allocated` nodes splits the global batch: "wait: ..."
     (requeue once more nodes are idle) or "stop: ..." (cluster.when_no_fit), with the numbers."""
     job = load_job(run_dir / "config.yaml")
-    line = no_fit_line(job, allocated)
+    line = no_fit_line(job, allocated, "node(s) in this allocation")
     if job.cluster.when_no_fit == "stop":
         record = read_record(run_dir)
         record.update({"job": os.environ.get("SLURM_JOB_ID"), "verdict": "stop", "why": line})

@@ -16,9 +16,11 @@ import glob
 import os
 import tarfile
 from dataclasses import dataclass, field
+from itertools import starmap
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
+from .listing import MapJobs, list_folder, reject
 from .tario import is_compressed_tar, iter_members, unsafe_member_reason
 
 LISTING_CHUNK = None  # auto: see _auto_chunk
@@ -45,10 +47,6 @@ class Plan:
     stream: Iterator[Unit] | None = None  # compressed tar: units produced while streaming
 
 
-def reject(path: str, member: str, reason: str) -> dict:
-    return {"path": str(path), "member": member, "reason": reason}
-
-
 def _auto_chunk(total: int) -> int:
     """About 64 tasks for small sources (so 2..N workers balance), at most 1024 items per task.
 
@@ -63,11 +61,12 @@ def _chunks(items: list, size: int | None) -> Iterator[list]:
         yield items[i:i + size]
 
 
-def plan_source(source: str, chunk: int | None, shard_size: int) -> Plan:
+def plan_source(source: str, chunk: int | None, shard_size: int, map_jobs: MapJobs | None = None) -> Plan:
     """Look at `source` and list its work units (a compressed tar gets a lazy stream instead).
 
     Listed files are processed `chunk` per task (None: automatic); synthetic and compressed
-    sources, which are always re-packed, take `shard_size` per task so each writes one shard.
+    sources, which are always re-packed, take `shard_size` per task so each writes one shard. A folder's class
+    directories are listed by `map_jobs` (listing.ray_map: in parallel; None: here, one after another).
     """
     if source.startswith("synthetic://"):
         from .synthetic import plan_synthetic
@@ -85,7 +84,7 @@ def plan_source(source: str, chunk: int | None, shard_size: int) -> Plan:
         has_dirs = any(p.is_dir() for p in path.iterdir())
         if tars and not has_dirs:
             return _plan_tar_list([os.path.abspath(p) for p in tars])
-        return _plan_folder(Path(os.path.abspath(path)), chunk)
+        return _plan_folder(Path(os.path.abspath(path)), chunk, map_jobs)
     if is_compressed_tar(path):
         plan = Plan("compressed_tar")
         plan.stream = stream_compressed_tar(os.path.abspath(path), shard_size, plan.rejects)
@@ -159,36 +158,11 @@ def _plan_tar_of_tars(path: str) -> Plan:
     return plan
 
 
-def _plan_folder(root: Path, chunk: int | None) -> Plan:
-    """ImageFolder: class = parent directory of each file. Symlinks leaving the tree are refused."""
-    plan = Plan("folder")
-    real_root = os.path.realpath(root)
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for d in list(dirnames):
-            full = os.path.join(dirpath, d)
-            if os.path.islink(full):
-                plan.rejects.append(reject(full, "", "symlinked directory not followed"))
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
-            why = None
-            if os.path.islink(full):
-                target = os.path.realpath(full)
-                if not (target + os.sep).startswith(real_root + os.sep) or target == real_root:
-                    why = f"symlink points outside the tree ({os.readlink(full)})"
-                elif not os.path.isfile(target):
-                    why = "broken symlink"
-            elif not os.path.isfile(full):
-                why = "not a regular file"
-            if why is None and "/" not in rel:
-                why = "no class folder: file at the root"
-            if why:
-                plan.rejects.append(reject(full, "", why))
-            else:
-                files.append(rel)
-    files.sort()
+def _plan_folder(root: Path, chunk: int | None, map_jobs: MapJobs | None) -> Plan:
+    """ImageFolder: class = parent directory of each file. Symlinks leaving the tree are refused. Class
+    directories are listed by `map_jobs` (None: one after another; see listing.py)."""
+    files, rejects = list_folder(str(root), map_jobs or starmap)
+    plan = Plan("folder", rejects=rejects)
     plan.units = [Unit(i, "files", {"root": str(root), "files": c}, len(c))
                   for i, c in enumerate(_chunks(files, chunk))]
     return plan

@@ -11,6 +11,9 @@ as many in flight as the Ray cluster has CPUs (--workers auto, the default) or -
 --workers 0 runs the same task code inline without Ray.
 The manifest records the source, its directory and a content fingerprint (see manifest.py).
 A rerun into the same OUT writes identical bytes (sorted rows, stable shard names, atomic renames).
+Finished work units are committed to OUT/.ingest/ as they arrive: a killed ingest, run again with the same
+settings, runs only the units that were not committed and writes the same bytes (see ingest_units.py). A
+folder's class directories are listed by Ray tasks, one per directory (listing.py).
 """
 from __future__ import annotations
 
@@ -19,13 +22,16 @@ import os
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import pyarrow.compute as pc
 
-from .manifest import build_table, write_manifest, write_rejected
+from .ingest_units import Journal
+from .listing import ray_map
+from .manifest import build_table, source_id, write_manifest, write_rejected
 from .sources import LISTING_CHUNK, Plan, SourceError, Unit, plan_source
 from .validate import DEFAULT_MAX_PIXELS
 from .work import SHARD_DIR, SHARD_SIZE, IngestOptions, process_unit
@@ -47,7 +53,9 @@ class IngestResult:
     seconds: float = 0.0
     startup_seconds: float = 0.0  # starting Ray (0 when inline or Ray was already running)
     workers: int = 0  # tasks in flight (0: inline)
-    hosts: Counter = field(default_factory=Counter)  # units processed per host
+    hosts: Counter = field(default_factory=Counter)  # units processed per host ("resumed": from the journal)
+    units: int = 0    # work units of the plan
+    resumed: int = 0  # of them, committed by an earlier (killed) run and not run again
 
     def summary(self) -> str:
         rate = (self.samples + self.rejected_count) / max(self.seconds - self.startup_seconds, 1e-9)
@@ -55,7 +63,8 @@ class IngestResult:
                  f"in {self.seconds:.1f} s ({self.startup_seconds:.1f} s starting Ray, then {rate:.0f} files/s, "
                  f"{self.workers or 'no'} Ray tasks in flight)",
                  f"manifest: {self.manifest}", f"rejected: {self.rejected_count} -> {self.rejected}",
-                 "units per host: " + ", ".join(f"{h} {n}" for h, n in sorted(self.hosts.items()))]
+                 "units per host: " + ", ".join(f"{h} {n}" for h, n in sorted(self.hosts.items())),
+                 f"resumed: {self.resumed} of {self.units} units already done"]
         lines += [f"  {n:6d}  {reason}" for reason, n in self.reasons.most_common(10)]
         return "\n".join(lines)
 
@@ -77,37 +86,42 @@ def cluster_cpus(ray) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _run_units(units: Iterable[Unit], opts: IngestOptions, workers: Workers, ray_address: str | None,
-               on_result: Callable[[Unit, dict], None], on_ready: Callable[[], None]) -> int:
-    """Run process_unit over `units`, at most `workers` in flight (inline when workers == 0; one per CPU of the
-    Ray cluster when "auto"). Returns the number in flight (0: inline)."""
+@contextmanager
+def _ray_or_inline(ray_address: str | None, workers: Workers) -> Iterator[tuple[object | None, int]]:
+    """(ray, tasks in flight) for the ingest: Ray started or joined, one task per CPU of its cluster when
+    "auto"; (None, 0) when workers == 0 (everything inline). A Ray started here is shut down after."""
     if workers != "auto" and workers <= 0:
-        on_ready()
-        for u in units:
-            on_result(u, process_unit(u, opts))
-        return 0
+        yield None, 0
+        return
     ray, started = _start_ray(ray_address, workers)
-    workers = cluster_cpus(ray) if workers == "auto" else workers
-    on_ready()
     try:
-        # SPREAD: units go round the cluster's nodes instead of filling the driver's node first
-        task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(process_unit)
-        inflight: dict = {}
-
-        def drain(limit: int) -> None:
-            while len(inflight) > limit:
-                done, _ = ray.wait(list(inflight), num_returns=1)
-                for ref in done:
-                    on_result(inflight.pop(ref), ray.get(ref))
-
-        for u in units:
-            drain(workers - 1)
-            inflight[task.remote(u, opts)] = u
-        drain(0)
-        return workers
+        yield ray, cluster_cpus(ray) if workers == "auto" else workers
     finally:
         if started:
             ray.shutdown()
+
+
+def _run_units(units: Iterable[Unit], opts: IngestOptions, ray, workers: int,
+               on_result: Callable[[Unit, dict], None]) -> None:
+    """Run process_unit over `units`, at most `workers` in flight as Ray tasks (inline when ray is None)."""
+    if ray is None:
+        for u in units:
+            on_result(u, process_unit(u, opts))
+        return
+    # SPREAD: units go round the cluster's nodes instead of filling the driver's node first
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(process_unit)
+    inflight: dict = {}
+
+    def drain(limit: int) -> None:
+        while len(inflight) > limit:
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in done:
+                on_result(inflight.pop(ref), ray.get(ref))
+
+    for u in units:
+        drain(workers - 1)
+        inflight[task.remote(u, opts)] = u
+    drain(0)
 
 
 def _progress(enabled: bool):
@@ -140,30 +154,34 @@ def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shar
     out = Path(os.path.abspath(out))
     out.mkdir(parents=True, exist_ok=True)
     opts = IngestOptions(str(out), reshard, shard_size, max_pixels, quality)
-    plan: Plan = plan_source(source, shard_size if reshard else LISTING_CHUNK, shard_size)
     parts: list = []  # one pa.Table of rows per finished unit
     rejects: list[dict] = []  # from tasks; plan.rejects (driver-side) may grow while streaming
     hosts: Counter = Counter()
-    known = None if plan.stream is not None or any(u.count is None for u in plan.units) \
-        else sum(u.count for u in plan.units) + len(plan.rejects)
-    ready = [t0]
-    with _progress(progress) as bar:
-        tid = bar.add_task(f"ingest {plan.kind}", total=known, rate=0.0, bad=len(plan.rejects),
-                           completed=len(plan.rejects))
+    with _ray_or_inline(ray_address, workers) as (ray, workers):
+        ready = time.perf_counter()
+        plan: Plan = plan_source(source, shard_size if reshard else LISTING_CHUNK, shard_size,
+                                 ray_map(ray) if ray is not None else None)
+        journal = Journal(source_id(source), opts)
+        known = None if plan.stream is not None or any(u.count is None for u in plan.units) \
+            else sum(u.count for u in plan.units) + len(plan.rejects)
+        with _progress(progress) as bar:
+            tid = bar.add_task(f"ingest {plan.kind}", total=known, rate=0.0, bad=len(plan.rejects),
+                               completed=len(plan.rejects))
 
-        def on_ready() -> None:
-            ready[0] = time.perf_counter()
+            def on_result(unit: Unit, res: dict) -> None:
+                parts.append(res["rows"])
+                hosts[res["host"]] += 1
+                rejects.extend(res["rejects"])
+                done = bar.tasks[0].completed + res["seen"]
+                bar.update(tid, completed=done, rate=done / max(time.perf_counter() - ready, 1e-9),
+                           bad=len(plan.rejects) + len(rejects))
 
-        def on_result(unit: Unit, res: dict) -> None:
-            parts.append(res["rows"])
-            hosts[res["host"]] += 1
-            rejects.extend(res["rejects"])
-            done = bar.tasks[0].completed + res["seen"]
-            bar.update(tid, completed=done, rate=done / max(time.perf_counter() - ready[0], 1e-9),
-                       bad=len(plan.rejects) + len(rejects))
+            def on_finished(unit: Unit, res: dict) -> None:
+                journal.commit(unit, res)  # durable before it counts: a kill loses only the units in flight
+                on_result(unit, res)
 
-        units = plan.stream if plan.stream is not None else plan.units
-        workers = _run_units(units, opts, workers, ray_address, on_result, on_ready)
+            units = journal.pending(plan.stream if plan.stream is not None else plan.units, on_result)
+            _run_units(units, opts, ray, workers, on_finished)
     rejects = plan.rejects + rejects
     rejected_path = write_rejected(rejects, out)
     table = build_table(parts, val_per_class)
@@ -175,9 +193,10 @@ def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shar
                                                                   quality=quality, repacked=bool(repacked)))
     if not str(Path(source).absolute()).startswith(str(out / SHARD_DIR)):
         _remove_stale_shards(out, set(table["path"].unique().to_pylist()))
+    journal.remove()
     return IngestResult(manifest, rejected_path, plan.kind, table.num_rows, len(table["class_name"].unique()),
                         len(rejects), Counter(_reason_kind(r["reason"]) for r in rejects), time.perf_counter() - t0,
-                        ready[0] - t0, workers, hosts)
+                        ready - t0, workers, hosts, journal.units, journal.resumed)
 
 
 def ingest_settings(*, reshard: int | None, shard_size: int, val_per_class: int, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -5,6 +5,7 @@
 Targets, written before any measurement (never changed after):
 - A kill at half-way loses at most the units in flight: time of the killed run + the rerun - one uninterrupted
   run <= 2 units' time + one start-up (the process and Ray starting, and the plan: listing the tree again).
-- The folder listing in parallel (one Ray task per class directory) is >= 1.3x the serial listing on 2 cores.
+- The folder listing in parallel (one Ray task per class directory) is >= 1.3x the serial listing on 2 cores
+  (the same listing code run serially, as --workers 0 does; today's os.walk listing is reported beside it).
 - Reported, no target: ingest files/s per core (check-only, no reshard), and the journal's cost.
 """

@@ -177,11 +177,12 @@ def run_ingest(source: str, out: str | Path, *, reshard: int | None = None, shar
                            bad=len(plan.rejects) + len(rejects))
 
             def on_finished(unit: Unit, res: dict) -> None:
-                journal.commit(unit, res)  # durable before it counts: a kill loses only the units in flight
+                journal.commit(unit, res)  # a kill loses only the units in flight (and commits being written)
                 on_result(unit, res)
 
             units = journal.pending(plan.stream if plan.stream is not None else plan.units, on_result)
             _run_units(units, opts, ray, workers, on_finished)
+            journal.flush()
     rejects = plan.rejects + rejects
     rejected_path = write_rejected(rejects, out)
     table = build_table(parts, val_per_class)

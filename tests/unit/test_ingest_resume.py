@@ -100,6 +100,7 @@ def test_compressed_stream_skips_committed_units(tmp_path):
     units = list(journal.pending(plan_source(str(tgz), None, 8).stream, lambda u, r: None))
     for unit in units[:len(units) // 2]:
         journal.commit(unit, process_unit(unit, opts))
+    journal.flush()
     res = run_ingest(str(tgz), out, workers=0, progress=False, shard_size=8)
     assert (res.resumed, res.units) == (len(units) // 2, len(units)) and len(units) >= 4
     assert _outputs(out) == expected

@@ -92,7 +92,8 @@ def env(pythonpath: Path) -> dict:
 
 
 def time_listing(root: Path, how: str, code: Path) -> dict:
-    out = subprocess.run([PY, "-c", _LIST, str(root), how], env=env(code), cwd=code, check=True, capture_output=True, text=True)
+    out = subprocess.run([PY, "-c", _LIST, str(root), how], env=env(code), cwd=code, check=True,
+                         capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -210,10 +211,12 @@ def derive(rec: dict) -> dict:
     return {"derived": {
         "unit_s": unit_s, "startup_s": startup_s, "lost_s": lost, "lost_budget_s": 2 * unit_s + startup_s,
         "in_flight_s": in_flight_s, "restart_s": restart_s, "lost_parts_s": in_flight_s + restart_s,
-        "kill_met": lost <= 2 * unit_s + startup_s, "same_manifest": rerun["manifest_sha256"] == whole["manifest_sha256"],
+        "kill_met": lost <= 2 * unit_s + startup_s,
+        "same_manifest": rerun["manifest_sha256"] == whole["manifest_sha256"],
         "resumed": rerun.get("resumed"), "units": units, "committed_at_kill": killed["committed_at_end"],
         "listing_best_s": best, "listing_ratio_vs_serial": best["serial"] / best["ray"],
-        "listing_ratio_vs_today": best["today_serial"] / best["ray"], "listing_met": best["serial"] / best["ray"] >= 1.3,
+        "listing_ratio_vs_today": best["today_serial"] / best["ray"],
+        "listing_met": best["serial"] / best["ray"] >= 1.3,
         "files_per_s_per_core": per_core(whole), "files_per_s_per_core_today": per_core(runs["today"])}}
 
 
@@ -222,11 +225,13 @@ def report(rec: dict) -> None:
     b = d["listing_best_s"]
     print(f"\nbench/ingest_scale.py  {rec['files']} files in {rec['classes']} classes, local Ray 2 CPUs, "
           f"load {rec['load_before'][0]:.1f} -> {rec['load_after'][0]:.1f}")
-    print(f"listing files/s: today (os.walk) {rec['files'] / b['today_serial']:.0f}, serial {rec['files'] / b['serial']:.0f}, "
+    print(f"listing files/s: today (os.walk) {rec['files'] / b['today_serial']:.0f}, "
+          f"serial {rec['files'] / b['serial']:.0f}, "
           f"Ray {rec['files'] / b['ray']:.0f}  ratio {d['listing_ratio_vs_serial']:.2f}x vs serial "
           f"({d['listing_ratio_vs_today']:.2f}x vs today), target >= 1.3x: {'met' if d['listing_met'] else 'MISSED'}")
     print(f"ingest files/s per core: {d['files_per_s_per_core']:.0f} (today {d['files_per_s_per_core_today']:.0f})")
-    print(f"kill at half-way: lost {d['lost_s']:.1f} s, budget {d['lost_budget_s']:.1f} s (2 units of {d['unit_s']:.2f} s "
+    print(f"kill at half-way: lost {d['lost_s']:.1f} s, budget {d['lost_budget_s']:.1f} s "
+          f"(2 units of {d['unit_s']:.2f} s "
           f"+ start-up {d['startup_s']:.1f} s): {'met' if d['kill_met'] else 'MISSED'}; taken apart: in flight "
           f"{d['in_flight_s']:.1f} s + restart {d['restart_s']:.1f} s; resumed {d['resumed']} of "
           f"{d['units']} units; same manifest bytes: {d['same_manifest']}")

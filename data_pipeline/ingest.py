@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_ingest(a.source, a.out, reshard=a.reshard, shard_size=a.shard_size, val_per_class=a.val_per_class,
                          ray_address=a.ray_address, workers=a.workers, max_pixels=a.max_pixels, quality=a.quality,
                          progress=not a.no_progress)
-    except (SourceError, IngestError, ValueError, FileNotFoundError) as e:
+    except (SourceError, IngestError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(res.summary())

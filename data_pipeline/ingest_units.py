@@ -5,10 +5,11 @@
         <index>-<cover>.parquet        one finished unit: its rows; rejects, items seen and host in the metadata
 
 The driver commits a unit when its result arrives (tmp, fsync, rename, folder fsync: durable.replaced_by, on
-a writer thread), so a kill loses at most the units in flight and the commits not yet on disk. A rerun with the same key feeds the committed units' results back
-and runs only the others; the manifest does not depend on which run produced a unit (build_table sorts the
-rows), so it is byte-identical to an uninterrupted ingest's. A rerun with other settings (another key)
-removes the old journal and starts clean. The journal goes once the manifest is written.
+a writer thread), so a kill loses at most the units in flight and the commits not yet on disk. A rerun with the
+same key feeds the committed units' results back and runs only the others; the manifest does not depend on
+which run produced a unit (build_table sorts the rows), so it is byte-identical to an uninterrupted ingest's.
+A rerun with other settings (another key) removes the old journal and starts clean. The journal goes once the
+manifest is written.
 
 A unit's id is its position in the plan plus a digest of what it covers (the file names of a chunk, an
 archive's members and offsets, a streamed member's bytes; an archive's size and mtime), so a unit whose
@@ -103,8 +104,11 @@ class Journal:
 
     @staticmethod
     def _write(table, path: Path) -> None:
-        with replaced_by(path) as f:
-            pq.write_table(table, f, compression="zstd")
+        try:
+            with replaced_by(path) as f:
+                pq.write_table(table, f, compression="zstd")
+        except OSError as e:  # ENOSPC on write names no file
+            raise OSError(e.errno, f"ingest journal: cannot commit {path}: {e.strerror or e}") from e
 
     def flush(self) -> None:
         """Wait for every commit (raising the first that failed)."""

@@ -31,12 +31,6 @@ def resumable_node_counts(job: "JobConfig") -> list[int]:
             if split_for_world(sched.global_batch, n * cluster.tasks_per_node, sched.micro_batch) is not None]
 
 
-def nodes_to_run_on(job: "JobConfig", usable: int) -> int | None:
-    """The largest resumable node count that `usable` nodes can hold; None when none fits."""
-    fits = [n for n in resumable_node_counts(job) if n <= usable]
-    return fits[-1] if fits else None
-
-
 def no_fit_line(job: "JobConfig", usable: int, what: str = "usable node(s) in the partition") -> str:
     """One line naming the numbers, when no node count fits."""
     counts = resumable_node_counts(job)

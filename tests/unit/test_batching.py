@@ -4,10 +4,16 @@ from pathlib import Path
 import pytest
 
 from cratescale.config import ConfigError, load_job
-from cratescale.config.batching import (describe_split, no_fit_line, nodes_to_run_on, resumable_node_counts,
-                                        split_for_world)
+from cratescale.config.batching import describe_split, no_fit_line, resumable_node_counts, split_for_world
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+def nodes_to_run_on(job, usable: int) -> int | None:
+    """The rule the batch script applies in bash (launch/recover.py cs_fit), stated in Python: the largest
+    resumable node count that `usable` nodes hold; None when none fits."""
+    fits = [n for n in resumable_node_counts(job) if n <= usable]
+    return fits[-1] if fits else None
 
 
 @pytest.mark.parametrize("global_batch, world, max_micro, expected", [

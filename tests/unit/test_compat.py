@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -117,3 +118,21 @@ def test_ray_internals_are_where_the_door_expects_them() -> None:
     services = importlib.import_module("ray._private.services")
     assert "ray_constants.ENABLE_RAY_CLUSTER" in inspect.getsource(services), \
         moved("ray", "ray._private.services no longer reads ray_constants.ENABLE_RAY_CLUSTER at start")
+
+
+def test_ray_workers_run_at_the_drivers_priority(ray_session) -> None:
+    """Ray renices its workers by +15 unless RAY_worker_niceness says otherwise (the runtime_env does): a task and
+    an actor (where the supervisor and the extraction run) keep the niceness of the process that started Ray."""
+    assert _has(importlib.import_module("ray._private.ray_constants"), "RAY_WORKER_NICENESS", "ray") == \
+        "RAY_worker_niceness"
+
+    @ray_session.remote(num_cpus=0.1)
+    def niceness() -> int:
+        return os.nice(0)
+
+    @ray_session.remote(num_cpus=0.1)
+    class Niceness:
+        def get(self) -> int:
+            return os.nice(0)
+
+    assert ray_session.get(niceness.remote()) == ray_session.get(Niceness.remote().get.remote()) == os.nice(0)

@@ -21,7 +21,8 @@ from .base import FINAL_LN_EPS, MaskedAutoencoder, ModelConfigError, ModelInputE
 from .registry import model_from_config
 
 ARCH = "classifier"
-HEAD_INIT_STD = 2e-5  # MAE main_finetune: trunc_normal_(model.head.weight, std=2e-5)
+# MAE main_finetune: trunc_normal_(model.head.weight, std=2e-5); its bounds are absolute (+-2), so in effect a normal.
+HEAD_INIT_STD = 2e-5
 
 
 def drop_path_rates(depth: int, rate: float) -> list[float]:
@@ -58,8 +59,9 @@ class Classifier(nn.Module):
         self.blocks = encoder.blocks
         set_drop_path(self.blocks, float(drop_path))
         self.fc_norm = nn.LayerNorm(cfg["embed_dim"], eps=FINAL_LN_EPS)
-        self.head = nn.Linear(cfg["embed_dim"], num_classes)
-        # Its own generator: both fine-tuning arms start from the same head whatever their encoders consumed.
+        # skip_init: no draw from the global RNG (the caller's stream stays as it was); the head's own generator
+        # gives both fine-tuning arms the same head whatever their encoders consumed.
+        self.head = nn.utils.skip_init(nn.Linear, cfg["embed_dim"], num_classes)
         generator = torch.Generator().manual_seed(int(head_seed))
         with torch.no_grad():
             nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD, generator=generator)

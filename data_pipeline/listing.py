@@ -96,7 +96,7 @@ def list_folder(root: str, map_jobs: MapJobs = starmap) -> Listing:
     files: list[str] = []
     rejects: list[dict] = []
     tops = _scan_dir(root, "", os.path.realpath(root), files, rejects)
-    per_job = -(-len(tops) // JOBS)
+    per_job = max(1, -(-len(tops) // JOBS))  # an empty root has no tops: one (empty) job size, not 0
     jobs = [(root, tops[i:i + per_job]) for i in range(0, len(tops), per_job)]
     for sub_files, sub_rejects in map_jobs(list_subtrees, jobs):
         files += sub_files.split("\0") if sub_files else []

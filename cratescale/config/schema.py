@@ -255,6 +255,64 @@ class EvaluateConfig(Strict):
     layers: bool = True
 
 
+class FinetuneConfig(Strict):
+    # Fine-tune the exported encoder with a classification head (and the scratch arm) after export. Not part of the
+    # pretraining's resume identity: changing a fine-tune setting never blocks resuming the pretraining.
+    enabled: bool = False
+    # Which arms run: pretrained (the export's encoder) and scratch (the same architecture from its initialization,
+    # same seed and steps).
+    arms: list[Literal["pretrained", "scratch"]] = Field(default_factory=lambda: ["pretrained", "scratch"])
+    # Length in optimizer steps (set this or epochs when enabled).
+    steps: int | None = Field(None, gt=0)
+    # Length in epochs of the fine-tuning set's train split (set this or steps when enabled); MAE: 100 for ViT-B.
+    epochs: float | None = Field(None, gt=0)
+    # Images per optimizer step over all ranks; the peak learning rate scales with it.
+    global_batch: int = Field(64, gt=0)
+    # Images per rank per forward/backward (global_batch = micro_batch x accumulation x ranks).
+    micro_batch: int = Field(16, gt=0)
+    # MAE's blr: the peak learning rate is base_lr * global_batch / 256.
+    base_lr: float = Field(5e-4, gt=0)
+    # The cosine schedule's floor (MAE: 1e-6).
+    min_lr: float = Field(1e-6, ge=0)
+    # Layer-wise learning-rate decay: block i learns at layer_decay ** (depth - i) of the head's rate, the patch
+    # embedding and tokens at layer_decay ** (depth + 1) (MAE: 0.75 for ViT-B).
+    layer_decay: float = Field(0.75, gt=0, le=1)
+    # AdamW's decoupled weight decay; norms, biases, the cls token and positions get none.
+    weight_decay: float = Field(0.05, ge=0)
+    # AdamW's (beta1, beta2): torch's defaults, as MAE fine-tunes (pretraining uses optim.betas).
+    betas: tuple[float, float] = (0.9, 0.999)
+    # Clip the global gradient norm to this; null (MAE's fine-tuning default) turns clipping off.
+    grad_clip: float | None = Field(None, gt=0)
+    # Stochastic depth: block i of depth d drops its residual branches with probability drop_path * i / (d - 1).
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    # Label smoothing of the cross entropy (and of mixup's soft targets).
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    # Mixup's Beta(alpha, alpha); 0 is off. MAE uses 0.8 with cutmix 1.0 over 100 ImageNet epochs, where they
+    # fight overfitting; a run of a few hundred steps on a small CPU model underfits, and mixing only slows it.
+    mixup: float = Field(0.0, ge=0)
+    # Cutmix's Beta(alpha, alpha); 0 is off (see mixup for why). With both on a batch takes one of them, even odds.
+    cutmix: float = Field(0.0, ge=0)
+    # Linear warm-up in steps (overrides warmup_epochs).
+    warmup_steps: int | None = Field(None, ge=0)
+    # Linear warm-up in epochs when warmup_steps is not set (MAE: 5).
+    warmup_epochs: float = Field(5.0, ge=0)
+    # Seeds the head, the scratch arm's initialization, the data order, drop path and mixing; null: the job's
+    # seed, so the scratch arm starts from the initialization pretraining started from.
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "FinetuneConfig":
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("set one of steps or epochs, not both")
+        if self.enabled and self.steps is None and self.epochs is None:
+            raise ValueError("enabled: set steps or epochs")
+        if not self.arms or len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"arms {self.arms}: name each of pretrained, scratch at most once, at least one")
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch}")
+        return self
+
+
 class JobConfig(Strict):
     # The run's name: letters, digits, '.', '_' or '-'; the SLURM job name and ${name} in run_dir.
     name: str = "demo"
@@ -275,6 +333,7 @@ class JobConfig(Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "JobConfig":
@@ -282,14 +341,14 @@ class JobConfig(Strict):
             raise ValueError(f"name {self.name!r}: use letters, digits, '.', '_' or '-' (at most 64), no spaces or quotes")
         if self.cluster.min_nodes > self.cluster.nodes:
             raise ValueError(f"cluster.min_nodes {self.cluster.min_nodes} > cluster.nodes {self.cluster.nodes}")
-        world = self.world_size
-        per_rank, rest = divmod(self.schedule.global_batch, world)
-        if rest:
-            raise ValueError(f"schedule.global_batch {self.schedule.global_batch} cannot be split over {world} ranks")
-        if per_rank % self.schedule.micro_batch:
-            raise ValueError(f"schedule.micro_batch {self.schedule.micro_batch} does not divide the per-rank batch "
-                             f"{per_rank} (global_batch {self.schedule.global_batch} / {world} ranks)")
+        _check_split("schedule", self.schedule.global_batch, self.schedule.micro_batch, self.world_size)
+        if self.finetune.enabled:
+            _check_split("finetune", self.finetune.global_batch, self.finetune.micro_batch, self.world_size)
         return self
+
+    @property
+    def finetune_seed(self) -> int:
+        return self.seed if self.finetune.seed is None else self.finetune.seed
 
     @property
     def world_size(self) -> int:
@@ -298,3 +357,12 @@ class JobConfig(Strict):
     @property
     def grad_accum(self) -> int:
         return self.schedule.global_batch // (self.world_size * self.schedule.micro_batch)
+
+
+def _check_split(section: str, global_batch: int, micro_batch: int, world: int) -> None:
+    per_rank, rest = divmod(global_batch, world)
+    if rest:
+        raise ValueError(f"{section}.global_batch {global_batch} cannot be split over {world} ranks")
+    if per_rank % micro_batch:
+        raise ValueError(f"{section}.micro_batch {micro_batch} does not divide the per-rank batch "
+                         f"{per_rank} (global_batch {global_batch} / {world} ranks)")

@@ -30,6 +30,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a residual branch (B, ...): each sample's branch is zeroed with probability p and the
+    kept ones scaled by 1/(1-p), as timm's DropPath. Identity when p is 0 or in eval mode (pretraining and every
+    existing model run with p 0: their computation is unchanged)."""
+    if p <= 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep.div_(1.0 - p)
+
+
 def attention_with_maps(attention: nn.Module, a: torch.Tensor, want_attention: bool):
     """(attention(a), its maps) when asked, else (attention(a), None)."""
     return attention(a, return_attention=True) if want_attention else (attention(a), None)
@@ -95,7 +105,10 @@ class ISTA(nn.Module):
 
 
 class CrateEncoderLayer(nn.Module):
-    """Z_half = Z + MSSA(LN1(Z)); Z_next = ISTA(LN2(Z_half)) (no residual: output is non-negative)."""
+    """Z_half = Z + MSSA(LN1(Z)); Z_next = ISTA(LN2(Z_half)) (no residual: output is non-negative).
+
+    `drop_prob` (stochastic depth, set by fine-tuning; a plain float, so state dicts do not see it) drops the MSSA
+    branch only: ISTA has no residual around it, and dropping it would zero the tokens instead of skipping a step."""
 
     def __init__(self, dim: int, num_heads: int, eta: float, lambd: float) -> None:
         super().__init__()
@@ -103,16 +116,17 @@ class CrateEncoderLayer(nn.Module):
         self.mssa = MSSA(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_LN_EPS)
         self.ista = ISTA(dim, eta, lambd)
+        self.drop_prob = 0.0
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = z + self.mssa(self.norm1(z))
+        z = z + drop_path(self.mssa(self.norm1(z)), self.drop_prob, self.training)
         return self.ista(self.norm2(z))
 
     def forward_trace(self, z: torch.Tensor, want_attention: bool):
         """Like forward, also returning the MSSA input LN1(Z) and (optionally) the attention maps."""
         a = self.norm1(z)
         o, attn = attention_with_maps(self.mssa, a, want_attention)
-        return self.ista(self.norm2(z + o)), a, attn
+        return self.ista(self.norm2(z + drop_path(o, self.drop_prob, self.training))), a, attn
 
 
 class CrateDecoderLayer(nn.Module):
@@ -247,7 +261,8 @@ class Mlp(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-norm transformer block with timm/MAE parameter names (norm1, attn, norm2, mlp)."""
+    """Pre-norm transformer block with timm/MAE parameter names (norm1, attn, norm2, mlp); `drop_prob` is
+    stochastic depth on both residual branches (timm's DropPath), 0 unless fine-tuning sets it."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, eps: float) -> None:
         super().__init__()
@@ -255,16 +270,17 @@ class ViTBlock(nn.Module):
         self.attn = ViTAttention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_prob = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_prob, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)
 
     def forward_trace(self, x: torch.Tensor, want_attention: bool):
         a = self.norm1(x)
         o, attn = attention_with_maps(self.attn, a, want_attention)
-        x = x + o
-        return x + self.mlp(self.norm2(x)), a, attn
+        x = x + drop_path(o, self.drop_prob, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training), a, attn
 
 
 def init_mae_weights(module: nn.Module) -> None:

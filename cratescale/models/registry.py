@@ -63,6 +63,9 @@ def model_from_config(config: dict[str, Any]) -> MaskedAutoencoder:
     arch = config.get("arch")
     if arch is None and config.get("name") in MODELS:
         return create_model(config["name"], **rest)
+    if arch == "classifier":  # models/classifier.py (which imports this module)
+        raise ModelConfigError("model config is a fine-tuned classifier's (arch='classifier'), not a masked "
+                               "autoencoder's: build it with classifier_from_config")
     if arch not in ARCHS:
         raise ModelConfigError(f"model config has arch={arch!r}, expected one of {', '.join(map(repr, ARCHS))}")
     return ARCHS[arch](name=config.get("name", arch), **rest)

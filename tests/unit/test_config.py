@@ -27,6 +27,12 @@ def test_overrides_parse_yaml_values():
     ("optim.base_lr=fast", "optim.base_lr"),
     ("parallel.attention=flash3", "parallel.attention"),
     ("parallel.compile=true|parallel.zero_stage=3", "parallel"),  # ZeRO-3's hooks break the compiled graph
+    ("finetune.enabled=true", "finetune"),                        # enabled without a length
+    ("finetune.steps=5|finetune.epochs=1", "finetune"),
+    ("finetune.arms=[scratch, scratch]", "finetune"),
+    ("finetune.arms=[linear]", "finetune.arms"),
+    ("finetune.drop_path=1.0", "finetune.drop_path"),
+    ("finetune.enabled=true|finetune.steps=9|finetune.global_batch=48", "(top level)"),  # 24 per rank, micro 16
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
@@ -64,7 +70,8 @@ def test_identity_is_the_marked_fields_not_paths_hints_speed_or_length():
             "data.expected_samples=14197122", "schedule.steps=60", "schedule.warmup_steps=7",
             "schedule.micro_batch=8", "parallel.compile=true", "parallel.attention=cudnn",
             "parallel.activation_checkpointing=true", "data.hw_decoder_load=0.9", "data.prefetch_depth=4",
-            "data.num_threads=4", "data.ingest_workers=3", "logging.every_steps=1"]
+            "data.num_threads=4", "data.ingest_workers=3", "logging.every_steps=1",
+            "finetune.enabled=true", "finetune.steps=50", "finetune.layer_decay=0.65"]  # fine-tuning: its own run
     assert identity_fields(load_job(DEMO, free)) == base
     for what_is_learned, key in (("model.overrides.lambd=0.1", "model.overrides"), ("seed=1", "seed"),
                                  ("optim.base_lr=0.0421", "optim.base_lr"), ("data.image_size=64", "data.image_size"),

@@ -84,6 +84,7 @@ def test_version_and_help_of_every_cli():
     for module in ("cratescale.launch", "cratescale.models", "data_pipeline.ingest"):
         version = cli("--version", module=module)
         assert version.returncode == 0 and version.stdout.startswith("cratescale "), (module, version.stderr)
-    for module in ("cratescale.launch", "cratescale.models", "data_pipeline.ingest", "cratescale.embeddings"):
+    for module in ("cratescale.launch", "cratescale.models", "data_pipeline.ingest", "cratescale.embeddings",
+                   "cratescale.evaluation"):
         helped = cli("--help", module=module)
         assert helped.returncode == 0 and helped.stdout.startswith("usage: "), (module, helped.stdout[:200])

@@ -240,3 +240,6 @@ def test_source_with_no_good_images_fails_clearly(tmp_path):
     with pytest.raises(IngestError, match="no decodable images"):
         ingest(str(tmp_path / "src"), tmp_path / "out", workers=0, progress=False)
     assert (tmp_path / "out" / "rejected.parquet").exists() and not (tmp_path / "out" / "manifest.parquet").exists()
+    (tmp_path / "empty").mkdir()  # nothing to list at all (the listing once divided its jobs by zero)
+    with pytest.raises(IngestError, match="no decodable images"):
+        ingest(str(tmp_path / "empty"), tmp_path / "out2", workers=0, progress=False)

@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
 from cratescale.checkpoint.export import export_fingerprint, load_model, read_export_header
-from cratescale.embeddings.memory import RSS_LIMIT_FACTOR, RssGuard, encode_chunk
+from cratescale.embeddings.memory import RSS_LIMIT_FACTOR, DataCost, RssGuard, encode_chunk
 from cratescale.embeddings.pool import init_ray  # noqa: F401 - callers start Ray through extract
-from cratescale.embeddings.store import EmbeddingStore, StoreError, StoreInfo, selected_rows
+from cratescale.embeddings.manifest_rows import ManifestRows, count_store_rows, key_group_bytes
+from cratescale.embeddings.store import EmbeddingStore, StoreError, StoreInfo
 
 BASE_FEATURES = ("cls", "mean")
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}  # and "auto": bf16 on GPUs
@@ -54,12 +53,6 @@ def feature_names(features: Sequence[str], layers: Sequence[int]) -> list[str]:
     if bad or not features:
         raise ValueError(f"extract: features must be a non-empty subset of {BASE_FEATURES}, got {list(features)}")
     return [*features, *(f"layer_{i}_{f}" for i in layers for f in features)]
-
-
-def _sample_keys(m: pd.DataFrame) -> list[str]:
-    if "key" in m.columns:
-        return m["key"].astype(str).tolist()
-    return [p if o < 0 else f"{p}#{o}" for p, o in zip(m["path"], m["offset"])]
 
 
 def actor_device(device: str, gpus: float) -> str:
@@ -115,11 +108,7 @@ class ShardWorker:
         self.model, _ = load_model(export_dir, self.device)
         self.store = EmbeddingStore(store_dir)
         self.manifest_path = manifest_path
-        # Only the columns the metadata needs (a 14M-row manifest is GBs in pandas with every column).
-        has_key = "key" in pq.read_schema(manifest_path).names
-        cols = ["sample_id", "label", "split"] + (["key"] if has_key else ["path", "offset"])
-        self.meta = pd.read_parquet(manifest_path, columns=cols)
-        self.rows = selected_rows(self.meta, split)
+        self.manifest_rows = ManifestRows(manifest_path, split)  # the shared index: nothing per actor grows with it
         self.features, self.layers = list(features), [int(i) for i in layers]
         self.batch_size, self.loader_kind = batch_size, loader_kind
         self.loader_options = dict(loader_options or {})
@@ -154,7 +143,7 @@ class ShardWorker:
         if not ks:
             return []
         spans = [self.store.info.shard_range(k) for k in ks]
-        rows = np.concatenate([self.rows[a:b] for a, b in spans])
+        rows = np.concatenate([self.manifest_rows.rows(a, b) for a, b in spans])
         loader = make_eval_loader(self.manifest_path, rows, self.batch_size, self.image_size,
                                   kind=self.loader_kind, **self.loader_options)
         records, parts, valid, t0, t_enc = [], {}, [], time.perf_counter(), 0.0
@@ -178,18 +167,14 @@ class ShardWorker:
 
     def _commit(self, k: int, span: tuple[int, int], parts: dict, valid: np.ndarray, t0: float,
                 t_enc: float) -> dict:
-        rows = self.rows[span[0]:span[1]]
-        m = self.meta.iloc[rows]
+        rows = self.manifest_rows.rows(*span)
         feats = {name: torch.cat(v).numpy() for name, v in parts.items()}
         for f in feats.values():
             f[~valid] = np.nan  # the encoder saw filler bytes there, not the sample
-        metadata = pd.DataFrame({"sample_id": m["sample_id"].to_numpy(), "key": _sample_keys(m),
-                                 "label": m["label"].to_numpy().astype(np.int32),
-                                 "split": m["split"].astype(str).to_numpy(), "valid": valid})
-        self.store.write_shard(k, feats, metadata)
+        self.store.write_shard(k, feats, self.manifest_rows.metadata(rows).assign(valid=valid))
         return {"shard": k, "rows": len(rows), "seconds": time.perf_counter() - t0, "encode_seconds": t_enc,
                 "invalid": int((~valid).sum()), "pid": os.getpid(), "gpu": self.gpu, "memory_held": self.memory_held,
-                "host": socket.gethostname()}
+                "peak_memory": self.guard.peak, "host": socket.gethostname()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data UDF: each input row is a task, "shards" = comma-separated shard indices."""
@@ -198,7 +183,8 @@ class ShardWorker:
                 for key in RECORD_KEYS}
 
 
-RECORD_KEYS = ("shard", "rows", "seconds", "encode_seconds", "invalid", "pid", "gpu", "memory_held", "host")
+RECORD_KEYS = ("shard", "rows", "seconds", "encode_seconds", "invalid", "pid", "gpu", "memory_held", "peak_memory",
+               "host")
 _RECORD_DTYPES = {"seconds": np.float64, "encode_seconds": np.float64, "host": np.str_}
 
 
@@ -289,7 +275,7 @@ def store_info(export_dir: Path | str, manifest_path: Path | str, *, features: S
     manifest = manifest_path_of(manifest_path)
     header = read_export_header(export_dir)
     config, provenance = header["model_config"], header.get("provenance", {})
-    n = len(selected_rows(pd.read_parquet(manifest, columns=["split"]), split))
+    n = count_store_rows(manifest, split)
     if n == 0:
         raise ValueError(f"extract: {manifest} has no rows of split {split!r}")
     d = int(config["embed_dim"])
@@ -315,6 +301,12 @@ def extract(export_dir: Path | str, manifest_path: Path | str, store_dir: Path |
     return run_extraction(**locals())[0]  # locals() here is exactly the argument dict
 
 
+def data_cost(manifest: Path, loader_kind: str, loader_options: dict | None) -> DataCost:
+    """What an actor spends on its loader's feed workers (DALI's; PIL decodes in threads) and on the manifest."""
+    workers = 0 if loader_kind == "pil" else max(1, int((loader_options or {}).get("py_workers", 1)))
+    return DataCost(feed_workers=workers, manifest_bytes=key_group_bytes(manifest))
+
+
 def run_extraction(export_dir: Path | str, manifest_path: Path | str, store_dir: Path | str, *,
                    features: Sequence[str], layers: Sequence[int], dtype: str, batch_size: int | str,
                    actors: int | str, image_size: int | None, loader_kind: str, ray_address: str | None,
@@ -338,7 +330,7 @@ def run_extraction(export_dir: Path | str, manifest_path: Path | str, store_dir:
     if not todo:
         return store.root, []
     plan = plan_for(header["model_config"], image_size, batch_size, actors, ray_address, num_cpus_per_actor,
-                    num_gpus_per_actor)
+                    num_gpus_per_actor, data_cost(manifest, loader_kind, loader_options))
     kwargs = dict(export_dir=str(export_dir), manifest_path=str(manifest), store_dir=str(store.root),
                   features=list(features), layers=layers, split=split, batch_size=plan.batch_size,
                   image_size=image_size, loader_kind=loader_kind, amp=amp, threads=threads_per_actor,

@@ -1,7 +1,10 @@
 """Extraction memory, predicted before it is spent (issue 14.3), and the plan that follows from it.
 
-Peak host RSS of one extraction actor = a fixed process base (Python, torch, DALI, the manifest's columns)
-+ the fp32 weights + the loader's batches in flight + the encoder's forward. On the CPU the forward
+Peak host memory of one extraction actor = a fixed process base (Python, torch, DALI, the Ray worker) + the
+fp32 weights + the loader's batches in flight + the encoder's forward + its loader's feed worker processes (DALI's
+parallel external source: outside the actor's RSS, inside what the node spends on it) + what grows with the manifest
+(the key column of one Parquet row group, manifest_rows.py; the rest of the manifest is read from the node's shared
+index and stays in the page cache). On the CPU the forward
 materializes every block's attention scores and their softmax, 2 x heads x N x N floats per image (crate_mae_debug
 at 224 px, patch 8: 785 tokens, 4 heads, 18.8 MiB an image), so the encoder runs the batch in chunks whose
 scores stay under FORWARD_BUDGET: memory no longer grows with extract.batch_size beyond the loader's share.
@@ -10,6 +13,7 @@ Measured against predicted: BENCHMARKS.md "Extraction memory per actor".
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -21,8 +25,17 @@ from typing import Any
 
 GiB = 2**30
 MiB = 2**20
-# Python + torch + DALI + pandas/pyarrow + Ray worker, measured idle in an extraction actor (BENCHMARKS.md).
-PROCESS_BASE = 900 * MiB
+# Python + torch + DALI + pyarrow + Ray worker. Measured (BENCHMARKS.md "Extraction of the pretraining set"):
+# 555 MB in a plain process, 580-630 MB in a Ray actor, with crate_mae_debug and DALI's CPU pipeline built.
+# (900 MiB before issue 31: an upper bound that also covered a pandas copy of the manifest.)
+PROCESS_BASE = 600 * MiB
+# Private pages of one DALI feed worker: forked from the actor (the CPU pipeline) it shares the actor's pages and
+# holds 97 MB of its own; started by spawn (where the actor holds CUDA) it is a whole interpreter, 222 MB with
+# its helper process (both measured with 10^6 manifest rows).
+FEED_WORKER = {"fork": 100 * MiB, "spawn": 230 * MiB}
+# Copies of the largest row group's key column alive while a shard's keys are read (the decoded pages and the
+# arrow array): +33 MB measured for a 16 MB column.
+KEY_GROUP_COPIES = 2
 # Forward activations of a chunk on the CPU: at most 0.25 GiB (12 images of crate_mae_debug at 224 px) bounds the
 # peak; measured under load it encodes at 0.58-0.89 of the whole-batch speed (BENCHMARKS.md, a missed target):
 # a larger budget may buy the speed back where the node's memory allows.
@@ -77,31 +90,46 @@ def weight_bytes(config: dict[str, Any]) -> int:
     return 4 * (per_block * (d * d * depth + dd * dd * ddepth) + tokens_of(config) * (d + dd))
 
 
+@dataclass(frozen=True)
+class DataCost:
+    """What an actor spends besides the model and its batches: its loader's feed worker processes and the bytes
+    of the manifest it holds at once (`manifest_rows.key_group_bytes`)."""
+    feed_workers: int = 0
+    manifest_bytes: int = 0
+
+    def bytes(self, device: str) -> int:
+        start = "spawn" if device == "cuda" else "fork"   # dali_loader.worker_start_method
+        return self.feed_workers * FEED_WORKER[start] + KEY_GROUP_COPIES * self.manifest_bytes
+
+
 def predict_actor_bytes(config: dict[str, Any], image_size: int | None, batch_size: int, device: str = "cpu",
-                        chunk: int | None = None) -> int:
-    """Peak RSS of one actor encoding `batch_size` images per batch, the forward in chunks of `chunk`."""
+                        chunk: int | None = None, data: DataCost = DataCost()) -> int:
+    """Peak memory of one actor (RSS + its feed workers' private pages) encoding `batch_size` images per batch,
+    the forward in chunks of `chunk`."""
     side = int(image_size or config["img_size"])
     chunk = encode_chunk(config, image_size, device, batch_size) if chunk is None else min(chunk, batch_size)
     batches = BATCH_COPIES * batch_size * 3 * side * side * 4
-    return PROCESS_BASE + weight_bytes(config) + batches + chunk * forward_bytes_per_image(config, image_size, device)
+    return (PROCESS_BASE + weight_bytes(config) + batches + chunk * forward_bytes_per_image(config, image_size, device)
+            + data.bytes(device))
 
 
 def plan_extraction(config: dict[str, Any], image_size: int | None, batch_size: int | str, actors: int | str, *,
-                    node_memory: list[float], node_slots: list[int], device: str = "cpu") -> MemoryPlan:
+                    node_memory: list[float], node_slots: list[int], device: str = "cpu",
+                    data: DataCost = DataCost()) -> MemoryPlan:
     """Batch size and actor count that fit the nodes. node_memory: bytes per node; node_slots: actors each
     node's CPUs (or GPUs) can hold. "auto" picks the largest batch and count that fit; a number is kept when
     it fits and otherwise refused (batch) or lowered (actors, the caller says so)."""
     budget = [m * NODE_SHARE for m in node_memory]
     biggest = max(budget, default=0.0)
     batches = AUTO_BATCHES if batch_size == "auto" else (int(batch_size),)
-    fitting = [b for b in batches if predict_actor_bytes(config, image_size, b, device) <= biggest]
+    fitting = [b for b in batches if predict_actor_bytes(config, image_size, b, device, data=data) <= biggest]
     if not fitting:
-        need = predict_actor_bytes(config, image_size, batches[-1], device)
+        need = predict_actor_bytes(config, image_size, batches[-1], device, data=data)
         raise ValueError(f"one actor needs {need / GiB:.1f} GiB at batch {batches[-1]}, the largest node offers "
                           f"{biggest / GiB:.1f} GiB ({NODE_SHARE:.0%} of its memory): lower extract.batch_size")
     want = sum(node_slots) if actors == "auto" else int(actors)
     for batch in fitting:  # largest batch first; for auto, the largest that still gives every slot an actor
-        per_actor = predict_actor_bytes(config, image_size, batch, device)
+        per_actor = predict_actor_bytes(config, image_size, batch, device, data=data)
         fit = sum(min(slots, int(mem // per_actor)) for mem, slots in zip(budget, node_slots))
         if fit == 0 and batch == fitting[-1]:
             raise ValueError(f"no node has room for one actor (actors per node by CPUs or GPUs: {node_slots}, by "
@@ -148,22 +176,65 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class RssGuard:
-    """A daemon thread that SIGKILLs this process once its RSS exceeds `limit` bytes (0: off)."""
+def _private_bytes(pid: int) -> int:
+    """Pages only this process holds (Private_Clean + Private_Dirty of smaps_rollup): what a forked child adds to
+    its parent's RSS (the pages it still shares are the parent's, counted there); 0 once it has exited."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total
 
-    def __init__(self, limit: int, interval_s: float = 0.2) -> None:
-        self.limit, self.interval_s, self.thread = int(limit), interval_s, None
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (DALI's feed workers, their helpers), from /proc/*/stat."""
+    parent_of = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    parent_of[int(entry.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parent_of.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def tree_bytes(children: list[int]) -> int:
+    """This process's RSS plus what each of `children` holds privately: the actor's footprint on the node,
+    its loader's worker processes included (they sit outside what Ray reserved for the actor otherwise)."""
+    return rss_bytes() + sum(_private_bytes(pid) for pid in children)
+
+
+class RssGuard:
+    """A daemon thread that follows this process's footprint (`tree_bytes`: RSS + its children's private pages),
+    keeps its peak, and SIGKILLs the process once the footprint exceeds `limit` bytes (0: follow only)."""
+
+    def __init__(self, limit: int, interval_s: float = 0.2, rescan_every: int = 10) -> None:
+        self.limit, self.interval_s, self.rescan_every, self.thread = int(limit), interval_s, rescan_every, None
+        self.peak = 0
 
     def start(self) -> None:
-        if self.limit > 0 and self.thread is None:
+        if self.thread is None:
             self.thread = threading.Thread(target=self._watch, name="rss-guard", daemon=True)
             self.thread.start()
 
     def _watch(self) -> None:
-        while True:
-            rss = rss_bytes()
-            if rss > self.limit:
-                print(f"extract: actor pid {os.getpid()} RSS {rss / GiB:.2f} GiB is over its limit "
-                      f"{self.limit / GiB:.2f} GiB: killed for memory", file=sys.stderr, flush=True)
+        children: list[int] = []
+        for tick in itertools.count():
+            if tick % self.rescan_every == 0:   # a /proc scan: not every tick
+                children = descendants(os.getpid())
+            used = tree_bytes(children)
+            self.peak = max(self.peak, used)
+            if self.limit and used > self.limit:
+                print(f"extract: actor pid {os.getpid()} uses {used / GiB:.2f} GiB (RSS and its loader workers), "
+                      f"over its limit {self.limit / GiB:.2f} GiB: killed for memory", file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(self.interval_s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from cratescale.embeddings.memory import MemoryPlan, available_memory, cluster_nodes, plan_extraction
+from cratescale.embeddings.memory import DataCost, MemoryPlan, available_memory, cluster_nodes, plan_extraction
 
 # Every actor of the fixed pool is up before the first task goes out (Ray Data's default hands tasks to whichever
 # actor is ready: on a cluster the actors on the driver's busy node started seconds later and got no shard, so
@@ -32,7 +32,7 @@ def init_ray(address: str | None = None) -> None:
 
 
 def plan_for(config: dict[str, Any], image_size: int | None, batch_size: int | str, actors: int | str,
-             address: str | None, cpus_per_actor: float, gpus_per_actor: float) -> MemoryPlan:
+             address: str | None, cpus_per_actor: float, gpus_per_actor: float, data: DataCost) -> MemoryPlan:
     """The memory plan on this process's machine (actors=0) or on the Ray cluster; one line when it cannot fit."""
     from cratescale.embeddings.extract import ExtractionError
 
@@ -44,7 +44,7 @@ def plan_for(config: dict[str, Any], image_size: int | None, batch_size: int | s
         nodes = cluster_nodes(cpus_per_actor, gpus_per_actor)
     try:
         plan = plan_extraction(config, image_size, batch_size, actors or 1, node_memory=nodes[0],
-                               node_slots=nodes[1], device=device)
+                               node_slots=nodes[1], device=device, data=data)
     except ValueError as err:
         raise ExtractionError(f"extract: {err}") from None
     if actors not in (0, "auto") and plan.actors < int(actors):

@@ -404,18 +404,31 @@ def _launcher(run_dir: Path, argv: list[str], log_name: str, processes: list) ->
     return proc
 
 
+def _state(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
 def test_the_launcher_is_a_window_detach_attach_and_a_killed_launcher_change_nothing(tmp_path, tiny_manifest,
                                                                                     job_names, processes):
     """Issue 28 item 2: --detach returns with the job submitted; the same command launched again while the job
-    runs follows it and submits nothing; that launcher SIGKILLed changes nothing; `attach RUN_DIR` follows the job
-    to its end. One job in SLURM's accounting, the same samples and weights as the uninterrupted run."""
+    is queued follows it and submits nothing; that launcher SIGKILLed while the job trains changes nothing; `attach
+    RUN_DIR` follows the job to its end. One job in SLURM's accounting, the same samples and weights as the
+    uninterrupted run.
+
+    Timing: a job that waits for nothing raced the second launcher, and with two busy loops on the 2 cores the
+    launcher's start (50 s) outlasted the whole job (400 steps in 28 s): it found the run finished. A blocker job
+    holding the node keeps the job pending until the second launcher follows it; the job then trains only once the
+    blocker is cancelled."""
     run_dir = tmp_path / "run"
     name = job_names.new("window")
-    # 400 steps (the reference's 100 take under 5 s on a quiet machine: the job could end before the second
-    # launcher attaches or the kill lands), so the samples are checked against the sampler's sequence instead
+    # 400 steps, so the kill lands mid-run; the samples are checked against the sampler's sequence
     args = [str(BASE_JOB), *job_overrides(run_dir, tiny_manifest, name, ["checkpoint.every_steps=20",
                                                                          "schedule.steps=400"])]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    blocker = subprocess.check_output(["sbatch", "--parsable", "-c", "2", "-J", job_names.new("blocker"),
+                                       "-o", "/dev/null", "--wrap", "sleep 600"], text=True).strip()
+    wait_until(lambda: _state(blocker) == "RUNNING", RESTART_TIMEOUT, "the blocker to hold the node", run_dir, blocker)
     detached = _launcher(run_dir, [*args, "--detach"], "detached.log", processes)
     assert detached.wait(timeout=RESTART_TIMEOUT) == 0, (tmp_path / "detached.log").read_text()[-2000:]
     job_id = launcher_job_ids(run_dir)[0]
@@ -424,6 +437,8 @@ def test_the_launcher_is_a_window_detach_attach_and_a_killed_launcher_change_not
     following = "is already training this run: following it, nothing submitted"
     wait_until(lambda: following in (tmp_path / "second.log").read_text(), RESTART_TIMEOUT,
                "the second launcher to follow the job", run_dir, job_id)
+    assert _state(job_id) == "PENDING" and not rows(run_dir, "start")
+    subprocess.run(["scancel", blocker], check=True)
     wait_until(lambda: rows(run_dir, "commit"), RESTART_TIMEOUT, "the first commit", run_dir, job_id)
     second.kill()   # SIGKILL: no handler runs
     # every rank SIGKILLed with no launcher alive: the job's own recovery retries the step in its allocation

@@ -109,7 +109,8 @@ def test_nodes_are_separate_hosts_on_the_bridge_and_a_killed_node_comes_back():
     assert up_nodes() == NODES - 1
     t0 = time.monotonic()
     mn_up(NODES)   # idempotent: restarts only the dead slurmd; ReturnToService=2 makes the node idle again
-    assert up_nodes() == NODES and time.monotonic() - t0 < 30
+    # a bound for a hang, not a speed claim: the restart is seconds on a quiet machine, longer beside busy loops
+    assert up_nodes() == NODES and time.monotonic() - t0 < 120
 
 
 def _allreduce() -> dict:

@@ -21,6 +21,15 @@ class MeasuredStep(Strict):
         return self.fixed_ms / 1e3 + batch / self.images_per_s
 
 
+class MeasuredRestart(Strict):
+    """What a start, a commit and a change of world size cost on this cluster (bench/scale.py or a launch's
+    `setup_s`, bench/checkpoint.py, bench/universal.py); --dry-run turns it into the run's overheads."""
+    startup_s: float = Field(..., gt=0)         # a rank from its start to step 0 (process group, model, engine, data)
+    commit_gb_per_s: float = Field(..., gt=0)   # a synchronous commit per node: checkpoint bytes / seconds to sealed
+    convert_gb_per_s: float = Field(..., gt=0)  # the universal conversion with one node's cores (one converter a run)
+    source: str = ""
+
+
 class ProfileConfig(Strict):
     name: str
     scheduler: Literal["slurm", "local"]
@@ -38,6 +47,8 @@ class ProfileConfig(Strict):
     peak_flops_per_gpu: float = Field(..., gt=0)
     # "<model>/<encoder_tokens>" -> the measured step on this cluster's GPU; --dry-run turns it into a time estimate
     measured_step: dict[str, MeasuredStep] = Field(default_factory=dict)
+    # Start-up, commit and conversion rates on this cluster; --dry-run's overheads line (none: says not measured)
+    measured_restart: MeasuredRestart | None = None
 
 
 def profile_path(name: str) -> Path:

@@ -174,7 +174,7 @@ class ShardWorker:
         self.store.write_shard(k, feats, self.manifest_rows.metadata(rows).assign(valid=valid))
         return {"shard": k, "rows": len(rows), "seconds": time.perf_counter() - t0, "encode_seconds": t_enc,
                 "invalid": int((~valid).sum()), "pid": os.getpid(), "gpu": self.gpu, "memory_held": self.memory_held,
-                "peak_memory": self.guard.peak, "host": socket.gethostname()}
+                "peak_memory": self.guard.peak(), "host": socket.gethostname()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data UDF: each input row is a task, "shards" = comma-separated shard indices."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import resource
 import signal
 import sys
 import threading
@@ -207,19 +208,21 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def tree_bytes(children: list[int]) -> int:
-    """This process's RSS plus what each of `children` holds privately: the actor's footprint on the node,
-    its loader's worker processes included (they sit outside what Ray reserved for the actor otherwise)."""
-    return rss_bytes() + sum(_private_bytes(pid) for pid in children)
+def high_water_bytes() -> int:
+    """This process's peak RSS so far (VmHWM)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class RssGuard:
-    """A daemon thread that follows this process's footprint (`tree_bytes`: RSS + its children's private pages),
-    keeps its peak, and SIGKILLs the process once the footprint exceeds `limit` bytes (0: follow only)."""
+    """A daemon thread that follows this process's footprint on the node (its RSS + its children's private pages:
+    the loader's feed workers sit outside what Ray reserved for the actor otherwise) and SIGKILLs the process once
+    it exceeds `limit` bytes (0: follow only). `peak()`: the process's own high-water mark (exact, from the kernel:
+    a forward's attention scores live for milliseconds, between two samples) plus the most its children held in any
+    sample; at least the footprint's true peak."""
 
     def __init__(self, limit: int, interval_s: float = 0.2, rescan_every: int = 10) -> None:
         self.limit, self.interval_s, self.rescan_every, self.thread = int(limit), interval_s, rescan_every, None
-        self.peak = 0
+        self.children_peak = 0
 
     def start(self) -> None:
         if self.thread is None:
@@ -231,10 +234,14 @@ class RssGuard:
         for tick in itertools.count():
             if tick % self.rescan_every == 0:   # a /proc scan: not every tick
                 children = descendants(os.getpid())
-            used = tree_bytes(children)
-            self.peak = max(self.peak, used)
+            children_bytes = sum(_private_bytes(pid) for pid in children)
+            self.children_peak = max(self.children_peak, children_bytes)
+            used = rss_bytes() + children_bytes
             if self.limit and used > self.limit:
                 print(f"extract: actor pid {os.getpid()} uses {used / GiB:.2f} GiB (RSS and its loader workers), "
                       f"over its limit {self.limit / GiB:.2f} GiB: killed for memory", file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(self.interval_s)
+
+    def peak(self) -> int:
+        return high_water_bytes() + self.children_peak

@@ -32,6 +32,7 @@ class Plan:
     model_states_gb_per_gpu: float
     flops_per_image: float
     layout: str
+    checkpoint_gb: float
 
 
 def model_state_bytes(params: int, trainable: int, zero_stage: int, world: int, bf16: bool) -> float:
@@ -41,6 +42,11 @@ def model_state_bytes(params: int, trainable: int, zero_stage: int, world: int, 
     grads = trainable * low / (world if zero_stage >= 2 else 1)
     optimizer = trainable * (12 if bf16 else 8) / (world if zero_stage >= 1 else 1)
     return weights + grads + optimizer
+
+
+def checkpoint_bytes(params: int, trainable: int, bf16: bool) -> float:
+    """Bytes of one commit, all ranks together: the weights, plus fp32 master weights (bf16) and Adam's moments."""
+    return params * (2 if bf16 else 4) + trainable * (12 if bf16 else 8)
 
 
 def make_plan(job: JobConfig, paths: RunPaths) -> Plan:
@@ -55,7 +61,8 @@ def make_plan(job: JobConfig, paths: RunPaths) -> Plan:
                                     job.parallel.precision == "bf16")
     return Plan(job.model.name, total, trainable, job.world_size, job.schedule.global_batch, job.schedule.micro_batch,
                 job.grad_accum, samples, steps_per_epoch, total_steps, optim.peak_lr(job), state_bytes / 2**30,
-                train_flops_per_image(model), model.encoder_tokens)
+                train_flops_per_image(model), model.encoder_tokens,
+                checkpoint_bytes(total, trainable, job.parallel.precision == "bf16") / 2**30)
 
 
 def estimate_line(plan: Plan, profile: ProfileConfig) -> str | None:
@@ -76,6 +83,25 @@ def estimate_line(plan: Plan, profile: ProfileConfig) -> str | None:
         line += (f"; at {plan.micro_batch} images per GPU the fixed per-step cost is {fixed_share:.0%} of it "
                  f"(fewer GPUs or a larger global batch use them better)")
     return line + f"  [{measured.source or 'profile measured_step'}]"
+
+
+def overheads_line(plan: Plan, job: JobConfig, profile: ProfileConfig) -> str:
+    """What the run pays besides its steps: a (re)start, its commits, a resize's universal conversion."""
+    cost = profile.measured_restart
+    if cost is None:
+        return (f"not measured for profile {profile.name} (measured_restart: bench/scale.py, bench/checkpoint.py, "
+                f"bench/universal.py on one node); a commit is {plan.checkpoint_gb:.2f} GiB")
+    commit_s = plan.checkpoint_gb / (cost.commit_gb_per_s * job.cluster.nodes)
+    commits = -(-plan.total_steps // job.checkpoint.every_steps) if plan.total_steps else None
+    line = f"start-up {cost.startup_s:.0f} s per (re)start; a commit {plan.checkpoint_gb:.2f} GiB in {commit_s:.1f} s"
+    if commits:
+        line += f" x {commits:,} = {commits * commit_s / 60:,.1f} min"
+        if job.checkpoint.async_commit:
+            line += " (asynchronous: mostly hidden behind the steps)"
+    convert_s = plan.checkpoint_gb / cost.convert_gb_per_s
+    line += (f"; a resize (another world size) adds the universal conversion, {convert_s:.0f} s"
+             f"  [{cost.source or 'profile measured_restart'}]")
+    return line
 
 
 def resumable_line(job: JobConfig) -> str:
@@ -99,6 +125,7 @@ def render_plan(job: JobConfig, profile: ProfileConfig, paths: RunPaths) -> str:
         f"{plan.flops_per_image / 1e9:.2f} GFLOP per image per step",
         f"ranks          {job.cluster.nodes} nodes x {job.cluster.tasks_per_node} = {plan.world_size}",
         f"resumable on   {resumable_line(job)}",
+        f"overheads      {overheads_line(plan, job, profile)}",
         f"batch          global {plan.global_batch} = micro {plan.micro_batch} x accum {plan.grad_accum} x "
         f"{plan.world_size} ranks; peak lr {plan.peak_lr:.3g}",
         f"data           {job.data.source} -> {paths.manifest}"

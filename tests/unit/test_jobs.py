@@ -44,6 +44,26 @@ def test_imagenet21k_plan_numbers(tmp_path):
     # example_h100's measured step: 14.7 ms + 64 / 3744 img/s = 31.8 ms; 3211 steps an epoch
     assert "estimate       31.8 ms per step (compute only), 128,829 img/s on 64 GPUs, 1.7 min per epoch" in out
     assert "fixed per-step cost is 46%" in out
+    # 44,047,872 parameters x (2 bf16 + 12 fp32 master and moments) = 0.57 GiB; no H100 cluster's rates measured yet
+    assert "overheads      not measured for profile example_h100" in out and "a commit is 0.57 GiB" in out
+
+
+def test_overheads_follow_the_measured_rates():
+    from cratescale.config import JobConfig, load_profile
+    from cratescale.config.profile import MeasuredRestart
+    from cratescale.launch.plan import Plan, overheads_line
+
+    job = JobConfig.model_validate({"cluster": {"nodes": 2, "tasks_per_node": 1}, "checkpoint": {"every_steps": 100},
+                                    "schedule": {"global_batch": 8, "micro_batch": 4, "steps": 1001}})
+    plan = Plan("crate_mae_base", 1, 1, world_size=2, global_batch=8, micro_batch=4, grad_accum=1, train_samples=None,
+                steps_per_epoch=None, total_steps=1001, peak_lr=1e-3, model_states_gb_per_gpu=0, flops_per_image=1.0,
+                layout="all", checkpoint_gb=0.5)
+    profile = load_profile("example_h100").model_copy(update={"measured_restart": MeasuredRestart(
+        startup_s=12, commit_gb_per_s=0.5, convert_gb_per_s=0.25, source="a test")})
+    # a commit: 0.5 GiB / (0.5 GB/s x 2 nodes) = 0.5 s, 11 of them (1001 steps, every 100); conversion 0.5 / 0.25
+    assert overheads_line(plan, job, profile) == ("start-up 12 s per (re)start; a commit 0.50 GiB in 0.5 s x 11 = 0.1 min; "
+                                                  "a resize (another world size) adds the universal conversion, 2 s  "
+                                                  "[a test]")
 
 
 def test_estimate_follows_the_batch_split_and_stays_out_without_a_measurement():
@@ -53,7 +73,7 @@ def test_estimate_follows_the_batch_split_and_stays_out_without_a_measurement():
     profile = load_profile("example_h100")
     plan = Plan("crate_mae_base", 1, 1, world_size=8, global_batch=4096, micro_batch=256, grad_accum=2,
                 train_samples=None, steps_per_epoch=None, total_steps=None, peak_lr=1e-3, model_states_gb_per_gpu=0,
-                flops_per_image=1.0, layout="all")
+                flops_per_image=1.0, layout="all", checkpoint_gb=0.5)
     line = estimate_line(plan, profile)
     step_ms = 2 * (14.7 + 256 / 3744 * 1e3)  # two micro-steps of 256
     assert line.startswith(f"estimate       {step_ms:.1f} ms per step") and "fixed per-step" not in line

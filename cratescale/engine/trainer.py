@@ -2,9 +2,10 @@
 
     train(job, run_dir, manifest, world, peak_flops, should_stop, task) -> TrainOutcome
 
-runs one `Trainer` of a task (engine/task.py: pretraining by default, or a fine-tune): setup() builds everything before the first step (process group, resume plan, engine,
-loader), run() repeats step / log / commit until the schedule ends or a stop is asked, and close() ends the
-loader's workers, the sample log and the metrics writer in `finally`, also when a step raised.
+runs one `Trainer` of a task (engine/task.py: pretraining by default, or a fine-tune run): setup() builds
+everything before the first step (process group, resume plan, engine, loader), run() repeats step / log / eval /
+commit until the schedule ends or a stop is asked, and close() ends the loader's workers, the sample log and the
+metrics writer in `finally`, also when a step raised.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ class Trainer:
         fresh = self.plan.commit is None
         model = wrap_for_training(self.task.build_model(fresh, world.rank), job)
         start_record = self.task.start_record(model, fresh)  # before DeepSpeed casts the weights (bf16)
-        optimizer = torch.optim.AdamW(self.task.param_groups(model), lr=self.peak, betas=tuple(job.optim.betas))
+        optimizer = optim.make_optimizer(model, job, self.task.param_groups(model))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(job, world.world_size, self.plan.elastic))
         if world.is_main:

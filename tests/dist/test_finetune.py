@@ -144,3 +144,22 @@ def test_preempted_fine_tune_resumes_bitwise(finetuned, tmp_path):
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
     assert [r["top1"] for r in _rows(arm_dir, "eval")][-1] == \
         [r["top1"] for r in _rows(finetuned / "finetune" / "pretrain" / "pretrained", "eval")][-1]
+
+
+def test_each_extract_dataset_is_a_transfer_set(finetuned, tmp_path):
+    """With extract.datasets, each named set is fine-tuned on (ingested on first use), not the pretraining data."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(finetuned / "export", run_dir / "export")
+    source = "synthetic://shapes?n=96&classes=3&size=32&seed=5"
+    proc = _launch(run_dir, [f"data.root={finetuned / 'data'}", "finetune.arms=[scratch]", "finetune.steps=8",
+                             f"extract.datasets=[{{name: shapes3, source: '{source}', val_per_class: 4}}]",
+                             "--stages", "finetune"], tmp_path)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    assert sorted(p.name for p in (run_dir / "finetune").iterdir()) == ["shapes3"]
+    arm_dir = run_dir / "finetune" / "shapes3" / "scratch"
+    assert [(r["step"], r["n"]) for r in _rows(arm_dir, "eval")] == [(8, 12)]  # 4 val images x 3 classes
+    model, info = load_classifier(arm_dir / "export")
+    assert (info["set"], info["step"]) == ("shapes3", 8)
+    assert tuple(model.class_names) == manifest_class_names(run_dir / "transfer" / "shapes3" / "manifest.parquet")

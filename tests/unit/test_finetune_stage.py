@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cratescale.checkpoint.export import export_weights
-from cratescale.config import ConfigError, load_job
+from cratescale.config import ConfigError, job_warnings, load_job
 from cratescale.engine.finetune_task import FinetuneSpec, FinetuneTask, manifest_class_names
 from cratescale.launch.finetune_stage import check_transfer_set, finetune_job
 from cratescale.models import create_model, scratch_classifier, train_flops_per_image
@@ -49,6 +49,13 @@ def test_the_fine_tune_job_takes_schedule_optimizer_and_seed_from_finetune(tmp_p
     assert ft.run_dir.endswith("finetune/s/pretrained") and ft.model == job.model and ft.data == job.data
 
 
+def test_enabled_without_the_stage_is_a_warning(tmp_path):
+    job = load_job(TINY, [f"run_dir={tmp_path}/run", *FINETUNE])
+    assert job_warnings(job) == ["finetune.enabled is true but the finetune stage is not among the job's stages "
+                                 "['pretrain']: nothing is fine-tuned; add finetune after export"]
+    assert job_warnings(load_job(TINY, [f"run_dir={tmp_path}/run", *FINETUNE, "stages=[pretrain,finetune]"])) == []
+
+
 def test_identity_is_what_the_fine_tune_continues_with(tmp_path, manifests):
     job = finetune_job(load_job(TINY, [f"run_dir={tmp_path}/run", *FINETUNE]), tmp_path / "ft")
     names = manifest_class_names(manifests["val"])
@@ -76,6 +83,15 @@ def test_a_transfer_set_needs_a_val_split_and_a_global_batch(manifests):
         check_transfer_set("cifar", manifests["val"], 64)
     with pytest.raises(ValueError, match="arm 'both'"):
         FinetuneSpec("both", "s", "x", ("a",))
+
+
+def test_zero_stage_3_is_refused_before_anything_is_queued(tmp_path):
+    from cratescale.config import RunPaths
+    from cratescale.launch.datacheck import check_data
+
+    job = load_job(TINY, [f"run_dir={tmp_path}/run", *FINETUNE, "parallel.zero_stage=3"])
+    with pytest.raises(ConfigError, match="stage 3 is not supported there yet"):
+        check_data(job, RunPaths.of(job), ["finetune"])
 
 
 def test_finetune_without_an_export_names_the_stage_to_run_first(tmp_path):

@@ -31,7 +31,9 @@ STEPS, EVERY_EVAL, EVERY_COMMIT = 120, 40, 20
 OVERRIDES = ["data.val_per_class=8", "schedule.steps=4", f"checkpoint.every_steps={EVERY_COMMIT}",
              "stages=[ingest,pretrain,export,finetune]", "finetune.enabled=true", f"finetune.steps={STEPS}",
              "finetune.global_batch=16", "finetune.micro_batch=8", "finetune.warmup_steps=4",
-             f"finetune.eval_every_steps={EVERY_EVAL}", "logging.progress=false"]
+             f"finetune.eval_every_steps={EVERY_EVAL}", "logging.progress=false",
+             # every random draw of a fine-tune step is in play for the resume: drop path, mixup and cutmix
+             "finetune.drop_path=0.2", "finetune.mixup=0.8", "finetune.cutmix=1.0"]
 ENCODER = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
 
 

@@ -116,3 +116,30 @@ def test_classifier_flops_count_every_token_through_the_encoder_and_the_head():
     deeper = scratch_classifier({**mae.config, "depth": 2 * mae.config["depth"]}, 4)
     patch = mae.num_patches * mae.config["patch_size"] ** 2 * mae.config["in_chans"] * d
     assert forward_macs_per_image(deeper) - patch - 4 * d == 2 * (forward_macs_per_image(small) - patch - 4 * d)
+
+
+def test_status_reads_each_fine_tune_run(tmp_path):
+    import json
+
+    from cratescale.checkpoint.classifier_export import classifier_from_export, export_classifier
+    from cratescale.checkpoint.export import export_fingerprint
+    from cratescale.launch.stage_state import stage_states
+
+    run = tmp_path / "run"
+    job = load_job(TINY, [f"run_dir={run}", *FINETUNE, "stages=[pretrain,export,finetune]"])
+    _export(run / "export", 0)
+    arm = run / "finetune" / "pretrain" / "pretrained"
+    model = classifier_from_export(run / "export", 4)
+    export_classifier(model, {"arm": "pretrained", "step": 10,
+                              "source_export_fingerprint": export_fingerprint(run / "export")}, arm / "export")
+    (arm / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 10, "top1": 0.625, "n": 32}) + "\n")
+
+    def finetune_rows() -> dict[str, tuple[str, str]]:
+        return {r["stage"]: (r["state"], r["detail"]) for r in stage_states(job, run, "COMPLETED", 8, 8)
+                if r["stage"].startswith("finetune")}
+
+    assert finetune_rows() == {"finetune pretrain/pretrained": ("done", "step 10, top-1 62.5% of 32"),
+                               "finetune pretrain/scratch": ("not run", "")}
+    (run / "export").rename(tmp_path / "old_export")
+    _export(run / "export", 1)  # pretraining's export changed since: the pretrained arm is stale
+    assert finetune_rows()["finetune pretrain/pretrained"][0] == "stale"

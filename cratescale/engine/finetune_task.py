@@ -135,7 +135,7 @@ class FinetuneTask:
         eval mode (no drop path: the RNG streams are not touched) and back in training mode."""
         rows = np.asarray(ManifestArrays(self.manifest, "val").rows, dtype=np.int64)[rank::world_size]
         correct = total = 0
-        was_training = model.training
+        was_training, device = model.training, next(model.parameters()).device
         model.eval()
         try:
             if len(rows):
@@ -143,7 +143,6 @@ class FinetuneTask:
                                           self.job.data.image_size, kind=decoder.kind, device=decoder.device,
                                           num_threads=self.job.data.num_threads)
                 for batch in loader:
-                    device = next(model.parameters()).device
                     logits = model(batch["images"].to(device))
                     hits = logits.argmax(dim=-1).cpu() == batch["labels"].cpu().long()
                     valid = torch.as_tensor(batch["valid"]).bool()

@@ -153,6 +153,16 @@ def load_model(out_dir: Path | str, device: str | torch.device = "cpu") -> tuple
     return model.eval().to(device), {"export": str(Path(out_dir).resolve()), **provenance, "model_config": config}
 
 
+def holds_commit(out_dir: Path | str, commit: Commit) -> bool:
+    """The export holds this commit's weights already (its step, checkpoint and identity)."""
+    try:
+        made = read_export_header(out_dir)["provenance"]
+    except (OSError, ExportError):
+        return False
+    return (made.get("step"), made.get("checkpoint"), made.get("config_hash")) == \
+        (commit.step, str(commit.path), commit.meta.get("config_hash"))
+
+
 def export_fingerprint(out_dir: Path | str) -> str:
     """sha256 of export.json, which lists every tensor's crc32: what a store records of the export it came from."""
     return hashlib.sha256((Path(out_dir) / INDEX).read_bytes()).hexdigest()

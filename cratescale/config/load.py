@@ -144,4 +144,7 @@ def job_warnings(job: JobConfig) -> list[str]:
     if length is not None and warmup and warmup >= length:
         warnings.append(f"schedule: warm-up of {warmup} {unit} >= the run's {length} {unit}: the learning rate never "
                         f"reaches its peak; lower schedule.warmup_{unit}")
+    if job.finetune.enabled and "finetune" not in job.stages:
+        warnings.append(f"finetune.enabled is true but the finetune stage is not among the job's stages "
+                        f"{list(job.stages)}: nothing is fine-tuned; add finetune after export")
     return warnings

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-STAGES = ("ingest", "pretrain", "export", "extract", "evaluate")
+STAGES = ("ingest", "pretrain", "export", "finetune", "extract", "evaluate")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -299,6 +299,9 @@ class FinetuneConfig(Strict):
     # Seeds the head, the scratch arm's initialization, the data order, drop path and mixing; null: the job's
     # seed, so the scratch arm starts from the initialization pretraining started from.
     seed: int | None = None
+    # Top-1 on the transfer set's val split every this many steps (a {"kind": "eval"} metrics row), and after the
+    # last step; null: after the last step only.
+    eval_every_steps: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
@@ -320,8 +323,8 @@ class JobConfig(Strict):
     run_dir: str = "runs/${name}"
     # Seeds the model's initialization, the sampler's permutations and every per-sample augmentation and mask.
     seed: int = Field(0, json_schema_extra=IDENTITY)
-    # The stages to run, in this order: ingest, pretrain, export, extract, evaluate.
-    stages: list[Literal["ingest", "pretrain", "export", "extract", "evaluate"]] = Field(
+    # The stages to run, in this order: ingest, pretrain, export, finetune, extract, evaluate.
+    stages: list[Literal["ingest", "pretrain", "export", "finetune", "extract", "evaluate"]] = Field(
         default_factory=lambda: ["ingest", "pretrain", "export"])
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -101,6 +101,10 @@ class StepTimer:
         self.data_wait = 0.0
         self.images = 0
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of work that is not training (an evaluation) out of the window."""
+        self.start += seconds
+
     def window(self) -> tuple[float, float, int]:
         return time.perf_counter() - self.start, self.data_wait, self.images
 

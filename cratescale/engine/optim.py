@@ -24,9 +24,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, job: JobConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, job.optim.weight_decay), lr=peak_lr(job),
-                             betas=tuple(job.optim.betas))
+def make_optimizer(model: nn.Module, job: JobConfig, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """AdamW over `groups` (the training task's; default: pretraining's decay / no-decay split)."""
+    groups = param_groups(model, job.optim.weight_decay) if groups is None else groups
+    return torch.optim.AdamW(groups, lr=peak_lr(job), betas=tuple(job.optim.betas))
 
 
 def peak_lr(job: JobConfig) -> float:

@@ -1,10 +1,11 @@
 """The training loop: DeepSpeed ZeRO over the sampler-driven loader, collective checkpoints, clean stops.
 
-    train(job, run_dir, manifest, world, peak_flops, should_stop) -> TrainOutcome
+    train(job, run_dir, manifest, world, peak_flops, should_stop, task) -> TrainOutcome
 
-runs one `Trainer`: setup() builds everything before the first step (process group, resume plan, engine,
-loader), run() repeats step / log / commit until the schedule ends or a stop is asked, and close() ends the
-loader's workers, the sample log and the metrics writer in `finally`, also when a step raised.
+runs one `Trainer` of a task (engine/task.py: pretraining by default, or a fine-tune run): setup() builds
+everything before the first step (process group, resume plan, engine, loader), run() repeats step / log / eval /
+commit until the schedule ends or a stop is asked, and close() ends the loader's workers, the sample log and the
+metrics writer in `finally`, also when a step raised.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 
 from cratescale.checkpoint import CheckpointStore
-from cratescale.config import JobConfig, RunPaths, job_identity, schedule_note
+from cratescale.config import JobConfig, RunPaths, schedule_note
 from cratescale.config.batching import describe_split, split_for_world
 from cratescale.distributed import WorldInfo, deepspeed_config, init_distributed
 from cratescale.engine import optim
@@ -27,13 +28,14 @@ from cratescale.engine.commit_async import AsyncCommitter
 from cratescale.engine.data_budget import BadDataBudget, BadDataError
 from cratescale.engine.metrics import (MetricsWriter, StepTimer, commit_line, memory_gb, mfu, say,
                                        unrecorded_commits)
-from cratescale.engine.model_build import build_model, count_train_samples, wrap_for_training
+from cratescale.engine.finetune_recipe import set_lr
+from cratescale.engine.model_build import count_train_samples, wrap_for_training
 from cratescale.engine.records import CommitRecord, CommitSkippedRecord
+from cratescale.engine.task import PretrainTask, TrainingTask
 from cratescale.engine.state import (check_decoder, checkpoint_meta, claim_run, load_state,
                                      mean_over_ranks, plan_resume, save_state)
 from cratescale.models import train_flops_per_image
 from data_pipeline.loader import choose_decoder, make_train_loader
-from data_pipeline.manifest import manifest_fingerprint
 from data_pipeline.sampler import LoaderState
 
 
@@ -48,9 +50,11 @@ class Trainer:
     """One training process of a job; the state a commit saves is owned by the engine (DeepSpeed, RNG) and the
     loader (`loader.state()`), and `commit` asks them for it."""
 
-    def __init__(self, job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_flops: float) -> None:
+    def __init__(self, job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_flops: float,
+                 task: TrainingTask | None = None) -> None:
         self.job, self.world, self.peak_flops = job, world, peak_flops
         self.manifest = Path(manifest)
+        self.task = task or PretrainTask(job, self.manifest)
         self.paths = RunPaths(Path(run_dir), self.manifest.parent)
         self.entered = time.perf_counter()
         self.closing = ExitStack()  # what setup opened, closed in reverse order by close(), even after an error
@@ -76,19 +80,24 @@ class Trainer:
         self.warmup = optim.warmup_steps(job, self.steps_per_epoch)
         self.peak = optim.peak_lr(job)
         self.store = CheckpointStore(self.paths.checkpoints, job.checkpoint.keep_last, job.checkpoint.keep_every)
-        self.identity = job_identity(job, manifest_fingerprint(self.manifest))
+        self.identity = self.task.identity()
         claim_run(self.store, world.rank)  # before resuming: a stale incarnation (partitioned node) is refused here
         self.plan = plan_resume(self.store, self.identity, sched.global_batch, world.world_size,
                                 job.checkpoint.allow_config_change)
         self.decoder = choose_decoder(job.data.loader, "gpu" if backend == "nccl" else "cpu")  # never a quiet CPU route
         self.decoder_was = check_decoder(self.plan.commit, self.decoder.identity, self.decoder.why,
                                          job.checkpoint.allow_decoder_change)
-        model = self._model()
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim.make_optimizer(model, job),
+        fresh = self.plan.commit is None
+        model = wrap_for_training(self.task.build_model(fresh, world.rank), job)
+        start_record = self.task.start_record(model, fresh)  # before DeepSpeed casts the weights (bf16)
+        optimizer = optim.make_optimizer(model, job, self.task.param_groups(model))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(job, world.world_size, self.plan.elastic))
         if world.is_main:
             self.writer = MetricsWriter(self.paths.run_dir, job.logging.tensorboard)
             self.closing.callback(self.writer.close)
+            if start_record:
+                self.writer.write(start_record)
         self.step = self.resume()
         self.loader = make_train_loader(
             self.manifest, state=LoaderState.from_step(self.step, self.steps_per_epoch, sched.global_batch, job.seed),
@@ -112,15 +121,6 @@ class Trainer:
         self.committer = AsyncCommitter(self.engine, self.store, world.rank, job.checkpoint.when_busy,
                                         on_done=self._on_commit)
         self.budget = BadDataBudget(job.data.max_bad_fraction, job.data.bad_window_steps, sched.global_batch)
-
-    def _model(self) -> torch.nn.Module:
-        model = build_model(self.job)
-        if self.plan.commit is None and self.job.checkpoint.start_fresh_from_weights:
-            from cratescale.checkpoint.export import load_export
-
-            state_dict, _, _ = load_export(Path(self.job.checkpoint.start_fresh_from_weights))
-            model.load_state_dict(state_dict)
-        return wrap_for_training(model, self.job)
 
     def resume(self) -> int:
         """The step to continue after: the planned commit's (its DeepSpeed state and RNG streams), else 0."""
@@ -171,7 +171,7 @@ class Trainer:
             self._check_data(agreed)
             # a background write that failed on any rank raises here, on every rank
             self.committer.poll((agreed.commit_busy, agreed.commit_failed))
-            lr = optim.lr_at(self.step, self.peak, self.warmup, self.total)
+            lr = optim.lr_at(self.step, self.peak, self.warmup, self.total, floor=self.task.floor_lr)
             self.train_step(micro_batches, lr)
             if self.writer and self.step == first_step:
                 # this process's first step: loader start-up and (with parallel.compile) the compile
@@ -179,6 +179,8 @@ class Trainer:
                                    "seconds_since_start": time.perf_counter() - self.entered})
             if self.step % job.logging.every_steps == 0 or self.step == self.total:
                 self.log(lr)
+            if self.task.eval_due(self.step, self.total):
+                self.evaluate()
             if self.step % job.checkpoint.every_steps == 0 and self.step < self.total:
                 self.commit()
         self.commit(final=True)  # waits for the write in flight first, then for its own
@@ -194,11 +196,10 @@ class Trainer:
         return micro_batches
 
     def train_step(self, micro_batches: list[dict], lr: float) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-        for batch in micro_batches:
+        set_lr(self.engine.optimizer, lr)  # times each group's lr_scale (layer decay); pretraining's groups: 1
+        for micro, batch in enumerate(micro_batches):
             images = batch["images"].to(self.engine.device, self.dtype, non_blocking=True)
-            loss, _, _ = self.engine(images, batch["mask_noise"].to(self.engine.device, non_blocking=True))
+            loss = self.task.loss(self.engine, batch, images, self.step, micro)
             self.engine.backward(loss)
             self.engine.step()
             self.window_loss += loss.detach().float() / self.accum  # stays on the device: no sync per micro-step
@@ -233,6 +234,17 @@ class Trainer:
             say(f"step {self.step}/{self.total} loss {loss:.4f} lr {lr:.2e} {rate:.0f} img/s wait {wait_frac:.0%}")
         self.timer.reset()
         self.window_loss, self.window_steps = 0.0, 0
+
+    def evaluate(self) -> None:
+        """The task's evaluation after this step (every rank), one metrics row on rank 0; the time it takes is
+        left out of the next logging window's img/s."""
+        t0 = time.perf_counter()
+        row = self.task.evaluate(self.engine.module, self.step, self.decoder, self.world.world_size, self.world.rank)
+        if self.writer:
+            self.writer.write(row)
+            say(f"step {self.step}/{self.total} eval " + " ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                                  if isinstance(v, float)))
+        self.timer.exclude(time.perf_counter() - t0)
 
     def commit(self, final: bool = False) -> None:
         """Commit the state after the current step, once per step; final also waits until it is durable."""
@@ -270,8 +282,8 @@ class Trainer:
 
 
 def train(job: JobConfig, run_dir: Path, manifest: Path, world: WorldInfo, peak_flops: float,
-          should_stop: Callable[[], bool] = lambda: False) -> TrainOutcome:
-    trainer = Trainer(job, run_dir, manifest, world, peak_flops)
+          should_stop: Callable[[], bool] = lambda: False, task: TrainingTask | None = None) -> TrainOutcome:
+    trainer = Trainer(job, run_dir, manifest, world, peak_flops, task)
     try:
         trainer.setup()
         return trainer.run(should_stop)

@@ -54,6 +54,15 @@ def check_data(job: JobConfig, paths: RunPaths, stages: list[str]) -> None:
     """Everything about the data that must hold before the first job is submitted; ingests transfer sets."""
     if "pretrain" in stages:
         check_manifest("data.val_per_class", paths.manifest, job.data.val_per_class, job.schedule.global_batch)
+    if job.finetune.enabled and "finetune" in stages:
+        from cratescale.launch.finetune_stage import check_transfer_set
+        from cratescale.launch.followups import dataset_manifests
+
+        if job.parallel.zero_stage == 3:  # engine.module holds only this rank's partition of each parameter
+            raise ConfigError("parallel.zero_stage: the finetune stage's top-1 evaluation reads whole parameters on "
+                              "each rank; stage 3 is not supported there yet (use 0, 1 or 2)")
+        for name, manifest in dataset_manifests(job, paths).items():
+            check_transfer_set(name, manifest, job.finetune.global_batch)
     if job.extract.datasets and ({"extract", "evaluate"} & set(stages)):
         from cratescale.launch.followups import transfer_manifests
 

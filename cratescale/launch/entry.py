@@ -5,8 +5,9 @@ import atexit
 import os
 from pathlib import Path
 
-from cratescale.config import load_job
+from cratescale.config import JobConfig, load_job
 from cratescale.distributed import exit_without_teardown, shutdown_distributed, world_from_env
+from cratescale.engine.task import TrainingTask
 from cratescale.engine.trainer import train
 from cratescale.launch.failures import arm_crash_record, record_failure
 from cratescale.launch.preemption import PreemptionFlag, requeue_slurm_job
@@ -18,7 +19,7 @@ class TrainTask:
     """Trains the job saved at `config_path`; on a stop request saves, requeues (SLURM) and exits."""
 
     def __init__(self, config_path: str, manifest: str, peak_flops: float, master_port: int | None = None,
-                 attempt: int = 0, expect_gpus: int = 0) -> None:
+                 attempt: int = 0, expect_gpus: int = 0, finetune: dict | None = None) -> None:
         self.config_path = config_path
         self.manifest = manifest
         self.peak_flops = peak_flops
@@ -29,6 +30,8 @@ class TrainTask:
         # The profile's gpus_per_node, carried by the task so that every executor (local processes as well as
         # SLURM) tells its ranks to stop at start-up when they see no CUDA (distributed/device.py).
         self.expect_gpus = expect_gpus
+        # A fine-tune run (engine/finetune_task.py FinetuneSpec as a dict); None: the job's pretraining.
+        self.finetune = finetune
 
     def env(self) -> dict[str, str]:
         """What this submission tells its ranks beyond SLURM's variables."""
@@ -39,6 +42,14 @@ class TrainTask:
             out["CRATESCALE_EXPECT_GPUS"] = str(self.expect_gpus)
         return out
 
+    def _task(self, job: JobConfig) -> TrainingTask | None:
+        if self.finetune is None:
+            return None  # the trainer's default: pretraining
+        from cratescale.engine.finetune_task import FinetuneSpec, FinetuneTask
+
+        spec = FinetuneSpec(**{**self.finetune, "class_names": tuple(self.finetune["class_names"])})
+        return FinetuneTask(job, Path(self.manifest), spec)
+
     def __call__(self) -> dict:
         flag = PreemptionFlag()
         os.environ.update(self.env())
@@ -46,7 +57,8 @@ class TrainTask:
         arm_crash_record(Path(self.config_path).parent, world.rank)  # a signal is reported with its name
         try:
             job = load_job(self.config_path)
-            outcome = train(job, Path(job.run_dir), Path(self.manifest), world, self.peak_flops, should_stop=flag)
+            outcome = train(job, Path(job.run_dir), Path(self.manifest), world, self.peak_flops, should_stop=flag,
+                            task=self._task(job))
         except Exception as err:
             # The supervisor reads this rank's reason from here (both executors) and stops or requeues on it.
             record_failure(Path(self.config_path).parent, world.rank, err)

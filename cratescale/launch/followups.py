@@ -37,7 +37,7 @@ def transfer_manifests(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
     return manifests
 
 
-def _datasets(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
+def dataset_manifests(job: JobConfig, paths: RunPaths) -> dict[str, Path]:
     """name -> manifest: the pretraining data itself, or each named transfer set."""
     return transfer_manifests(job, paths) if job.extract.datasets else {"pretrain": paths.manifest}
 
@@ -77,7 +77,7 @@ def run_extract(job: JobConfig, paths: RunPaths) -> None:
     exports = {"": paths.export}
     if "init" in job.evaluate.baselines:
         exports["init"] = write_init_export(job, paths)
-    for name, manifest in _datasets(job, paths).items():
+    for name, manifest in dataset_manifests(job, paths).items():
         for which, export in exports.items():
             out = init_store(paths, name) if which else paths.embeddings / name
             _extract_one(job, f"{name}{' (init)' if which else ''}", export, manifest, out, layers)
@@ -158,7 +158,7 @@ def _evaluate_one(job: JobConfig, paths: RunPaths, name: str, manifest: Path, ou
 
 def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
     summary = {}
-    for name, manifest in _datasets(job, paths).items():
+    for name, manifest in dataset_manifests(job, paths).items():
         out = paths.report / name
         init = "init" in job.evaluate.baselines
         inputs = report_inputs(job, paths, name, manifest)

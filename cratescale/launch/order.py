@@ -8,8 +8,8 @@ from pathlib import Path
 from cratescale.config import ConfigError, JobConfig, RunPaths
 
 # What each stage reads, and the stage that makes it.
-_NEEDS = {"export": "pretrain", "extract": "export", "evaluate": "extract"}
-_CHAIN = ["pretrain", "export", "extract", "evaluate"]
+_NEEDS = {"export": "pretrain", "finetune": "export", "extract": "export", "evaluate": "extract"}
+_CHAIN = ["pretrain", "export", "finetune", "extract", "evaluate"]
 
 
 def stage_sets(job: JobConfig) -> list[str]:
@@ -32,7 +32,7 @@ def missing_input(stage: str, job: JobConfig, paths: RunPaths) -> tuple[str, str
 
     if stage == "export" and not CheckpointStore(paths.checkpoints).commits():
         return f"no committed checkpoint in {paths.checkpoints}", "pretrain"
-    if stage in ("extract", "evaluate") and not (paths.export / "export.json").is_file():
+    if stage in ("finetune", "extract", "evaluate") and not (paths.export / "export.json").is_file():
         return f"no export in {paths.export}", "export"
     if stage == "evaluate":
         if absent := [s for s in (paths.embeddings / n for n in stage_sets(job)) if not _complete_store(s)]:
@@ -47,6 +47,7 @@ def check_stage_order(job: JobConfig, paths: RunPaths, chosen: list[str]) -> Non
             continue
         if found := missing_input(stage, job, paths):
             why, first = found
-            between = _CHAIN[_CHAIN.index(first):_CHAIN.index(stage)]
+            # finetune is on the way to nothing else: suggested only when it is the stage asked for
+            between = [s for s in _CHAIN[_CHAIN.index(first):_CHAIN.index(stage)] if s != "finetune"]
             raise ConfigError(f"--stages: {stage} needs what {first} makes ({why}); run {first} first: "
                               f"--stages {','.join([*between, *chosen[i:]])}")

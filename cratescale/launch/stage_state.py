@@ -22,6 +22,15 @@ def _export_step(paths: RunPaths) -> int | None:
     return ((_json(paths.export / "export.json") or {}).get("provenance") or {}).get("step")
 
 
+def _export_fingerprint(paths: RunPaths) -> str | None:
+    from cratescale.checkpoint.export import export_fingerprint
+
+    try:
+        return export_fingerprint(paths.export)
+    except OSError:
+        return None
+
+
 def _pretrain(state: str, commit_step: int | None, total: int | None) -> tuple[str, str]:
     detail = f"step {commit_step} committed" + (f" of {total}" if total else "") if commit_step is not None else ""
     if state == "COMPLETED":
@@ -58,6 +67,25 @@ def _extract(store: Path, export_step: int | None) -> tuple[str, str]:
     return "done", f"{total} shards, export step {step}"
 
 
+def _finetune(arm_dir: Path, export_fingerprint: str | None) -> tuple[str, str]:
+    """A fine-tune run (launch/finetune_stage.py): done once exported, with its last top-1; stale when the pretrained
+    arm started from another export than the run's current one."""
+    from cratescale.checkpoint import CheckpointStore
+
+    made = (_json(arm_dir / "export" / "export.json") or {}).get("provenance")
+    if made is None:
+        commit = CheckpointStore(arm_dir / "checkpoints").latest() if (arm_dir / "checkpoints").is_dir() else None
+        return ("incomplete", f"step {commit.step} committed (a rerun resumes it)") if commit else ("not run", "")
+    from cratescale.engine.metrics import read_metrics
+
+    evals = [row for row in read_metrics(arm_dir) if row.get("kind") == "eval"]
+    top1 = f", top-1 {100 * evals[-1]['top1']:.1f}% of {evals[-1]['n']}" if evals else ""
+    if made.get("arm") == "pretrained" and export_fingerprint and \
+            made.get("source_export_fingerprint") != export_fingerprint:
+        return "stale", f"step {made.get('step')}{top1}; fine-tuned from an earlier export"
+    return "done", f"step {made.get('step')}{top1}"
+
+
 def _evaluate(report: Path, export_step: int | None) -> tuple[str, str]:
     inputs = _json(report / "inputs.json")
     if inputs is None:
@@ -83,6 +111,10 @@ def stage_states(job: JobConfig, run: Path, pretrain_state: str, commit_step: in
             found = [("", _pretrain(pretrain_state, commit_step, total))]
         elif stage == "export":
             found = [("", _export(paths, commit_step))]
+        elif stage == "finetune":
+            fingerprint = _export_fingerprint(paths)
+            found = [(f"{n}/{arm}", _finetune(paths.run_dir / "finetune" / n / arm, fingerprint))
+                     for n in stage_sets(job) for arm in job.finetune.arms]
         elif stage == "extract":
             found = [(n, _extract(paths.embeddings / n, export_step)) for n in stage_sets(job)]
         else:

@@ -1,4 +1,4 @@
-"""The stages of a job, in order: ingest -> pretrain -> export -> extract -> evaluate."""
+"""The stages of a job, in order: ingest -> pretrain -> export -> finetune -> extract -> evaluate."""
 from __future__ import annotations
 
 import time
@@ -9,15 +9,16 @@ import ray
 
 from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.commit import Commit
-from cratescale.checkpoint.export import ExportError, consolidate, export_weights, read_export_header, \
-    training_provenance
+from cratescale.checkpoint.export import consolidate, export_weights, holds_commit, training_provenance
 from cratescale.config import JobConfig, ProfileConfig, RunPaths
 from cratescale.launch.attach import LiveJob
 from cratescale.launch.datacheck import job_ingest_settings
-from cratescale.launch.display import StageError, TrainingDisplay, console
+from cratescale.launch.display import StageError, console
+from cratescale.launch.finetune_stage import finetune_stage
+from cratescale.launch.follow_training import follow_training
 from cratescale.launch.quiet import library_output
 from cratescale.launch.followups import run_evaluate, run_extract
-from cratescale.launch.supervisor import Supervisor, follow
+from cratescale.launch.supervisor import Supervisor
 
 
 def ingest_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:
@@ -79,40 +80,11 @@ def pretrain_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig, live
                     f"logs in {paths.submitit_dir}")
     if detach:
         return {"state": "SUBMITTED", "job_id": job_id, "detached": True}
-    try:
-        with TrainingDisplay(console, bar=job.logging.progress) as display:
-            status = follow(supervisor, display.update)
-    except KeyboardInterrupt:
-        if _ask_cancel():
-            ray.get(supervisor.cancel.remote())
-            raise StageError(f"pretrain: job {job_id} cancelled") from None
-        console.log(f"detached from job {job_id}; follow it again with: python -m cratescale.launch attach "
-                    f"{paths.run_dir}")
-        raise SystemExit(0) from None
-    if status["state"] != "COMPLETED" or not status["finished"]:
-        raise StageError(failure_message(status, ray.get(supervisor.error.remote()), paths))
+    status = follow_training(job, paths, supervisor, job_id, "pretrain")
     console.log(f"pretrain: done at step {status['step']}, {status['restarts']} restarts, "
                 f"{status['lost_steps']} steps lost, {status['commits']} commits, first step after "
                 f"{status['first_step_s']} s")
     return status
-
-
-def failure_message(status: dict[str, Any], failure: dict[str, Any] | None, paths: RunPaths) -> str:
-    """How the job ended, where its logs are, and under that the failing rank's own last error line."""
-    head = f"pretrain: job {status['job_id']} ended {status['state']}"
-    if failure is None:
-        return f"{head} (logs: {paths.submitit_dir})"
-    why = ", not retried: the same config and data fail the same way" if failure["deterministic"] else ""
-    return f"{head}{why} (logs: {failure['log'] or paths.submitit_dir})\n  rank {failure['rank']}: {failure['line']}"
-
-
-def _ask_cancel() -> bool:
-    import sys
-
-    if not sys.stdin.isatty():
-        return False  # a batch terminal detaches by default
-    answer = input("\ncancel the training job? [y/N] (N detaches) ").strip().lower()
-    return answer in ("y", "yes")
 
 
 def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Path:
@@ -121,7 +93,7 @@ def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Pat
     commit = CheckpointStore(paths.checkpoints).latest()
     if commit is None:
         raise StageError(f"export: no committed checkpoint in {paths.checkpoints}")
-    if _exported(paths.export, commit):
+    if holds_commit(paths.export, commit):
         console.log(f"export: step {commit.step} is already exported to {paths.export}, skipping")
         return paths.export
     with library_output(paths.run_dir):  # zero_to_fp32 prints and draws a bar: into logs/launcher.log
@@ -134,16 +106,6 @@ def export_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> Pat
     _save_reconstructions(job, paths, model)
     console.log(f"export: step {commit.step} ({found.precision} run, fp32 master weights) -> {paths.export}")
     return paths.export
-
-
-def _exported(export: Path, commit: Commit) -> bool:
-    """The export holds this commit's weights already (its step, checkpoint and identity)."""
-    try:
-        made = read_export_header(export)["provenance"]
-    except (OSError, ExportError):
-        return False
-    return (made.get("step"), made.get("checkpoint"), made.get("config_hash")) == \
-        (commit.step, str(commit.path), commit.meta.get("config_hash"))
 
 
 def _save_reconstructions(job: JobConfig, paths: RunPaths, model: Any) -> None:
@@ -163,4 +125,5 @@ def evaluate_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> N
 
 
 STAGES: dict[str, Callable[..., Any]] = {"ingest": ingest_stage, "pretrain": pretrain_stage, "export": export_stage,
-                                         "extract": extract_stage, "evaluate": evaluate_stage}
+                                         "finetune": finetune_stage, "extract": extract_stage,
+                                         "evaluate": evaluate_stage}

@@ -42,12 +42,12 @@ def next_attempt(checkpoints: Path, submitted: int) -> int:
 
 @ray.remote(num_cpus=0)
 class Supervisor:
-    def __init__(self, config_path: str, manifest: str) -> None:
+    def __init__(self, config_path: str, manifest: str, finetune: dict | None = None) -> None:
         self.job = load_job(config_path)
         self.paths = RunPaths.of(self.job)
         self.profile = load_profile(self.job.cluster.profile)
         self.task = TrainTask(config_path, manifest, self.profile.peak_flops_per_gpu,
-                              expect_gpus=self.profile.gpus_per_node)
+                              expect_gpus=self.profile.gpus_per_node, finetune=finetune)
         self.submitit_job = None
         self.submissions: list[str] = []
         self.resubmits = 0

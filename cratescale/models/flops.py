@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import MaskedAutoencoder
+from .classifier import Classifier
 
 
 def _crate_encoder_layer_macs(n: int, d: int) -> int:
@@ -24,8 +25,23 @@ def _vit_block_macs(n: int, d: int, mlp_ratio: float) -> int:
     return int((4 + 2 * mlp_ratio) * n * d * d) + 2 * n * n * d
 
 
+def classifier_macs_per_image(model: Classifier) -> int:
+    """A fine-tuning classifier: the patch embedding and every encoder block over all 1 + L tokens (nothing is
+    masked), then the head on the pooled token."""
+    c = model.config["encoder"]
+    length, pixels, d = model.num_patches, c["patch_size"] ** 2 * c["in_chans"], c["embed_dim"]
+    n = 1 + length
+    if c["arch"] == "crate_mae":
+        blocks = c["depth"] * _crate_encoder_layer_macs(n, d)
+    else:
+        blocks = c["depth"] * _vit_block_macs(n, d, float(c["mlp_ratio"]))
+    return length * pixels * d + blocks + d * model.config["num_classes"]
+
+
 def forward_macs_per_image(model: nn.Module) -> int:
     """Multiply-adds of one forward pass for one image in the model's token layout."""
+    if isinstance(model, Classifier):
+        return classifier_macs_per_image(model)
     if not isinstance(model, MaskedAutoencoder):
         raise TypeError(f"forward_macs_per_image: expected a cratescale MAE model, got {type(model).__name__}")
     c = model.config

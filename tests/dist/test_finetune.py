@@ -1,0 +1,167 @@
+"""The finetune stage through the launcher (issue 32): local Ray, the supervisor, submitit's local executor with 2
+ranks, DeepSpeed ZeRO-2 over gloo, DALI on the CPU, bf16, a tiny CRATE-MAE at 32 px. Both arms train from where
+they should (the export's encoder; the seeded initialization), write loss, lr and top-1 rows, and export; a
+fine-tune preempted by SIGUSR2 to its ranks resumes and ends bitwise where an uninterrupted one ends."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from cratescale.checkpoint.classifier_export import load_classifier
+from cratescale.checkpoint.export import load_export
+from cratescale.config import load_job
+from cratescale.engine.finetune_task import manifest_class_names
+from cratescale.engine.model_build import build_model
+from tests.dist.harness import final_weights
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_JOB = REPO / "tests" / "dist" / "tiny.yaml"
+pytestmark = pytest.mark.dist
+
+STEPS, EVERY_EVAL, EVERY_COMMIT = 120, 40, 20
+OVERRIDES = ["data.val_per_class=8", "schedule.steps=4", f"checkpoint.every_steps={EVERY_COMMIT}",
+             "stages=[ingest,pretrain,export,finetune]", "finetune.enabled=true", f"finetune.steps={STEPS}",
+             "finetune.global_batch=16", "finetune.micro_batch=8", "finetune.warmup_steps=4",
+             f"finetune.eval_every_steps={EVERY_EVAL}", "logging.progress=false",
+             # every random draw of a fine-tune step is in play for the resume: drop path, mixup and cutmix
+             "finetune.drop_path=0.2", "finetune.mixup=0.8", "finetune.cutmix=1.0"]
+ENCODER = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
+
+
+def _launch(run_dir: Path, extra: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cratescale.launch", str(BASE_JOB), f"run_dir={run_dir}",
+                             *OVERRIDES, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=cwd, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def _rows(arm_dir: Path, kind: str | None = None) -> list[dict]:
+    path = arm_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.detach().float().contiguous().numpy().tobytes())
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("finetune")
+    run_dir = base / "run"
+    proc = _launch(run_dir, [], base)
+    out, _ = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, out[-5000:]
+    return run_dir
+
+
+def test_both_arms_train_from_their_start_evaluate_and_export(finetuned):
+    run_dir = finetuned
+    job = load_job(run_dir / "config.yaml")
+    export_state, _, _ = load_export(run_dir / "export")
+    init_state = build_model(job).state_dict()  # where pretraining started: the job's seed
+    names = manifest_class_names(run_dir / "data" / "manifest.parquet")
+    assert len(names) == 4
+    starts = {}
+    for arm in ("pretrained", "scratch"):
+        arm_dir = run_dir / "finetune" / "pretrain" / arm
+        train = _rows(arm_dir, "train")
+        assert [r["step"] for r in train] == list(range(2, STEPS + 1, 2)), train  # logging.every_steps 2
+        assert all(r["loss"] > 0 and r["lr"] > 0 for r in train)
+        evals = _rows(arm_dir, "eval")
+        assert [r["step"] for r in evals] == list(range(EVERY_EVAL, STEPS + 1, EVERY_EVAL)), evals
+        assert all(r["n"] == 32 and 0.0 <= r["top1"] <= 1.0 for r in evals), evals  # 8 val images x 4 classes
+        start = _rows(arm_dir, "finetune_start")
+        assert len(start) == 1 and start[0]["arm"] == arm
+        starts[arm] = start[0]["weights_crc32"]
+        model, info = load_classifier(arm_dir / "export")
+        assert (info["arm"], info["step"], tuple(model.class_names)) == (arm, STEPS, names)
+        step, weights = final_weights(arm_dir)
+        assert step == STEPS
+        exported = model.state_dict()
+        assert all(torch.equal(weights[k].float(), exported[k]) for k in exported)
+        assert any(_crc(exported[k]) != starts[arm][k] for k in exported)  # it trained
+    encoder = [k for k in starts["pretrained"] if k.startswith(ENCODER)]
+    assert len(encoder) > 4
+    for name in encoder:  # the pretrained arm starts from the export, the scratch arm from the seeded init
+        assert starts["pretrained"][name] == _crc(export_state[name]), name
+        assert starts["scratch"][name] == _crc(init_state[name]), name
+    assert any(starts["pretrained"][k] != starts["scratch"][k] for k in encoder)
+    head = [k for k in starts["pretrained"] if k.startswith(("head.", "fc_norm."))]
+    assert head and all(starts["pretrained"][k] == starts["scratch"][k] for k in head)  # one seeded head
+
+
+def _rank_processes(submitit_dir: Path) -> list[psutil.Process]:
+    """submitit's local ranks of one run: the children of its controller (`python -m submitit.local._local
+    <its folder>`); their own children (the loader's feed workers) carry the ranks' command line too."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "submitit.local._local" in cmd and str(submitit_dir) in cmd:
+            try:
+                return proc.children()
+            except psutil.NoSuchProcess:
+                return []
+    return []
+
+
+def test_preempted_fine_tune_resumes_bitwise(finetuned, tmp_path):
+    """SIGUSR2 to both ranks mid-fine-tune: they commit and stop, the supervisor resubmits, the run resumes from
+    the commit and ends with the weights of the uninterrupted fine-tune, bit for bit."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(finetuned / "export", run_dir / "export")
+    arm_dir = run_dir / "finetune" / "pretrain" / "pretrained"
+    proc = _launch(run_dir, [f"data.root={finetuned / 'data'}", "finetune.arms=[pretrained]", "--stages",
+                             "finetune"], tmp_path)
+    signalled = []
+    deadline = time.time() + 900
+    while not signalled and proc.poll() is None and time.time() < deadline:
+        commits = [r["step"] for r in _rows(arm_dir, "commit")]
+        ranks = _rank_processes(arm_dir / "submitit")
+        if commits and len(ranks) == 2:
+            for rank in ranks:
+                rank.send_signal(signal.SIGUSR2)
+            signalled = commits
+        time.sleep(0.1)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    assert signalled, "the fine-tune ended before it could be signalled"
+    ends = _rows(arm_dir, "end")
+    assert [e["status"] for e in ends] == ["preempted", "completed"], ends
+    starts = _rows(arm_dir, "start")
+    assert [s["resumed"] for s in starts] == [False, True]
+    assert 0 < starts[1]["step"] < STEPS  # resumed mid-fine-tune
+    step, weights = final_weights(arm_dir)
+    ref_step, reference = final_weights(finetuned / "finetune" / "pretrain" / "pretrained")
+    assert step == ref_step == STEPS
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+    assert [r["top1"] for r in _rows(arm_dir, "eval")][-1] == \
+        [r["top1"] for r in _rows(finetuned / "finetune" / "pretrain" / "pretrained", "eval")][-1]
+
+
+def test_each_extract_dataset_is_a_transfer_set(finetuned, tmp_path):
+    """With extract.datasets, each named set is fine-tuned on (ingested on first use), not the pretraining data."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(finetuned / "export", run_dir / "export")
+    source = "synthetic://shapes?n=96&classes=3&size=32&seed=5"
+    proc = _launch(run_dir, [f"data.root={finetuned / 'data'}", "finetune.arms=[scratch]", "finetune.steps=8",
+                             f"extract.datasets=[{{name: shapes3, source: '{source}', val_per_class: 4}}]",
+                             "--stages", "finetune"], tmp_path)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    assert sorted(p.name for p in (run_dir / "finetune").iterdir()) == ["shapes3"]
+    arm_dir = run_dir / "finetune" / "shapes3" / "scratch"
+    assert [(r["step"], r["n"]) for r in _rows(arm_dir, "eval")] == [(8, 12)]  # 4 val images x 3 classes
+    model, info = load_classifier(arm_dir / "export")
+    assert (info["set"], info["step"]) == ("shapes3", 8)
+    assert tuple(model.class_names) == manifest_class_names(run_dir / "transfer" / "shapes3" / "manifest.parquet")

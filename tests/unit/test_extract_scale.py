@@ -3,10 +3,9 @@ actors sized by the plan, DALI on the CPU, the split of the pretraining set (eve
 the manifest's shared index. The manifest is bench/extract_scale's (shaped like the resharded ImageNet-21k ingest,
 every row pointing at a real JPEG), at 20,000 rows here; BENCHMARKS.md has the same run at 10^6 rows.
 
-The bound is the issue's: each actor's measured peak (its RSS plus its DALI feed worker's private pages, sampled
-every 0.2 s by the actor itself) over the memory Ray reserved for it (the prediction), in 0.75-1.25. Measured here
-0.92-0.98 at 20,000 rows under load 8; the prediction counts what a run can hold at once, so a quiet machine that
-holds less reads lower, not above."""
+The bound is the issue's: each actor's measured peak (its own high-water mark plus the most its DALI feed worker
+held privately in a 0.2 s sample, memory.RssGuard) over the memory Ray reserved for it (the prediction), in
+0.75-1.25; measured 1.11 for both actors at 10^6 rows (BENCHMARKS.md). Memory, not time: load does not move it."""
 from __future__ import annotations
 
 from pathlib import Path

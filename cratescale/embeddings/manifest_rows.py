@@ -43,6 +43,9 @@ class ManifestRows:
         self.manifest, self.split = Path(manifest), split
         self.index = ManifestIndex(manifest)
         self._rows = None if split is None else self.index.split_rows(split)
+        # every split's rows, opened once: a store of all rows names each row's split, shard by shard
+        self._split_members = {} if split is not None else {name: self.index.split_rows(name)
+                                                            for name in self.index.meta["splits"]}
         self.count = self.index.total_rows if split is None else len(self._rows)
         parquet = pq.ParquetFile(self.manifest)
         self._has_key = "key" in parquet.schema_arrow.names
@@ -65,8 +68,7 @@ class ManifestRows:
         if self.split is not None:
             return np.full(len(rows), self.split, dtype=object)
         names = np.full(len(rows), "None", dtype=object)  # a row of no split, as pandas' astype(str) wrote it
-        for name in self.index.meta["splits"]:
-            members = self.index.split_rows(name)
+        for name, members in self._split_members.items():
             lo, hi = bisect.bisect_left(members, rows[0]), bisect.bisect_right(members, rows[-1])
             names[np.isin(rows, np.asarray(members[lo:hi]))] = name
         return names

@@ -44,6 +44,8 @@ class RunPaths:
     init_export = _InRun("export_init", "The architecture at its initialization: the baseline evaluation compares "
                                         "against.")
     embeddings = _InRun("embeddings")
+    finetune = _InRun("finetune", "One fine-tune run per transfer set and arm: finetune/<set>/<arm>/ "
+                                  "(launch/finetune_stage.py).")
     report = _InRun("report")
     submitit_dir = _InRun("submitit")
     launch_state = _InRun("launch.json")

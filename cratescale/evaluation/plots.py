@@ -175,3 +175,20 @@ def plot_comparison(table: Mapping[str, Mapping[str, float | None]], path: Path 
     ax.legend(fontsize=8)
     ax.set_title(f"Linear probe and kNN top-1\n{title}" if title else "Linear probe and kNN top-1", fontsize=9)
     return _save(fig, path)
+
+
+def plot_finetune_curves(curves: Mapping[str, Sequence[Mapping]], path: Path | str, title: str = "") -> Path:
+    """Held-out top-1 (%) vs fine-tune step, one line per arm (pretrained, scratch), y from 0 to 100."""
+    if not curves:
+        raise ValueError("plot_finetune_curves: no curves given")
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for j, (arm, rows) in enumerate(curves.items()):
+        ax.plot([r["step"] for r in rows], [100 * r["top1"] for r in rows], marker="o", ms=3, color=f"C{j}",
+                label=arm)
+    ax.set_xlabel("fine-tune step")
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Fine-tuning, pretrained vs scratch\n{title}" if title else "Fine-tuning, pretrained vs scratch",
+                 fontsize=9)
+    return _save(fig, path)

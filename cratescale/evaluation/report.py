@@ -6,7 +6,7 @@ architecture at initialization, raw pixels), per-layer probes, diagnostics, and 
                         difference in points), per-layer results and the best layer, diagnostic curves
                         (pretrained and init), anything passed as `extra`
   results.md            the side-by-side table (pretrained | init | raw pixels | differences), per-layer table
-  results.png, layers.png, attention.png, pca.png, reconstructions.png   (those that have inputs)
+  results.png, layers.png, attention.png, pca.png, reconstructions.png, finetune.png   (those that have inputs)
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 from cratescale.checkpoint.export import load_model, read_export_header
 from cratescale.evaluation import plots
 from cratescale.evaluation.diagnostics import denormalize, reconstructions, run_diagnostics
+from cratescale.evaluation.finetune_report import finetune_table, summarize
 from cratescale.evaluation.protocol import (MODELS, best_layer, compare, evaluate_layers, evaluate_pixels,
                                             evaluate_store)
 
@@ -141,12 +142,14 @@ def write_report(out_dir: Path | str, *, results: Mapping[str, Mapping[str, Any]
                  baselines: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
                  layers: Mapping[str, Mapping[int, Mapping[str, Any]]] | None = None,
                  init_diagnostics: Mapping[str, Any] | None = None,
-                 context: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                 context: Mapping[str, Any] | None = None,
+                 finetune: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Path]:
     """Write metrics.json, results.md and the PNGs that the given inputs allow; returns {name: path}.
     `results` are the pretrained features', `baselines` {"init": ..., "pixels": ...} the same protocol on
     the baselines, `layers` {"pretrained"|"init": {layer: {method: result}}}. `images` (normalized
     (B, 3, H, W)) are the batch `diagnostics` was computed on; with `model` they also give the
-    reconstruction grid. `context` ({"run", "step", "set"}) goes on every figure and table with the set sizes."""
+    reconstruction grid. `context` ({"run", "step", "set"}) goes on every figure and table with the set sizes.
+    `finetune` ({arm: eval rows}, finetune_report.read_curves) adds the fine-tune rows and curves."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -167,6 +170,11 @@ def write_report(out_dir: Path | str, *, results: Mapping[str, Mapping[str, Any]
         metrics["best_layer"] = best_layer(layers.get("pretrained", {}))
         md.append("## Per layer (mean-pooled block output), top-1 (%)\n\n" +
                   layers_table(layers, metrics["best_layer"]))
+    if finetune:
+        metrics["finetune"] = {"summary": summarize(finetune), "curves": finetune}
+        md.append("## Fine-tuning: held-out top-1 at the last step, 95% Wilson interval in brackets\n\n" +
+                  finetune_table(metrics["finetune"]["summary"]))
+        written["finetune.png"] = plots.plot_finetune_curves(finetune, out / "finetune.png", title=about)
     if len(md) > 1:
         (out / "results.md").write_text("\n".join(md))
         written["results.md"] = out / "results.md"
@@ -230,11 +238,13 @@ def evaluate(export_dir: Path | str, store_dir: Path | str, manifest_path: Path 
              image_size: int | None = None, loader_kind: str = "auto", seed: int = 0,
              init_export: Path | str | None = None, init_store: Path | str | None = None,
              pixels: bool = True, layers: bool = True,
+             finetune: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
              progress: Callable[[str], None] = lambda what: None) -> dict[str, Path]:
     """The evaluate stage: probe + kNN on the store, the same on `init_store` (the architecture at its
     initialization) and on raw pixels of the same rows, per-layer probes on every stored layer (pooled as
     the first feature), diagnostics of the export's model and of `init_export` on a fixed batch. `progress` is told
-    each part as it starts (minutes each at ImageNet scale; the launcher prints them)."""
+    each part as it starts (minutes each at ImageNet scale; the launcher prints them). `finetune` ({arm: eval rows})
+    adds the fine-tune stage's rows and curves."""
     protocol = dict(knn_k=knn_k, knn_temperature=knn_temperature, probe=probe, seed=seed)
     size = int(image_size or read_export_header(export_dir)["model_config"]["img_size"])
     progress(f"probe and kNN on the pretrained {', '.join(features)}")
@@ -267,4 +277,4 @@ def evaluate(export_dir: Path | str, store_dir: Path | str, manifest_path: Path 
     context = {"run": made.get("run") or made.get("run_name"), "step": made.get("step"), "set": Path(out_dir).name}
     return write_report(out_dir, results=results, diagnostics=diag, images=images, model=model, seed=seed,
                         extra=extra, baselines=baselines, layers=per_layer, init_diagnostics=init_diag,
-                        context=context)
+                        context=context, finetune=finetune)

@@ -19,11 +19,12 @@ from cratescale.checkpoint import CheckpointStore
 from cratescale.checkpoint.classifier_export import export_classifier
 from cratescale.checkpoint.commit import Commit
 from cratescale.checkpoint.export import consolidate, export_fingerprint, holds_commit, training_provenance
-from cratescale.config import ConfigError, JobConfig, ProfileConfig, RunPaths, dump_job
+from cratescale.config import ConfigError, JobConfig, ProfileConfig, RunPaths, dump_job, job_yaml
 from cratescale.config.identity import identity_hash
 from cratescale.engine.finetune_task import FinetuneSpec, FinetuneTask, build_classifier, manifest_class_names
 from cratescale.engine.model_build import count_train_samples
 from cratescale.engine.optim import total_steps
+from cratescale.launch.attach import LiveJob, check_attachable, live_job
 from cratescale.launch.display import StageError, console
 from cratescale.launch.follow_training import follow_training
 from cratescale.launch.followups import dataset_manifests
@@ -48,7 +49,7 @@ def finetune_job(job: JobConfig, run_dir: Path) -> JobConfig:
 
 
 def run_dir_of(paths: RunPaths, set_name: str, arm: str) -> Path:
-    return paths.run_dir / "finetune" / set_name / arm
+    return paths.finetune / set_name / arm
 
 
 def check_transfer_set(name: str, manifest: Path, global_batch: int) -> None:
@@ -84,18 +85,25 @@ def run_arm(job: JobConfig, paths: RunPaths, profile: ProfileConfig, manifest: P
     ft_job = finetune_job(job, run_dir_of(paths, spec.set_name, spec.arm))
     ft_paths = RunPaths(Path(ft_job.run_dir), paths.data_root)
     task = FinetuneTask(ft_job, manifest, spec)
-    commit = trained(ft_job, ft_paths, manifest, task)
+    live = live_arm(ft_job, ft_paths, label)
+    commit = trained(ft_job, ft_paths, manifest, task) if live is None else None
     if commit is not None:
         console.log(f"{label}: step {commit.step} is committed ({commit.path}), the whole schedule: nothing "
                     f"submitted")
     else:
-        dump_job(ft_job, ft_paths.config)
+        if live is None:  # a live job rereads its saved config at each restart: never replaced under it
+            dump_job(ft_job, ft_paths.config)
         supervisor = Supervisor.remote(str(ft_paths.config), str(manifest), spec.to_dict())
         try:
-            job_id = ray.get(supervisor.submit.remote())
-            console.log(f"{label}: submitted job {job_id} ({len(spec.class_names)} classes, "
-                        f"{ft_job.cluster.executor} executor, {ft_job.world_size} ranks); logs in "
-                        f"{ft_paths.submitit_dir}")
+            if live is not None:
+                job_id = ray.get(supervisor.adopt.remote(live.job_id, live.record))
+                console.log(f"{label}: job {job_id} ({live.state}) is already fine-tuning this arm: following it, "
+                            f"nothing submitted")
+            else:
+                job_id = ray.get(supervisor.submit.remote())
+                console.log(f"{label}: submitted job {job_id} ({len(spec.class_names)} classes, "
+                            f"{ft_job.cluster.executor} executor, {ft_job.world_size} ranks); logs in "
+                            f"{ft_paths.submitit_dir}")
             status = follow_training(ft_job, ft_paths, supervisor, job_id, label)
         finally:
             ray.kill(supervisor)
@@ -105,6 +113,19 @@ def run_arm(job: JobConfig, paths: RunPaths, profile: ProfileConfig, manifest: P
         if commit is None:
             raise StageError(f"{label}: the job completed but {ft_paths.checkpoints} holds no commit")
     return export_arm(ft_job, ft_paths, spec, commit, label)
+
+
+def live_arm(ft_job: JobConfig, ft_paths: RunPaths, label: str) -> LiveJob | None:
+    """The arm's job that an earlier launch submitted and SLURM still has: followed, not submitted again (two
+    jobs would write one run's commits). A live local job cannot be followed, and a launch that asks for another
+    fine-tune than the live job's is refused: StageError, one line."""
+    live = live_job(ft_paths)
+    if live is not None:
+        try:
+            check_attachable(live, ft_paths, job_yaml(ft_job))
+        except ConfigError as err:
+            raise StageError(f"{label}: {err}") from None
+    return live
 
 
 def trained(ft_job: JobConfig, ft_paths: RunPaths, manifest: Path, task: FinetuneTask) -> Commit | None:

@@ -103,11 +103,10 @@ def _extract_one(job: JobConfig, label: str, export: Path, manifest: Path, out: 
         console.log(f"extract: {label}: {out} is complete for this export and manifest, skipping")
         return
     try:
-        store = extract(export, manifest, target, **layout, batch_size=ex.batch_size, actors=ex.actors,
-                        image_size=job.data.image_size, loader_kind=job.data.loader,
-                        ray_address=job.cluster.ray_address, num_gpus_per_actor=ex.gpus_per_actor,
-                        max_restarts=ex.max_restarts, threads_per_actor=job.data.num_threads,
-                        loader_options=loader_options(job))
+        extract(export, manifest, target, **layout, batch_size=ex.batch_size, actors=ex.actors,
+                image_size=job.data.image_size, loader_kind=job.data.loader, ray_address=job.cluster.ray_address,
+                num_gpus_per_actor=ex.gpus_per_actor, max_restarts=ex.max_restarts,
+                threads_per_actor=job.data.num_threads, loader_options=loader_options(job))
     except ExtractionError as err:  # one line: the cause and the knobs; committed shards are kept
         raise StageError(f"{label}: {err}") from None
     if target != out:
@@ -127,20 +126,23 @@ def _read_json(path: Path) -> dict | None:
 
 def report_inputs(job: JobConfig, paths: RunPaths, name: str, manifest: Path) -> dict:
     """What a report of dataset `name` depends on: the exports and stores it reads (their headers carry their
-    fingerprints, a new export or a re-extracted store changes them), the manifest and the evaluate settings."""
+    fingerprints, a new export or a re-extracted store changes them), the fine-tuned arms' exports, the manifest
+    and the evaluate settings."""
     from cratescale.checkpoint.export import read_export_header
     from data_pipeline.manifest import manifest_fingerprint
 
     digest = hashlib.sha256(job.evaluate.model_dump_json().encode())
     digest.update(f"{job.data.image_size} {job.data.loader} {job.seed} {manifest_fingerprint(manifest)}".encode())
+    finetuned = [paths.finetune / name / arm / "export" / "export.json" for arm in job.finetune.arms]
     for path in (paths.export / "export.json", paths.embeddings / name / "store.json",
-                 paths.init_export / "export.json", init_store(paths, name) / "store.json"):
+                 paths.init_export / "export.json", init_store(paths, name) / "store.json", *finetuned):
         digest.update(path.read_bytes() if path.is_file() else b"absent")
     return {"export_step": read_export_header(paths.export)["provenance"].get("step"), "key": digest.hexdigest()}
 
 
 def _evaluate_one(job: JobConfig, paths: RunPaths, name: str, manifest: Path, out: Path, init: bool) -> dict:
     """The report of one set; StoreError where a store it reads is missing, unfinished or damaged."""
+    from cratescale.evaluation.finetune_report import read_curves
     from cratescale.evaluation.report import evaluate
 
     store = paths.embeddings / name
@@ -153,6 +155,7 @@ def _evaluate_one(job: JobConfig, paths: RunPaths, name: str, manifest: Path, ou
                     init_export=paths.init_export if init else None,
                     init_store=init_store(paths, name) if init else None,
                     pixels="pixels" in job.evaluate.baselines, layers=job.evaluate.layers,
+                    finetune=read_curves(paths.finetune, name),
                     progress=lambda what: console.log(f"evaluate: {name}: {what}"))
 
 

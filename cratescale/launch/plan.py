@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -115,6 +114,16 @@ def resumable_line(job: JobConfig) -> str:
             f"batch {job.schedule.global_batch}" if splits else "no node count splits the global batch")
 
 
+def finetune_line(job: JobConfig) -> str:
+    """What the finetune stage will train: sets x arms, each a run of its own length and batch."""
+    ft = job.finetune
+    sets = [d.name for d in job.extract.datasets] or ["pretrain (the pretraining set's val split measures it)"]
+    length = f"{ft.steps} steps" if ft.steps is not None else f"{ft.epochs:g} epochs"
+    return (f"{len(sets)} set(s) x {len(ft.arms)} arm(s) ({', '.join(ft.arms)}), one run each: {length} of "
+            f"{ft.global_batch} (micro {ft.micro_batch}), peak lr {ft.base_lr * ft.global_batch / 256:.3g}, "
+            f"layer decay {ft.layer_decay}; sets: {', '.join(sets)}")
+
+
 def render_plan(job: JobConfig, profile: ProfileConfig, paths: RunPaths) -> str:
     plan = make_plan(job, paths)
     lines = [
@@ -139,6 +148,8 @@ def render_plan(job: JobConfig, profile: ProfileConfig, paths: RunPaths) -> str:
     estimate = estimate_line(plan, profile)
     if estimate:
         lines.insert(-1, estimate)
+    if "finetune" in job.stages and job.finetune.enabled:
+        lines.insert(-1, f"finetune       {finetune_line(job)}")
     if job.cluster.executor == "slurm":
         lines += ["sbatch script (what would be submitted):", sbatch_script(job, profile, paths.submitit_dir)]
     return "\n".join(lines)

@@ -113,7 +113,7 @@ def stage_states(job: JobConfig, run: Path, pretrain_state: str, commit_step: in
             found = [("", _export(paths, commit_step))]
         elif stage == "finetune":
             fingerprint = _export_fingerprint(paths)
-            found = [(f"{n}/{arm}", _finetune(paths.run_dir / "finetune" / n / arm, fingerprint))
+            found = [(f"{n}/{arm}", _finetune(paths.finetune / n / arm, fingerprint))
                      for n in stage_sets(job) for arm in job.finetune.arms]
         elif stage == "extract":
             found = [(n, _extract(paths.embeddings / n, export_step)) for n in stage_sets(job)]

@@ -18,9 +18,11 @@ import torch
 
 from cratescale.checkpoint.classifier_export import load_classifier
 from cratescale.checkpoint.export import load_export
-from cratescale.config import load_job
+from cratescale.config import RunPaths, load_job
 from cratescale.engine.finetune_task import manifest_class_names
 from cratescale.engine.model_build import build_model
+from cratescale.evaluation.finetune_report import read_curves, summarize
+from cratescale.launch.followups import report_inputs
 from tests.dist.harness import final_weights
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,6 +99,27 @@ def test_both_arms_train_from_their_start_evaluate_and_export(finetuned):
     assert any(starts["pretrained"][k] != starts["scratch"][k] for k in encoder)
     head = [k for k in starts["pretrained"] if k.startswith(("head.", "fc_norm."))]
     assert head and all(starts["pretrained"][k] == starts["scratch"][k] for k in head)  # one seeded head
+
+
+def test_the_report_reads_both_arms_and_follows_their_exports(finetuned):
+    run_dir = finetuned
+    summary = summarize(read_curves(run_dir / "finetune", "pretrain"))
+    for arm in ("pretrained", "scratch"):
+        last = _rows(run_dir / "finetune" / "pretrain" / arm, "eval")[-1]
+        assert (summary[arm]["step"], summary[arm]["top1"], summary[arm]["n"]) == (STEPS, last["top1"], 32)
+    expected = 100 * (summary["pretrained"]["top1"] - summary["scratch"]["top1"])
+    assert summary["difference"]["points"] == pytest.approx(expected)
+    job = load_job(run_dir / "config.yaml")
+    paths = RunPaths.of(job)
+    header = paths.finetune / "pretrain" / "scratch" / "export" / "export.json"
+    key = report_inputs(job, paths, "pretrain", paths.manifest)["key"]
+    saved = header.read_bytes()
+    try:  # a re-exported arm makes the report stale: evaluate writes it again
+        header.write_bytes(saved + b" ")
+        assert report_inputs(job, paths, "pretrain", paths.manifest)["key"] != key
+    finally:
+        header.write_bytes(saved)
+    assert report_inputs(job, paths, "pretrain", paths.manifest)["key"] == key
 
 
 def _rank_processes(submitit_dir: Path) -> list[psutil.Process]:

@@ -15,16 +15,13 @@ from pathlib import Path
 
 import pytest
 import submitit
-import torch
 
 from multinode import HOSTS, NODES, kill_node, mn_up, on_node, rendezvous_lines, up_nodes
-from cratescale.checkpoint import CheckpointStore
 from cratescale.engine.metrics import read_metrics
 import slurm_helpers
 from cratescale.launch import slurm_tools
 from cratescale.launch.progress import run_summary
-from tests.dist.harness import (assert_same_tree, assert_within_elastic_bound, consumed_samples, final_weights,
-                                run_ranks, write_config)
+from tests.dist.harness import assert_same_tree, consumed_samples, final_weights, run_ranks, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_JOB = REPO / "tests" / "dist" / "tiny.yaml"

@@ -30,62 +30,10 @@ from cratescale.launch.progress import run_summary
 from cratescale.launch.recover import read_record
 from tests.dist.harness import (assert_same_tree, assert_within_elastic_bound, consumed_samples, final_weights,
                                 start_ranks, write_config)
+from train_helpers import (BASE_JOB, COMMON, REPO, RESTART_TIMEOUT, STEPS, job_overrides, last_step, launch_cli,
+                           launcher_job_ids, log_tail, mid_run, restarted, rows, wait_until)
 
-REPO = Path(__file__).resolve().parents[2]
-BASE_JOB = REPO / "tests" / "dist" / "tiny.yaml"
 PROFILE = load_profile("local")
-STEPS = 100   # ~50 ms a step here: a few seconds of training after each restart, time for a signal to land
-# cluster.slurm_poll_s at its floor (10 s): the follower asks SLURM once a period (issue 28), 30 s by default
-COMMON = [f"schedule.steps={STEPS}", "logging.every_steps=1", "checkpoint.keep_last=2", "cluster.slurm_poll_s=10"]
-RESTART_TIMEOUT = 240   # a restart is ~15-45 s of imports and DeepSpeed setup on a loaded 2-core machine
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def rows(run_dir: Path, kind: str | None = None) -> list[dict]:
-    return [r for r in read_metrics(run_dir) if kind is None or r.get("kind") == kind]
-
-
-def last_step(run_dir: Path) -> int:
-    train = rows(run_dir, "train")
-    return train[-1]["step"] if train else -1
-
-
-def mid_run(run_dir: Path, starts: int, ahead: int = 2) -> bool:
-    """The `starts`-th start has trained `ahead` steps (and has not finished)."""
-    s = rows(run_dir, "start")
-    return len(s) == starts and last_step(run_dir) >= s[-1]["step"] + ahead
-
-
-def restarted(run_dir: Path, starts: int) -> bool:
-    """The run has started `starts` times; fails at once if it finished before a stop landed."""
-    if len(rows(run_dir, "start")) >= starts:
-        return True
-    ends = rows(run_dir, "end")
-    assert not (ends and ends[-1]["status"] == "completed"), "the run finished before the stop landed"
-    return False
-
-
-def log_tail(run_dir: Path, lines: int = 25) -> str:
-    logs = sorted((run_dir / "submitit").glob("*/*_0_log.err"), key=lambda p: p.stat().st_mtime)
-    return "\n".join(logs[-1].read_text().splitlines()[-lines:]) if logs else "(no log)"
-
-
-def wait_until(predicate, timeout: float, what: str, run_dir: Path, job_id=None) -> None:
-    """Poll `predicate`, starting the job early when SLURM holds it after a requeue; fail fast if it died."""
-    t0 = time.monotonic()
-    while not predicate():
-        jid = job_id() if callable(job_id) else job_id
-        if jid:
-            slurm_helpers.release_if_held(jid, min_held_s=2)
-        assert time.monotonic() - t0 < timeout, \
-            f"timed out after {timeout} s waiting for {what}; job {jid}: " \
-            f"{slurm_tools.job_info(jid).get('JobState') if jid else '-'}\n{log_tail(run_dir)}"
-        time.sleep(0.1)
-
-
-def job_overrides(run_dir: Path, manifest: Path, name: str, extra: list[str]) -> list[str]:
-    return [f"run_dir={run_dir}", f"name={name}", f"data.root={manifest.parent}", "cluster.executor=slurm",
-            "cluster.profile=local", "stages=[pretrain]", *COMMON, *extra]
 
 
 def submit(run_dir: Path, manifest: Path, name: str, extra: list[str] = ()):
@@ -95,24 +43,6 @@ def submit(run_dir: Path, manifest: Path, name: str, extra: list[str] = ()):
     dump_job(job, config)
     executor = make_executor(job, PROFILE, run_dir / "submitit" / "%j")
     return executor.submit(TrainTask(str(config), str(manifest), PROFILE.peak_flops_per_gpu))
-
-
-def launch_cli(run_dir: Path, manifest: Path, name: str, extra: list[str], processes: list) -> subprocess.Popen:
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = (run_dir.parent / f"{run_dir.name}-launcher.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "cratescale.launch", str(BASE_JOB),
-                             *job_overrides(run_dir, manifest, name, extra)],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=run_dir.parent)
-    processes.append(proc)
-    return proc
-
-
-def launcher_job_ids(run_dir: Path) -> list[str]:
-    state = run_dir / "launch.json"
-    try:
-        return json.loads(state.read_text())["job_ids"] if state.exists() else []
-    except json.JSONDecodeError:   # replaced atomically, but read it again to be safe
-        return []
 
 
 def check_resumed_at_stop(run_dir: Path, start_index: int, what: str, job_id: str) -> int:
@@ -394,68 +324,3 @@ def test_deterministic_rank_error_ends_at_once_with_its_line(tmp_path, tiny_mani
     assert lines[head + 1].startswith("  rank 0: ExportError: export: "), lines[head:head + 2]
     ids = launcher_job_ids(run_dir)
     assert len(ids) == 1 and sacct_states(ids[0]) == ["FAILED"], (ids, sacct_states(ids[0]))
-
-
-def _launcher(run_dir: Path, argv: list[str], log_name: str, processes: list) -> subprocess.Popen:
-    log = (run_dir.parent / log_name).open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "cratescale.launch", *argv], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=run_dir.parent)
-    processes.append(proc)
-    return proc
-
-
-def _state(job_id: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                          timeout=30).stdout.strip()
-
-
-def test_the_launcher_is_a_window_detach_attach_and_a_killed_launcher_change_nothing(tmp_path, tiny_manifest,
-                                                                                    job_names, processes):
-    """Issue 28 item 2: --detach returns with the job submitted; the same command launched again while the job
-    is queued follows it and submits nothing; that launcher SIGKILLed while the job trains changes nothing; `attach
-    RUN_DIR` follows the job to its end. One job in SLURM's accounting, the same samples and weights as the
-    uninterrupted run.
-
-    Timing: a job that waits for nothing raced the second launcher, and with two busy loops on the 2 cores the
-    launcher's start (50 s) outlasted the whole job (400 steps in 28 s): it found the run finished. A blocker job
-    holding the node keeps the job pending until the second launcher follows it; the job then trains only once the
-    blocker is cancelled."""
-    run_dir = tmp_path / "run"
-    name = job_names.new("window")
-    # 400 steps, so the kill lands mid-run; the samples are checked against the sampler's sequence
-    args = [str(BASE_JOB), *job_overrides(run_dir, tiny_manifest, name, ["checkpoint.every_steps=20",
-                                                                         "schedule.steps=400"])]
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    blocker = subprocess.check_output(["sbatch", "--parsable", "-c", "2", "-J", job_names.new("blocker"),
-                                       "-o", "/dev/null", "--wrap", "sleep 600"], text=True).strip()
-    wait_until(lambda: _state(blocker) == "RUNNING", RESTART_TIMEOUT, "the blocker to hold the node", run_dir, blocker)
-    detached = _launcher(run_dir, [*args, "--detach"], "detached.log", processes)
-    assert detached.wait(timeout=RESTART_TIMEOUT) == 0, (tmp_path / "detached.log").read_text()[-2000:]
-    job_id = launcher_job_ids(run_dir)[0]
-    assert "detached: nothing left to run" in (tmp_path / "detached.log").read_text()   # stages=[pretrain]
-    second = _launcher(run_dir, args, "second.log", processes)
-    following = "is already training this run: following it, nothing submitted"
-    wait_until(lambda: following in (tmp_path / "second.log").read_text(), RESTART_TIMEOUT,
-               "the second launcher to follow the job", run_dir, job_id)
-    assert _state(job_id) == "PENDING" and not rows(run_dir, "start")
-    subprocess.run(["scancel", blocker], check=True)
-    wait_until(lambda: rows(run_dir, "commit"), RESTART_TIMEOUT, "the first commit", run_dir, job_id)
-    second.kill()   # SIGKILL: no handler runs
-    # every rank SIGKILLed with no launcher alive: the job's own recovery retries the step in its allocation
-    subprocess.run(["scancel", "--signal=KILL", f"{job_id}.0"], check=True)
-    killed_at = last_step(run_dir)
-    second.wait(timeout=30)
-    assert wait_sacct(job_id, "COMPLETED", timeout=2 * RESTART_TIMEOUT) == ["COMPLETED"]
-    assert killed_at < 400 and rows(run_dir, "end")[-1]["status"] == "completed"
-    assert read_record(run_dir)["verdict"] == "retry" and len(rows(run_dir, "start")) == 2
-    third = _launcher(run_dir, ["attach", str(run_dir)], "attach.log", processes)
-    assert third.wait(timeout=RESTART_TIMEOUT) == 0, (tmp_path / "attach.log").read_text()[-3000:]
-    assert "the whole schedule: nothing submitted" in (tmp_path / "attach.log").read_text()
-    assert launcher_job_ids(run_dir) == [job_id]
-    named = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "--name", name], capture_output=True,
-                           text=True, timeout=30).stdout.split()
-    assert named == [job_id], named   # no second job was ever submitted
-    starts = rows(run_dir, "start")
-    assert starts[1]["resumed"] and starts[1]["job_id"] == job_id and starts[1]["step"] >= 20
-    consumed = consumed_samples(run_dir)   # every step trained, the ones after the last commit twice
-    assert sorted(consumed) == list(range(400)) and all(len(set(ids)) == 16 for ids in consumed.values())

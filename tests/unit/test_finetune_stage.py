@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 from cratescale.checkpoint.export import export_weights
 from cratescale.config import ConfigError, job_warnings, load_job
 from cratescale.engine.finetune_task import FinetuneSpec, FinetuneTask, manifest_class_names
-from cratescale.launch.finetune_stage import check_transfer_set, finetune_job
+from cratescale.config import RunPaths, dump_job
+from cratescale.launch.display import StageError
+from cratescale.launch.finetune_stage import check_transfer_set, finetune_job, live_arm
 from cratescale.models import create_model, scratch_classifier, train_flops_per_image
 from cratescale.models.flops import forward_macs_per_image
 
@@ -143,3 +146,27 @@ def test_status_reads_each_fine_tune_run(tmp_path):
     (run / "export").rename(tmp_path / "old_export")
     _export(run / "export", 1)  # pretraining's export changed since: the pretrained arm is stale
     assert finetune_rows()["finetune pretrain/pretrained"][0] == "stale"
+
+
+def test_a_live_arm_job_is_never_submitted_again(tmp_path):
+    """A second launch while an arm's job is live: a local job (its controller is a real process whose command
+    line names submitit, as submitit's local controller's does) is refused in one line; none live, or a dead pid,
+    lets the launch submit. The SLURM case follows the job through Supervisor.adopt, as pretraining's does."""
+    job = load_job(TINY, [f"run_dir={tmp_path}/run", *FINETUNE])
+    ft_job = finetune_job(job, tmp_path / "run" / "finetune" / "pretrain" / "scratch")
+    ft_paths = RunPaths.of(ft_job)
+    ft_paths.run_dir.mkdir(parents=True)
+    dump_job(ft_job, ft_paths.config)
+    assert live_arm(ft_job, ft_paths, "finetune pretrain/scratch") is None  # never launched
+    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.local._local"])
+    try:
+        while b"submitit" not in Path(f"/proc/{controller.pid}/cmdline").read_bytes():  # forked, not yet exec'd
+            time.sleep(0.01)
+        ft_paths.launch_state.write_text(f'{{"executor": "local", "job_ids": ["{controller.pid}"]}}')
+        with pytest.raises(StageError, match=rf"^finetune pretrain/scratch: run_dir: {ft_paths.run_dir} is being "
+                                             rf"trained by local job {controller.pid} of another launcher"):
+            live_arm(ft_job, ft_paths, "finetune pretrain/scratch")
+    finally:
+        controller.kill()
+        controller.wait()
+    assert live_arm(ft_job, ft_paths, "finetune pretrain/scratch") is None  # its job ended: submit again

@@ -35,6 +35,16 @@ def test_every_job_dry_runs(job, tmp_path):
         assert line.startswith(f"error: {needle}"), (line, needle)
 
 
+def test_cifar10_plans_its_fine_tune_arms(tmp_path):
+    out = run_cli(str(REPO / "jobs/cifar10.yaml"), f"run_dir={tmp_path}/run", "--dry-run").stdout
+    assert "export -> finetune -> extract" in out
+    assert ("finetune       1 set(s) x 2 arm(s) (pretrained, scratch), one run each: 500 steps of 256 (micro 64), "
+            "peak lr 0.001, layer decay 0.75") in out
+    out = run_cli(str(REPO / "jobs/cifar10.yaml"), f"run_dir={tmp_path}/run", "finetune.enabled=false",
+                  "--dry-run").stdout
+    assert "finetune       " not in out
+
+
 def test_imagenet21k_plan_numbers(tmp_path):
     out = run_cli(str(REPO / "jobs/imagenet21k.yaml"), f"run_dir={tmp_path}/run", "--dry-run").stdout
     assert "44,047,872 parameters" in out

@@ -100,7 +100,7 @@ class ShardWorker:
                  loader_kind: str, device: str = "auto", amp: str | None = "auto", threads: int | None = None,
                  gpus: float = 0.0, chunk: int | None = None, loader_options: dict | None = None,
                  rss_limit: int = 0):
-        self.guard = RssGuard(rss_limit)  # started with the first task: loading the model is not the risk
+        self.guard = RssGuard(rss_limit)  # runs while a task runs: loading the model is not the risk
         if threads:
             torch.set_num_threads(threads)
         self.gpu, self.memory_held = _ray_assignment()
@@ -135,13 +135,19 @@ class ShardWorker:
         (DALI spawns its feed workers) is paid once per task, not once per shard. Batches are re-cut at
         shard starts so every shard sees exactly the batches a lone run of it would: features do not
         depend on how shards were grouped, and a resumed store stays byte-identical."""
-        from data_pipeline.loader import make_eval_loader
-
-        self.guard.start()
         done = self.store.committed()
         ks = [int(k) for k in ks if int(k) not in done]   # done by an earlier attempt of this task
         if not ks:
             return []
+        self.guard.start()
+        try:
+            return self._fill(ks)
+        finally:
+            self.guard.stop()
+
+    def _fill(self, ks: list[int]) -> list[dict[str, Any]]:
+        from data_pipeline.loader import make_eval_loader
+
         spans = [self.store.info.shard_range(k) for k in ks]
         rows = np.concatenate([self.manifest_rows.rows(a, b) for a, b in spans])
         loader = make_eval_loader(self.manifest_path, rows, self.batch_size, self.image_size,

@@ -223,11 +223,22 @@ class RssGuard:
     def __init__(self, limit: int, interval_s: float = 0.2, rescan_every: int = 10) -> None:
         self.limit, self.interval_s, self.rescan_every, self.thread = int(limit), interval_s, rescan_every, None
         self.children_peak = 0
+        self._stop = threading.Event()
 
     def start(self) -> None:
         if self.thread is None:
+            self._stop.clear()
             self.thread = threading.Thread(target=self._watch, name="rss-guard", daemon=True)
             self.thread.start()
+
+    def stop(self) -> None:
+        """Ends the thread (it reads every child's smaps_rollup each tick: a guard left running in a long-lived
+        process, e.g. a driver or a test runner whose children are Ray and the ranks, burns a core in the kernel);
+        `peak()` keeps what it saw."""
+        if self.thread is not None:
+            self._stop.set()
+            self.thread.join()
+            self.thread = None
 
     def _watch(self) -> None:
         children: list[int] = []
@@ -241,7 +252,8 @@ class RssGuard:
                 print(f"extract: actor pid {os.getpid()} uses {used / GiB:.2f} GiB (RSS and its loader workers), "
                       f"over its limit {self.limit / GiB:.2f} GiB: killed for memory", file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(self.interval_s)
+            if self._stop.wait(self.interval_s):
+                return
 
     def peak(self) -> int:
         return high_water_bytes() + self.children_peak

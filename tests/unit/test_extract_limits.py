@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -118,6 +119,20 @@ def test_actors_ask_ray_for_one_gpu_each(setup, tmp_path):
     # while the other still starts)
     assert held and all(gpu in (0, 1) and memory > 2**29 for _, gpu, memory in held), held
     assert len({gpu for _, gpu, _ in held}) == len({pid for pid, _, _ in held}) == len(held), held
+
+
+def test_the_memory_guard_runs_only_while_a_task_runs(setup, tmp_path):
+    """The guard reads every child's smaps_rollup each 0.2 s. Left running after its task, in-process extraction
+    (actors 0) leaked one such thread per call into the caller: 16 in the test runner, whose children are Ray
+    and the ranks, kept a core busy in the kernel and made the suite about twice as slow."""
+    root, manifest = setup
+    guards = lambda: [t for t in threading.enumerate() if t.name == "rss-guard"]  # noqa: E731
+    before = len(guards())
+    shard_worker = worker(root, manifest, tmp_path / "store")
+    record = shard_worker.run_shard(0)
+    assert len(guards()) == before and shard_worker.guard.thread is None
+    assert record["peak_memory"] >= shard_worker.guard.peak() - shard_worker.guard.children_peak > 0
+    assert shard_worker.run_shard(1)["shard"] == 1 and len(guards()) == before  # and again for the next task
 
 
 def test_actor_killed_for_memory_stops_bounded_and_keeps_commits(setup, tmp_path):

@@ -27,6 +27,7 @@ class MeasuredRestart(Strict):
     startup_s: float = Field(..., gt=0)         # a rank from its start to step 0 (process group, model, engine, data)
     commit_gb_per_s: float = Field(..., gt=0)   # a synchronous commit per node: checkpoint bytes / seconds to sealed
     convert_gb_per_s: float = Field(..., gt=0)  # the universal conversion with one node's cores (one converter a run)
+    convert_fixed_s: float = Field(0.0, ge=0)   # the converter's own start (a process importing DeepSpeed), any size
     source: str = ""
 
 

@@ -97,7 +97,7 @@ def overheads_line(plan: Plan, job: JobConfig, profile: ProfileConfig) -> str:
         line += f" x {commits:,} = {commits * commit_s / 60:,.1f} min"
         if job.checkpoint.async_commit:
             line += " (asynchronous: mostly hidden behind the steps)"
-    convert_s = plan.checkpoint_gb / cost.convert_gb_per_s
+    convert_s = cost.convert_fixed_s + plan.checkpoint_gb / cost.convert_gb_per_s
     line += (f"; a resize (another world size) adds the universal conversion, {convert_s:.0f} s"
              f"  [{cost.source or 'profile measured_restart'}]")
     return line

@@ -69,10 +69,10 @@ def test_overheads_follow_the_measured_rates():
                 steps_per_epoch=None, total_steps=1001, peak_lr=1e-3, model_states_gb_per_gpu=0, flops_per_image=1.0,
                 layout="all", checkpoint_gb=0.5)
     profile = load_profile("example_h100").model_copy(update={"measured_restart": MeasuredRestart(
-        startup_s=12, commit_gb_per_s=0.5, convert_gb_per_s=0.25, source="a test")})
-    # a commit: 0.5 GiB / (0.5 GB/s x 2 nodes) = 0.5 s, 11 of them (1001 steps, every 100); conversion 0.5 / 0.25
+        startup_s=12, commit_gb_per_s=0.5, convert_gb_per_s=0.25, convert_fixed_s=3, source="a test")})
+    # a commit: 0.5 GiB / (0.5 GB/s x 2 nodes) = 0.5 s, 11 of them (1001 steps, every 100); conversion 3 + 0.5 / 0.25
     assert overheads_line(plan, job, profile) == ("start-up 12 s per (re)start; a commit 0.50 GiB in 0.5 s x 11 = 0.1 min; "
-                                                  "a resize (another world size) adds the universal conversion, 2 s  "
+                                                  "a resize (another world size) adds the universal conversion, 5 s  "
                                                   "[a test]")
 
 

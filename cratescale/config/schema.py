@@ -200,6 +200,9 @@ class LoggingConfig(Strict):
     tensorboard: bool = True
     # The launcher's progress bars (ingest, training); false for a console that is a log file.
     progress: bool = True
+    # The held-out reconstruction loss (the val split's masked patches, masks drawn from (seed, row): the same at
+    # every step and for every model of the same data) every this many steps and after the last; null: off.
+    heldout_every_steps: int | None = Field(None, gt=0)
 
 
 class TransferSet(Strict):

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,11 +23,9 @@ from cratescale.checkpoint.export import export_fingerprint, read_export_header
 from cratescale.config import JobConfig
 from cratescale.config.identity import IDENTITY_VERSION
 from cratescale.engine.finetune_recipe import finetune_loss, mix, param_groups_lrd
-from cratescale.engine.state import collective_device
+from cratescale.engine.heldout import rank_val_rows, seed_of, summed_over_ranks, val_batches
 from cratescale.models.classifier import Classifier, scratch_classifier
-from data_pipeline.loader import make_eval_loader
 from data_pipeline.manifest import manifest_fingerprint
-from data_pipeline.manifest_index import ManifestArrays
 
 ARMS = ("pretrained", "scratch")
 # finetune.* fields that only say how long, where or how often: a resume may change them (as the schedule's length
@@ -102,7 +99,7 @@ class FinetuneTask:
         model = build_classifier(self.spec, self.job)
         # Drop path's stream, per rank (each rank drops for other images); a resume on the same world size loads
         # the saved stream over this one.
-        torch.manual_seed(_seed(self.job.seed, rank))
+        torch.manual_seed(seed_of(self.job.seed, rank))
         return model
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
@@ -113,7 +110,7 @@ class FinetuneTask:
         targets = batch["labels"].to(engine.device, torch.long, non_blocking=True)
         if ft.mixup > 0 or ft.cutmix > 0:
             rank = dist.get_rank() if dist.is_initialized() else 0
-            generator = torch.Generator().manual_seed(_seed(self.job.seed, step, rank, micro))
+            generator = torch.Generator().manual_seed(seed_of(self.job.seed, step, rank, micro))
             images, targets, _ = mix(images, targets, len(self.spec.class_names), generator, ft.mixup, ft.cutmix,
                                      ft.label_smoothing)
         return finetune_loss(engine(images), targets, ft.label_smoothing)
@@ -133,31 +130,13 @@ class FinetuneTask:
     def evaluate(self, model: torch.nn.Module, step: int, decoder: Any, world_size: int, rank: int) -> dict:
         """Top-1 over the val split, each rank a strided share of its rows, summed over ranks. The model is put in
         eval mode (no drop path: the RNG streams are not touched) and back in training mode."""
-        rows = np.asarray(ManifestArrays(self.manifest, "val").rows, dtype=np.int64)[rank::world_size]
         correct = total = 0
-        was_training, device = model.training, next(model.parameters()).device
-        model.eval()
-        try:
-            if len(rows):
-                loader = make_eval_loader(self.manifest, rows, self.job.finetune.micro_batch,
-                                          self.job.data.image_size, kind=decoder.kind, device=decoder.device,
-                                          num_threads=self.job.data.num_threads)
-                for batch in loader:
-                    logits = model(batch["images"].to(device))
-                    hits = logits.argmax(dim=-1).cpu() == batch["labels"].cpu().long()
-                    valid = torch.as_tensor(batch["valid"]).bool()
-                    correct += int(hits[valid].sum())
-                    total += int(valid.sum())
-        finally:
-            model.train(was_training)
-        counts = torch.tensor([correct, total], dtype=torch.float64, device=collective_device())
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        correct, total = (int(v) for v in counts.tolist())
+        device = next(model.parameters()).device
+        for images, labels, _ in val_batches(model, self.manifest, rank_val_rows(self.manifest, rank, world_size),
+                                             self.job.finetune.micro_batch, self.job.data.image_size, decoder,
+                                             self.job.data.num_threads):
+            correct += int((model(images.to(device)).argmax(dim=-1).cpu() == labels).sum())
+            total += len(labels)
+        correct, total = (int(v) for v in summed_over_ranks([correct, total]))
         return {"kind": "eval", "step": step, "arm": self.spec.arm, "set": self.spec.set_name,
                 "top1": correct / total if total else float("nan"), "n": total}
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence: distinct tuples give unrelated streams)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)

@@ -15,6 +15,7 @@ import torch
 
 from cratescale.config import JobConfig, job_identity
 from cratescale.engine import optim
+from cratescale.engine.heldout import heldout_noise, rank_val_rows, summed_over_ranks, val_batches
 from cratescale.engine.model_build import build_model
 from data_pipeline.manifest import manifest_fingerprint
 
@@ -75,7 +76,22 @@ class PretrainTask:
         return None
 
     def eval_due(self, step: int, total: int) -> bool:
-        return False
+        every = self.job.logging.heldout_every_steps
+        return every is not None and (step % every == 0 or step == total)
 
+    @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, step: int, decoder: Any, world_size: int, rank: int) -> dict:
-        raise NotImplementedError("pretraining has no evaluation in the loop")
+        """The held-out reconstruction loss: the MAE loss over the masked patches of the val split's images, each
+        masked by noise from (seed, row) (engine/heldout.py), each rank a strided share, averaged over images."""
+        loss_sum = images_seen = 0.0
+        device = next(model.parameters()).device
+        for images, _, rows in val_batches(model, self.manifest, rank_val_rows(self.manifest, rank, world_size),
+                                           self.job.schedule.micro_batch, self.job.data.image_size, decoder,
+                                           self.job.data.num_threads):
+            noise = heldout_noise(rows, self.job.seed, model.num_patches)
+            loss, _, _ = model(images.to(device), noise.to(device))
+            loss_sum += float(loss) * len(rows)  # every image has as many masked patches: its mean weighs equally
+            images_seen += len(rows)
+        loss_sum, images_seen = summed_over_ranks([loss_sum, images_seen])
+        return {"kind": "heldout", "step": step, "recon_loss": loss_sum / images_seen if images_seen else float("nan"),
+                "n": int(images_seen)}

@@ -50,10 +50,24 @@ def check_manifest(field: str, manifest: Path, val_per_class: int, min_train: in
                           f"({min_train}, schedule.global_batch); lower val_per_class or the global batch")
 
 
+def check_heldout(job: JobConfig, manifest: Path) -> None:
+    """The held-out loss needs a val split and whole parameters on each rank."""
+    if job.parallel.zero_stage == 3:  # engine.module holds only this rank's partition of each parameter
+        raise ConfigError("logging.heldout_every_steps: the held-out loss reads whole parameters on each rank; "
+                          "parallel.zero_stage 3 is not supported there yet (use 0, 1 or 2)")
+    from data_pipeline.manifest_index import count_split
+
+    if count_split(manifest, "val") == 0:
+        raise ConfigError(f"logging.heldout_every_steps: {manifest} has no val split to measure the held-out loss "
+                          f"on; set data.val_per_class")
+
+
 def check_data(job: JobConfig, paths: RunPaths, stages: list[str]) -> None:
     """Everything about the data that must hold before the first job is submitted; ingests transfer sets."""
     if "pretrain" in stages:
         check_manifest("data.val_per_class", paths.manifest, job.data.val_per_class, job.schedule.global_batch)
+        if job.logging.heldout_every_steps is not None:
+            check_heldout(job, paths.manifest)
     if job.finetune.enabled and "finetune" in stages:
         from cratescale.launch.finetune_stage import check_transfer_set
         from cratescale.launch.followups import dataset_manifests

@@ -45,6 +45,28 @@ def test_cifar10_plans_its_fine_tune_arms(tmp_path):
     assert "finetune       " not in out
 
 
+def test_the_compare_job_pairs_crate_mae_with_vit_mae_at_equal_shape_and_at_equal_parameters(tmp_path):
+    from cratescale.config import RunPaths, load_job
+    from cratescale.engine.model_build import build_model
+    from cratescale.launch.array import expand_array
+
+    job = load_job(REPO / "jobs/cifar10_compare.yaml", [f"run_dir={tmp_path}/run"])
+    members = [member for member, _ in expand_array(job, RunPaths.of(job))]
+
+    def encoder(member) -> int:
+        model = build_model(member)
+        return sum(p.numel() for name, p in model.named_parameters()
+                   if not name.startswith(("decoder", "mask_token")))
+
+    crate, vit, vit_small = (encoder(m) for m in members)
+    assert [m.model.name for m in members] == ["crate_mae_debug", "vit_mae_debug", "vit_mae_debug"]
+    assert all(m.model.overrides["depth"] == 4 and m.model.overrides["patch_size"] == 4 and
+               m.model.overrides["encoder_tokens"] == "visible" for m in members)
+    assert crate <= 0.4 * vit  # the paper's claim at this shape (0.26x)
+    assert abs(vit_small / crate - 1) < 0.05  # the ViT-MAE at CRATE-MAE's parameter count
+    assert all(m.logging.heldout_every_steps and m.seed == job.seed and m.schedule == job.schedule for m in members)
+
+
 def test_imagenet21k_plan_numbers(tmp_path):
     out = run_cli(str(REPO / "jobs/imagenet21k.yaml"), f"run_dir={tmp_path}/run", "--dry-run").stdout
     assert "44,047,872 parameters" in out

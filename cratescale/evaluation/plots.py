@@ -192,3 +192,16 @@ def plot_finetune_curves(curves: Mapping[str, Sequence[Mapping]], path: Path | s
     ax.set_title(f"Fine-tuning, pretrained vs scratch\n{title}" if title else "Fine-tuning, pretrained vs scratch",
                  fontsize=9)
     return _save(fig, path)
+
+
+def plot_heldout_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: Path | str) -> Path:
+    """The held-out reconstruction loss vs pretraining step, one line per run, y from 0."""
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for j, (label, points) in enumerate(curves.items()):
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", ms=3, color=f"C{j}", label=label)
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("held-out reconstruction loss")
+    ax.set_ylim(0, None)
+    ax.legend(fontsize=8)
+    ax.set_title("Held-out reconstruction loss (the same images and masks)", fontsize=9)
+    return _save(fig, path)

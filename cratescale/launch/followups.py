@@ -183,3 +183,14 @@ def run_evaluate(job: JobConfig, paths: RunPaths) -> None:
     (paths.report).mkdir(parents=True, exist_ok=True)
     (paths.report / "index.json").write_text(json.dumps(summary, indent=1))
     console.log(f"evaluate: report in {paths.report}")
+
+
+def compare_members(members: list[tuple[JobConfig, RunPaths]], paths: RunPaths) -> None:
+    """An array's members side by side, per transfer set: `<run_dir>/report/<set>/compare.{md,json,png}`."""
+    from cratescale.evaluation.compare_report import write_compare
+
+    first, first_paths = members[0]
+    for name in dataset_manifests(first, first_paths):
+        written = write_compare([member_paths.run_dir for _, member_paths in members], paths.report / name, name)
+        console.print(f"[bold]{name}: the array's members[/bold]\n" + written["compare.md"].read_text())
+    console.log(f"evaluate: the members compared in {paths.report}")

@@ -11,6 +11,7 @@ from cratescale.launch.datacheck import check_data
 from cratescale.launch.display import StageError, console
 from cratescale.launch.attach import check_attachable, live_job
 from cratescale.launch.failures import clear_stage_failure, record_stage_failure
+from cratescale.launch.followups import compare_members
 from cratescale.launch.order import check_stage_order
 from cratescale.launch.preflight import Preflight, check_model, check_profile_fit, preflight
 from cratescale.launch.quiet import route_library_logs
@@ -90,6 +91,8 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
             elif members and stage != "ingest":  # the data is shared; the rest is per member
                 for member, member_paths in members:
                     STAGES[stage](member, member_paths, profile)
+                if stage == "evaluate":
+                    compare_members(members, paths)
             elif stage == "pretrain":
                 if (STAGES[stage](job, paths, profile, live=live, detach=detach) or {}).get("detached"):
                     later = chosen[chosen.index(stage) + 1:]

@@ -47,3 +47,22 @@ def test_val_batches_line_up_with_the_manifest_across_ranks(manifest):
             seen += batch_rows.tolist()
         assert model.training  # and back after
     assert sorted(seen) == val.tolist()
+
+
+def test_the_launch_refuses_a_heldout_loss_it_cannot_measure(manifest, tmp_path):
+    from data_pipeline.ingest import ingest
+
+    from cratescale.config import ConfigError, load_job
+    from cratescale.launch.datacheck import check_heldout
+
+    tiny = Path(__file__).resolve().parents[1] / "dist" / "tiny.yaml"
+    job = load_job(tiny, [f"run_dir={tmp_path}/run", "logging.heldout_every_steps=4"])
+    check_heldout(job, manifest)  # a val split, ZeRO-2: fine
+    no_val = Path(ingest("synthetic://shapes?n=16&classes=2&size=32&seed=4", tmp_path / "noval", workers=0,
+                         progress=False))
+    with pytest.raises(ConfigError, match=rf"^logging.heldout_every_steps: {no_val} has no val split .*; set "
+                                          r"data.val_per_class$"):
+        check_heldout(job, no_val)
+    with pytest.raises(ConfigError, match=r"^logging.heldout_every_steps: .* parallel.zero_stage 3 is not supported"):
+        check_heldout(load_job(tiny, [f"run_dir={tmp_path}/run", "logging.heldout_every_steps=4",
+                                      "parallel.zero_stage=3"]), manifest)

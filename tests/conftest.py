@@ -28,3 +28,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"{SHARED_DATA} is missing: the tests need the project's shared data")
     return SHARED_DATA
+
+
+_TIER_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Setup, call and teardown time per tier (tests/<tier>/...): CI's budget is the suite's, the tiers say where
+    it goes."""
+    parts = report.nodeid.split("/")
+    tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else "other"
+    _TIER_SECONDS[tier] = _TIER_SECONDS.get(tier, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _TIER_SECONDS:
+        tiers = ", ".join(f"{tier} {seconds / 60:.1f} min" for tier, seconds in _TIER_SECONDS.items())
+        terminalreporter.write_line(f"tier times (setup + call + teardown): {tiers}; "
+                                    f"{sum(_TIER_SECONDS.values()) / 60:.1f} min in all")

@@ -8,6 +8,7 @@ same weights as one without (tests/dist/test_heldout.py).
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import numpy as np
@@ -25,8 +26,16 @@ def seed_of(*parts: int) -> int:
 
 
 def rank_val_rows(manifest, rank: int, world_size: int) -> np.ndarray:
-    """The manifest rows of the val split this rank evaluates: every world_size-th, from its rank."""
-    return np.asarray(ManifestArrays(manifest, "val").rows, dtype=np.int64)[rank::world_size]
+    """The manifest rows of the val split this rank evaluates: every world_size-th, from its rank. Read once per
+    process and world, not at every evaluation."""
+    return _rank_val_rows(str(manifest), rank, world_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _rank_val_rows(manifest: str, rank: int, world_size: int) -> np.ndarray:
+    rows = np.asarray(ManifestArrays(manifest, "val").rows, dtype=np.int64)[rank::world_size]
+    rows.flags.writeable = False  # shared by every call
+    return rows
 
 
 def val_batches(model: torch.nn.Module, manifest, rows: np.ndarray, batch_size: int, image_size: int, decoder,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cratescale.checkpoint.export import read_export_header
-from cratescale.evaluation.finetune_report import read_curves, summarize
+from cratescale.evaluation.finetune_report import last_rows_by_step, read_curves, summarize
 from cratescale.models.registry import model_from_config
 
 
@@ -25,19 +25,7 @@ def parameter_counts(model_config: dict[str, Any]) -> dict[str, int]:
 
 def heldout_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, held-out reconstruction loss), the last row of a step (a resume may write it again)."""
-    by_step: dict[int, float] = {}
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("kind") == "heldout":
-            by_step[row["step"]] = row["recon_loss"]
-    return sorted(by_step.items())
+    return [(r["step"], r["recon_loss"]) for r in last_rows_by_step(run_dir / "metrics.jsonl", "heldout")]
 
 
 def member_summary(run_dir: Path, set_name: str = "pretrain") -> dict[str, Any]:
@@ -49,7 +37,6 @@ def member_summary(run_dir: Path, set_name: str = "pretrain") -> dict[str, Any]:
     curve = heldout_curve(run_dir)
     return {"run_dir": str(run_dir), "model": config["name"], "width": config.get("embed_dim"),
             "depth": config.get("depth"), "params": parameter_counts(config), "heldout": curve,
-            "heldout_last": curve[-1] if curve else None,
             "top1": {name: r["top1"] for name, r in results.items()},
             "finetune": summarize(read_curves(run_dir / "finetune", set_name)) or None}
 
@@ -65,9 +52,9 @@ def compare_table(members: Sequence[dict[str, Any]]) -> str:
     head = ["member", "model", "encoder params", "vs 0", "held-out recon loss (step)", "vs 0",
             *[f"{name} (%)" for name in methods], "fine-tuned (%)", "scratch (%)"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    first_loss = first["heldout_last"][1] if first["heldout_last"] else None
+    first_loss = first["heldout"][-1][1] if first["heldout"] else None
     for i, m in enumerate(members):
-        last = m["heldout_last"]
+        last = m["heldout"][-1] if m["heldout"] else None
         ft = m["finetune"] or {}
         cells = [str(i), f"{m['model']} ({m['width']} wide, {m['depth']} deep)", f"{m['params']['encoder']:,}",
                  _ratio(m["params"]["encoder"], first["params"]["encoder"]),

@@ -16,8 +16,10 @@ from cratescale.evaluation.protocol import wilson
 ARMS = ("pretrained", "scratch")
 
 
-def read_curve(metrics_path: Path) -> list[dict[str, Any]]:
-    """The eval rows of one fine-tune run, one per step (the last written), by step; [] when there is none."""
+def last_rows_by_step(metrics_path: Path, kind: str) -> list[dict[str, Any]]:
+    """The rows of `kind` in a metrics.jsonl, one per step (the last written: a resume may write a step again), by
+    step; [] when there is none. (engine.metrics.read_metrics reads the same file; evaluation may not import
+    engine, docs/imports.md.)"""
     by_step: dict[int, dict[str, Any]] = {}
     try:
         lines = metrics_path.read_text().splitlines()
@@ -28,14 +30,14 @@ def read_curve(metrics_path: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError:  # a line cut by a kill mid-write: the rows before it stand
             continue
-        if isinstance(row, dict) and row.get("kind") == "eval" and isinstance(row.get("step"), int):
+        if isinstance(row, dict) and row.get("kind") == kind and isinstance(row.get("step"), int):
             by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)]
 
 
 def read_curves(finetune_dir: Path, set_name: str) -> dict[str, list[dict[str, Any]]]:
     """{arm: eval rows} of set `set_name` under a run's `finetune/` folder (arms without rows left out)."""
-    curves = {arm: read_curve(finetune_dir / set_name / arm / "metrics.jsonl") for arm in ARMS}
+    curves = {arm: last_rows_by_step(finetune_dir / set_name / arm / "metrics.jsonl", "eval") for arm in ARMS}
     return {arm: rows for arm, rows in curves.items() if rows}
 
 

@@ -5,8 +5,10 @@ The trainer runs it as it runs pretraining (DeepSpeed ZeRO, commits, preemption,
 fine-tune run's job (launch/finetune_stage.py `finetune_job`): `schedule`, `optim` and `seed` hold the fine-tune's
 batches, length, learning rate, betas and clipping, so only what differs from pretraining is here.
 
-Exact resume needs no state beyond the commit's: drop path draws from the global torch RNG, which every commit
-saves per rank, and mixup / cutmix draw from a generator seeded by (seed, step, rank, micro-batch).
+Every random draw of a micro-batch (drop path, from torch's global RNG; mixup / cutmix, from their own generator)
+is seeded by (seed, step, the micro-batch's first sample id), not by rank: the same images get the same draws on
+any world size with the same micro-batch, so a resume continues the uninterrupted run's draws, also an elastic one
+(2 -> 1 ranks: one rank accumulates the two micro-batches that two ranks took). No RNG state beyond the commit's.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from cratescale.checkpoint.classifier_export import classifier_from_export
 from cratescale.checkpoint.export import export_fingerprint, read_export_header
@@ -96,11 +97,7 @@ class FinetuneTask:
         return {"version": IDENTITY_VERSION, "fields": fields, "manifest": manifest_fingerprint(self.manifest)}
 
     def build_model(self, fresh: bool, rank: int) -> torch.nn.Module:
-        model = build_classifier(self.spec, self.job)
-        # Drop path's stream, per rank (each rank drops for other images); a resume on the same world size loads
-        # the saved stream over this one.
-        torch.manual_seed(seed_of(self.job.seed, rank))
-        return model
+        return build_classifier(self.spec, self.job)
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
         return param_groups_lrd(model, self.job.finetune.weight_decay, self.job.finetune.layer_decay)
@@ -108,9 +105,10 @@ class FinetuneTask:
     def loss(self, engine: Any, batch: dict, images: torch.Tensor, step: int, micro: int) -> torch.Tensor:
         ft = self.job.finetune
         targets = batch["labels"].to(engine.device, torch.long, non_blocking=True)
+        first_sample = int(batch["sample_ids"][0])
+        torch.manual_seed(seed_of(self.job.seed, step, first_sample))  # drop path's draws in this forward
         if ft.mixup > 0 or ft.cutmix > 0:
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            generator = torch.Generator().manual_seed(seed_of(self.job.seed, step, rank, micro))
+            generator = torch.Generator().manual_seed(seed_of(self.job.seed, step, first_sample, 1))
             images, targets, _ = mix(images, targets, len(self.spec.class_names), generator, ft.mixup, ft.cutmix,
                                      ft.label_smoothing)
         return finetune_loss(engine(images), targets, ft.label_smoothing)

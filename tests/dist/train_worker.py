@@ -3,6 +3,8 @@
 The launcher sets RANK/WORLD_SIZE/MASTER_*; STOP_AFTER makes the stop flag rise at that step boundary (the
 graceful preemption path, deterministic), so a run can be stopped and resumed at a known step.
 COUNT_COLLECTIVES=1 counts the collectives that cratescale's own modules issue (not DeepSpeed's), by module.
+FINETUNE_SPEC='{"arm": ..., "set_name": ..., "export": ..., "class_names": [...]}' trains that fine-tune arm
+(engine/finetune_task.py) instead of pretraining; CONFIG is then the fine-tune run's job (launch finetune_job).
 """
 import json
 import os
@@ -32,6 +34,16 @@ def count_collectives() -> Counter:
     return counts
 
 
+def finetune_task(job, manifest: Path):
+    spec = os.environ.get("FINETUNE_SPEC")
+    if not spec:
+        return None
+    from cratescale.engine.finetune_task import FinetuneSpec, FinetuneTask
+
+    fields = json.loads(spec)
+    return FinetuneTask(job, manifest, FinetuneSpec(**{**fields, "class_names": tuple(fields["class_names"])}))
+
+
 def main() -> None:
     config, manifest = sys.argv[1], sys.argv[2]
     stop_after = int(sys.argv[3]) if len(sys.argv) > 3 else None
@@ -43,7 +55,8 @@ def main() -> None:
 
     counts = count_collectives() if os.environ.get("COUNT_COLLECTIVES") else None
     job = load_job(config)
-    outcome = train(job, Path(job.run_dir), Path(manifest), world_from_env(), 1e11, should_stop=should_stop)
+    outcome = train(job, Path(job.run_dir), Path(manifest), world_from_env(), 1e11, should_stop=should_stop,
+                    task=finetune_task(job, Path(manifest)))
     shutdown_distributed()
     result = {"status": outcome.status, "step": outcome.step}
     if counts is not None:

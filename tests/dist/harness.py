@@ -110,12 +110,12 @@ ELASTIC_MAX_ABS = 2e-4
 
 
 def assert_within_elastic_bound(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-                                what: str) -> float:
-    """The largest |a - b| over every weight, at most ELASTIC_MAX_ABS; returns it (the tests print it)."""
+                                what: str, bound: float = ELASTIC_MAX_ABS) -> float:
+    """The largest |a - b| over every weight, at most `bound`; returns it (the tests print it)."""
     assert weights.keys() == reference.keys(), f"{what}: other weight names"
     worst = max((weights[k].double() - v.double()).abs().max().item() for k, v in reference.items())
-    print(f"{what}: largest weight difference to the uninterrupted run {worst:.2e} (bound {ELASTIC_MAX_ABS:.0e})")
-    assert worst <= ELASTIC_MAX_ABS, f"{what}: largest weight difference {worst:.2e} > {ELASTIC_MAX_ABS:.0e}"
+    print(f"{what}: largest weight difference to the uninterrupted run {worst:.2e} (bound {bound:.0e})")
+    assert worst <= bound, f"{what}: largest weight difference {worst:.2e} > {bound:.0e}"
     return worst
 
 

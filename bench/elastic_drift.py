@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,14 +52,40 @@ def difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], init: dic
     return out
 
 
-def train(root: Path, name: str, manifest: Path, world: int, overrides: list[str] = (),
-          stop_after: int | None = None, resume_from: Path | None = None) -> Path:
+def train(root: Path, name: str, manifest: Path, world: int, stop_after: int | None = None) -> Path:
+    """`root/name` trained on `world` ranks (from its commit, when it holds one)."""
     run_dir = root / name
-    if resume_from is not None:
-        shutil.copytree(resume_from, run_dir)
-    config = write_config(BASE_JOB, run_dir, [*COMMON, f"cluster.tasks_per_node={world}", *overrides])
+    config = write_config(BASE_JOB, run_dir, [*COMMON, f"cluster.tasks_per_node={world}"])
     run_ranks(config, manifest, world, stop_after, timeout=600)
     return run_dir
+
+
+def resumed_copy(stopped: Path, name: str) -> str:
+    """A copy of a stopped run beside it, to resume from its commit; returns the copy's name."""
+    shutil.copytree(stopped, stopped.with_name(name))
+    return name
+
+
+def compare_resumes(train: Callable[..., Path], stops: list[int], steps: int,
+                    emit: Callable[[dict], None]) -> tuple[int, dict | None]:
+    """The rows of this bench and bench/finetune_elastic_drift.py: two uninterrupted 2-rank runs against each
+    other, then for each stop step k, 2 ranks to k and 1 rank from k's commit to the end against the first.
+    `train(name, world, stop_after=None)` trains one run and returns its directory. Returns the stop with the
+    largest difference and the weights at step 0 (None when the run commits none)."""
+    init_dir = train("init", 2, stop_after=0)
+    init = final_weights(init_dir)[1] if (init_dir / "checkpoints").exists() else None
+    ref_a = final_weights(train("ref_a", 2))[1]
+    ref_b = final_weights(train("ref_b", 2))[1]
+    emit({"what": "same world (2 ranks), two runs", **difference(ref_b, ref_a, init)})
+    worst_k, worst = stops[0], -1.0
+    for k in stops:
+        stopped = train(f"stop_{k}", 2, stop_after=k)
+        resumed = final_weights(train(resumed_copy(stopped, f"elastic_{k}"), 1))[1]
+        diff = difference(resumed, ref_a, init)
+        emit({"what": "2 -> 1 ranks vs 2 ranks", "stop_step": k, "steps_on_1": steps - k, **diff})
+        if diff["max_abs"] > worst:
+            worst_k, worst = k, diff["max_abs"]
+    return worst_k, init
 
 
 def main() -> None:
@@ -79,21 +106,12 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    init_dir = train(root, "init", manifest, 2, stop_after=0)
-    init = final_weights(init_dir)[1] if (init_dir / "checkpoints").exists() else None
-    ref_a = final_weights(train(root, "ref_a", manifest, 2))[1]
-    ref_b = final_weights(train(root, "ref_b", manifest, 2))[1]
-    emit({"what": "same world (2 ranks), two runs", **difference(ref_b, ref_a, init)})
-    worst_k, worst = None, -1.0
-    for k in (int(s) for s in args.stops.split(",")):
-        stopped = train(root, f"stop_{k}", manifest, 2, stop_after=k)
-        resumed = final_weights(train(root, f"elastic_{k}", manifest, 1, resume_from=stopped))[1]
-        diff = difference(resumed, ref_a, init)
-        emit({"what": "2 -> 1 ranks vs 2 ranks", "stop_step": k, "steps_on_1": STEPS - k, **diff})
-        if diff["max_abs"] > worst:
-            worst_k, worst = k, diff["max_abs"]
+    def run(name: str, world: int, stop_after: int | None = None) -> Path:
+        return train(root, name, manifest, world, stop_after)
+
+    worst_k, init = compare_resumes(run, [int(s) for s in args.stops.split(",")], STEPS, emit)
     first = final_weights(root / f"elastic_{worst_k}")[1]
-    again = final_weights(train(root, f"elastic_{worst_k}_again", manifest, 1, resume_from=root / f"stop_{worst_k}"))[1]
+    again = final_weights(run(resumed_copy(root / f"stop_{worst_k}", f"elastic_{worst_k}_again"), 1))[1]
     emit({"what": "2 -> 1 ranks, the same resume twice", "stop_step": worst_k, **difference(again, first, init)})
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

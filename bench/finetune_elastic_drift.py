@@ -23,11 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.elastic_drift import difference
+from bench.elastic_drift import compare_resumes
 from cratescale.config import dump_job, load_job
 from cratescale.engine.finetune_task import manifest_class_names
 from cratescale.launch.finetune_stage import finetune_job
-from tests.dist.harness import final_weights, run_ranks
+from tests.dist.harness import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_JOB = REPO / "tests" / "dist" / "tiny.yaml"
@@ -47,10 +47,8 @@ def pretrain(root: Path) -> Path:
     return run_dir
 
 
-def finetune(pre: Path, manifest: Path, run_dir: Path, world: int, stop_after: int | None = None,
-             resume_from: Path | None = None) -> Path:
-    if resume_from is not None:
-        shutil.copytree(resume_from, run_dir)
+def finetune(pre: Path, manifest: Path, run_dir: Path, world: int, stop_after: int | None = None) -> Path:
+    """`run_dir` fine-tuned on `world` ranks (from its commit, when it holds one)."""
     job = load_job(pre / "config.yaml", [*FINETUNE, f"cluster.tasks_per_node={world}"])
     config = run_dir.parent / f"{run_dir.name}.yaml"
     dump_job(finetune_job(job, run_dir), config)
@@ -76,16 +74,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    init_dir = finetune(pre, manifest, root / "init", 2, stop_after=0)
-    init = final_weights(init_dir)[1] if (init_dir / "checkpoints").exists() else None
-    ref_a = final_weights(finetune(pre, manifest, root / "ref_a", 2))[1]
-    ref_b = final_weights(finetune(pre, manifest, root / "ref_b", 2))[1]
-    emit({"what": "same world (2 ranks), two fine-tunes", **difference(ref_b, ref_a, init)})
-    for k in (int(s) for s in args.stops.split(",")):
-        stopped = finetune(pre, manifest, root / f"stop_{k}", 2, stop_after=k)
-        resumed = final_weights(finetune(pre, manifest, root / f"elastic_{k}", 1, resume_from=stopped))[1]
-        emit({"what": "2 -> 1 ranks vs 2 ranks", "stop_step": k, "steps_on_1": STEPS - k,
-              **difference(resumed, ref_a, init)})
+    def run(name: str, world: int, stop_after: int | None = None) -> Path:
+        return finetune(pre, manifest, root / name, world, stop_after)
+
+    compare_resumes(run, [int(s) for s in args.stops.split(",")], STEPS, emit)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     shutil.rmtree(root, ignore_errors=True)

@@ -6,6 +6,8 @@ COUNT_COLLECTIVES=1 counts the collectives that cratescale's own modules issue (
 FINETUNE_SPEC='{"arm": ..., "set_name": ..., "export": ..., "class_names": [...]}' trains that fine-tune arm
 (engine/finetune_task.py) instead of pretraining; CONFIG is then the fine-tune run's job (launch finetune_job).
 """
+from __future__ import annotations
+
 import json
 import os
 import sys
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from cratescale.config import load_job
+from cratescale.config import JobConfig, load_job
 from cratescale.distributed import exit_without_teardown, shutdown_distributed, world_from_env
+from cratescale.engine.finetune_task import FinetuneSpec, FinetuneTask
 from cratescale.engine.trainer import train
 
 
@@ -34,12 +37,10 @@ def count_collectives() -> Counter:
     return counts
 
 
-def finetune_task(job, manifest: Path):
+def finetune_task(job: JobConfig, manifest: Path) -> FinetuneTask | None:
     spec = os.environ.get("FINETUNE_SPEC")
     if not spec:
         return None
-    from cratescale.engine.finetune_task import FinetuneSpec, FinetuneTask
-
     fields = json.loads(spec)
     return FinetuneTask(job, manifest, FinetuneSpec(**{**fields, "class_names": tuple(fields["class_names"])}))
 

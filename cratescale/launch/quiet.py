@@ -6,10 +6,17 @@ Ray's token warning (which suggests turning token authentication off) is logged 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
+import threading
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Iterator
 
+# A line that native code writes to fd 2 itself, in glog's format: Ray's core worker, e.g.
+# "[2026-12-07 11:05:30,008 E 25982 25982] core_worker.cc:2465: Actor ... max_restarts > 0 ..." (ray#57733)
+NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.(cc|h):\d+: ")
 # Loggers that install their own console handlers on import: replaced by the file handler, not propagated.
 LIBRARY_LOGGERS = ("ray", "ray.data", "DeepSpeed", "py.warnings")
 _handler: logging.FileHandler | None = None
@@ -64,3 +71,41 @@ def library_output(run_dir: Path) -> Iterator[None]:
 
         _route("DeepSpeed", _file_handler(run_dir))
         yield
+
+
+def _sort_lines(pipe_fd: int, console_fd: int, log: Path) -> None:
+    """Until every writer of the pipe has closed it: native lines to `log`, the rest to the console, in order."""
+    pending = b""
+    with open(pipe_fd, "rb", buffering=0) as pipe, open(console_fd, "wb", buffering=0) as console, \
+            open(log, "ab", buffering=0) as library:
+        while chunk := pipe.read(65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                (library if NATIVE_LINE.match(line) else console).write(line + b"\n")
+        if pending:
+            (library if NATIVE_LINE.match(pending) else console).write(pending)
+
+
+@contextmanager
+def native_lines_to_log(run_dir: Path) -> Iterator[None]:
+    """For the duration, the lines native code writes to fd 2 past Python's streams (Ray's core worker, at each
+    Ray Data actor-pool start) append to launcher.log; every other stderr line (the project's own fallbacks and
+    errors) still reaches the console. Ray must already run: a process started inside would inherit the pipe."""
+    path = log_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    console_fd = os.dup(2)
+    pipe_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    # the sorter owns its own copy of the console: it drains the pipe to the end even after this block left
+    sorter = threading.Thread(target=_sort_lines, args=(pipe_fd, os.dup(console_fd), path), daemon=True,
+                              name="native-stderr")
+    sorter.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(console_fd, 2)  # the pipe's last writer closes: the sorter reads to the end and stops
+        os.close(console_fd)
+        sorter.join(timeout=10)

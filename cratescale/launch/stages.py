@@ -16,7 +16,7 @@ from cratescale.launch.datacheck import job_ingest_settings
 from cratescale.launch.display import StageError, console
 from cratescale.launch.finetune_stage import finetune_stage
 from cratescale.launch.follow_training import follow_training
-from cratescale.launch.quiet import library_output
+from cratescale.launch.quiet import library_output, native_lines_to_log
 from cratescale.launch.followups import run_evaluate, run_extract
 from cratescale.launch.supervisor import Supervisor
 
@@ -117,7 +117,8 @@ def _save_reconstructions(job: JobConfig, paths: RunPaths, model: Any) -> None:
 
 
 def extract_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:
-    run_extract(job, paths)
+    with native_lines_to_log(paths.run_dir):  # Ray's core worker line at each extraction pool start
+        run_extract(job, paths)
 
 
 def evaluate_stage(job: JobConfig, paths: RunPaths, profile: ProfileConfig) -> None:

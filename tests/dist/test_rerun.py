@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cratescale.launch.quiet import NATIVE_LINE
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.dist
 
@@ -24,6 +26,8 @@ def launch(run_dir: Path, steps: int) -> str:
                           f"run_dir={run_dir}", *SMALL, f"schedule.steps={steps}"],
                          capture_output=True, text=True, timeout=900, cwd=run_dir.parent, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    native = [line for line in res.stderr.splitlines() if NATIVE_LINE.match(line.encode())]
+    assert not native, native  # Ray's core-worker line at the extraction pool's start: launcher.log's
     return " ".join(res.stdout.split())  # rich wraps long lines
 
 
@@ -46,6 +50,7 @@ def test_training_longer_refreshes_every_stage_and_a_finished_run_redoes_nothing
     run_dir = tmp_path / "run"
     launch(run_dir, 20)
     assert steps_made(run_dir)[:2] == (20, 20)
+    assert "core_worker.cc" in (run_dir / "logs/launcher.log").read_text()  # kept, off the console
     init_store = outputs(run_dir)["init_store"].stat().st_mtime_ns
 
     out = launch(run_dir, 30)  # before: FileExistsError at the export, a traceback

@@ -90,6 +90,7 @@ def launch(job_path: str, overrides: list[str], dry_run: bool = False, stages: s
                 pretrain_array(members)
             elif members and stage != "ingest":  # the data is shared; the rest is per member
                 for member, member_paths in members:
+                    console.log(f"{stage}: array member {member.name} ({member_paths.run_dir})")
                     STAGES[stage](member, member_paths, profile)
                 if stage == "evaluate":
                     compare_members(members, paths)

@@ -29,3 +29,6 @@ def test_array_of_mask_ratios_trains_each_member(tmp_path, tiny_manifest):
         export = json.loads((member / "export" / "export.json").read_text())
         assert export["model_config"]["mask_ratio"] == ratio
     assert not (run_dir / "checkpoints").exists(), "the parent run trains nothing itself"
+    console = " ".join(result.stdout.split())  # the member-by-member stages say which member each line is about
+    for i in (0, 1):
+        assert f"export: array member tiny-{i} ({run_dir / f'array-{i:03d}'})" in console, console[-3000:]

@@ -12,7 +12,7 @@ import sys
 import threading
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 # A line that native code writes to fd 2 itself, in glog's format: Ray's core worker, e.g.
 # "[2026-12-07 11:05:30,008 E 25982 25982] core_worker.cc:2465: Actor ... max_restarts > 0 ..." (ray#57733)
@@ -73,17 +73,26 @@ def library_output(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def _sort_lines(pipe_fd: int, console_fd: int, log: Path) -> None:
-    """Until every writer of the pipe has closed it: native lines to `log`, the rest to the console, in order."""
+def _sort_lines(pipe_fd: int, console_fd: int, library: BinaryIO) -> None:
+    """Until every writer of the pipe has closed it: native lines to `library`, the rest to the console, in order.
+    It never stops draining (a stopped reader would block every write to fd 2): a line the log cannot take (a
+    full disk) goes to the console, one the console cannot take is dropped."""
+    def emit(line: bytes) -> None:
+        for out in ((library, console) if NATIVE_LINE.match(line) else (console,)):
+            try:
+                out.write(line)
+                return
+            except OSError:
+                continue
+
     pending = b""
-    with open(pipe_fd, "rb", buffering=0) as pipe, open(console_fd, "wb", buffering=0) as console, \
-            open(log, "ab", buffering=0) as library:
+    with open(pipe_fd, "rb", buffering=0) as pipe, open(console_fd, "wb", buffering=0) as console, library:
         while chunk := pipe.read(65536):
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
-                (library if NATIVE_LINE.match(line) else console).write(line + b"\n")
+                emit(line + b"\n")
         if pending:
-            (library if NATIVE_LINE.match(pending) else console).write(pending)
+            emit(pending)
 
 
 @contextmanager
@@ -93,13 +102,14 @@ def native_lines_to_log(run_dir: Path) -> Iterator[None]:
     errors) still reaches the console. Ray must already run: a process started inside would inherit the pipe."""
     path = log_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    library = open(path, "ab", buffering=0)  # here, not in the sorter: a log that cannot open fails this call
     sys.stderr.flush()
     console_fd = os.dup(2)
     pipe_fd, write_fd = os.pipe()
     os.dup2(write_fd, 2)
     os.close(write_fd)
     # the sorter owns its own copy of the console: it drains the pipe to the end even after this block left
-    sorter = threading.Thread(target=_sort_lines, args=(pipe_fd, os.dup(console_fd), path), daemon=True,
+    sorter = threading.Thread(target=_sort_lines, args=(pipe_fd, os.dup(console_fd), library), daemon=True,
                               name="native-stderr")
     sorter.start()
     try:

@@ -29,3 +29,31 @@ def test_native_lines_go_to_the_log_and_the_projects_lines_to_the_console(tmp_pa
     assert done.stderr == ("before\nextract: 1 of 2 actors started, going on with 1\n[12:00:00] a bracketed line of "
                            f"ours\n{'x' * 100000}\nhalf a line, then the restafter\n")
     assert (tmp_path / "logs/launcher.log").read_text() == RAY_LINE + "\n"
+
+
+class FullDisk:
+    def write(self, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def test_a_line_the_log_cannot_take_reaches_the_console_and_draining_goes_on(tmp_path):
+    import os
+
+    from cratescale.launch.quiet import _sort_lines
+
+    pipe_r, pipe_w = os.pipe()
+    console = tmp_path / "console"
+    console_fd = os.open(console, os.O_WRONLY | os.O_CREAT)
+    os.write(pipe_w, RAY_LINE.encode() + b"\nours\n")
+    os.close(pipe_w)
+    _sort_lines(pipe_r, console_fd, FullDisk())
+    assert console.read_text() == RAY_LINE + "\nours\n"

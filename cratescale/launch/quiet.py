@@ -2,6 +2,7 @@
 warnings of libraries, go to `<run_dir>/logs/launcher.log`; the console keeps the stages' own lines.
 
 Ray's token warning (which suggests turning token authentication off) is logged there too: tokens stay on.
+Native code that writes to fd 2 itself (Ray's core worker during extraction) is sorted by `native_lines_to_log`.
 """
 from __future__ import annotations
 

@@ -1,9 +1,13 @@
 """The lines native code writes to fd 2 itself (Ray's core worker, past Python's streams) go to launcher.log;
 every other stderr line still reaches the console, in order and whole. Run in a child process: its fd 2 is the
 console this test reads."""
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from cratescale.launch.quiet import _sort_lines
 
 RAY_LINE = ("[2026-12-07 11:05:30,008 E 25982 25982] core_worker.cc:2465: Actor with class name: "
             "'MapWorker(MapBatches(ShardWorker))' and ID: '5fb8' has constructor arguments in the object store "
@@ -31,25 +35,12 @@ def test_native_lines_go_to_the_log_and_the_projects_lines_to_the_console(tmp_pa
     assert (tmp_path / "logs/launcher.log").read_text() == RAY_LINE + "\n"
 
 
-class FullDisk:
+class FullDisk(io.RawIOBase):
     def write(self, data: bytes) -> int:
         raise OSError(28, "No space left on device")
 
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
 
 def test_a_line_the_log_cannot_take_reaches_the_console_and_draining_goes_on(tmp_path):
-    import os
-
-    from cratescale.launch.quiet import _sort_lines
-
     pipe_r, pipe_w = os.pipe()
     console = tmp_path / "console"
     console_fd = os.open(console, os.O_WRONLY | os.O_CREAT)
